@@ -1,0 +1,1 @@
+"""Shared maths used by several methods: feature pyramids, Gaussian statistics, smoothing."""

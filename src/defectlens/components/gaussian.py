@@ -1,0 +1,128 @@
+"""Per-position multivariate Gaussians, estimated by streaming, scored by Mahalanobis distance.
+
+`GaussianAccumulator` keeps float64 running sums (shifted by the first batch's mean, so that
+the one-pass covariance does not lose precision), so fitting memory is constant in the number of
+images: P positions x C x C for the second moments, whatever N is. It also keeps the two extra
+sums the Ledoit-Wolf shrinkage needs, so that shrinkage is exact in the same single pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class GaussianAccumulator:
+    """Streaming sufficient statistics of features (B, C, P) -> per-position mean/covariance."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift: torch.Tensor | None = None  # (P, C) reference subtracted before summing
+        self.s1: torch.Tensor | None = None  # (P, C)      sum of y
+        self.s2: torch.Tensor | None = None  # (P, C, C)   sum of y y^T
+        self.a2: torch.Tensor | None = None  # (P,)        sum of |y|^4
+        self.ay: torch.Tensor | None = None  # (P, C)      sum of |y|^2 y
+
+    def update(self, features: torch.Tensor) -> None:
+        """Add a batch of embeddings shaped (B, C, P)."""
+        y = features.detach().to(torch.float64).permute(2, 0, 1)  # (P, B, C)
+        if self.shift is None:
+            self.shift = y.mean(dim=1)
+            p, _, c = y.shape
+            self.s1 = y.new_zeros(p, c)
+            self.s2 = y.new_zeros(p, c, c)
+            self.a2 = y.new_zeros(p)
+            self.ay = y.new_zeros(p, c)
+        y = y - self.shift.unsqueeze(1)
+        sq = (y * y).sum(dim=2)  # (P, B)
+        self.n += y.shape[1]
+        self.s1 += y.sum(dim=1)
+        self.s2 += torch.bmm(y.transpose(1, 2), y)
+        self.a2 += (sq * sq).sum(dim=1)
+        self.ay += torch.bmm(sq.unsqueeze(1), y).squeeze(1)
+
+    def mean(self) -> torch.Tensor:
+        return self.shift + self.s1 / self.n
+
+    def covariance(self, shrinkage: str = "none") -> torch.Tensor:
+        """Covariance per position: unbiased sample covariance, or Ledoit-Wolf shrunk (MLE-based,
+        the same estimator as sklearn.covariance.ledoit_wolf)."""
+        if self.n < 1:
+            raise ValueError("no samples accumulated")
+        n = self.n
+        m = self.s1 / n  # mean of shifted features
+        scatter = self.s2 - n * m.unsqueeze(2) * m.unsqueeze(1)  # sum of centred outer products
+        if shrinkage == "none":
+            return scatter / max(n - 1, 1)
+        if shrinkage != "ledoit_wolf":
+            raise ValueError(f"unknown shrinkage {shrinkage!r}")
+        return self._ledoit_wolf(scatter / n, m)
+
+    def _ledoit_wolf(self, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        n, p = self.n, s.shape[-1]
+        # sum_i |x_i|^4 for centred x_i = y_i - m, expanded into the streamed sums.
+        # |x|^2 = a - 2b + c with a = |y|^2, b = y.m, c = |m|^2.
+        c = (m * m).sum(dim=1)
+        sum_a = torch.diagonal(self.s2, dim1=1, dim2=2).sum(dim=1)
+        sum_b = (self.s1 * m).sum(dim=1)
+        sum_b2 = torch.einsum("pi,pij,pj->p", m, self.s2, m)
+        sum_ab = (self.ay * m).sum(dim=1)
+        sum_x4 = (
+            self.a2 + 4 * sum_b2 + n * c * c - 4 * sum_ab + 2 * c * sum_a - 4 * c * sum_b
+        )
+        trace = torch.diagonal(s, dim1=1, dim2=2).sum(dim=1)
+        mu = trace / p
+        s_norm2 = (s * s).sum(dim=(1, 2))
+        beta = (sum_x4 / n - s_norm2) / (p * n)
+        delta = (s_norm2 - 2 * mu * trace + p * mu * mu) / p
+        beta = torch.minimum(beta, delta)
+        shrink = torch.where(delta > 0, beta / delta.clamp_min(1e-300), torch.zeros_like(delta))
+        eye = torch.eye(p, dtype=s.dtype, device=s.device)
+        shrink = shrink.view(-1, 1, 1)
+        return (1 - shrink) * s + shrink * mu.view(-1, 1, 1) * eye
+
+
+def inverse_cholesky(covariance: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Lower-triangular W with W^T W = (cov + eps I)^-1, so Mahalanobis^2 = |W (x - mean)|^2.
+
+    Cholesky then a triangular solve: cheaper and better conditioned than a general inverse, and
+    it works in batch over all positions (no Python loop).
+    """
+    p = covariance.shape[-1]
+    eye = torch.eye(p, dtype=covariance.dtype, device=covariance.device)
+    chol, info = torch.linalg.cholesky_ex(covariance + epsilon * eye)
+    if bool((info > 0).any()):
+        raise ValueError(
+            "covariance is not positive definite at some positions; raise the regularisation "
+            "epsilon or use Ledoit-Wolf shrinkage"
+        )
+    return torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+
+
+def pack_lower(matrices: torch.Tensor) -> torch.Tensor:
+    """(P, C, C) lower-triangular -> (P, C(C+1)/2): halves the stored model size."""
+    rows, cols = torch.tril_indices(matrices.shape[-1], matrices.shape[-1])
+    return matrices[:, rows, cols]
+
+
+def unpack_lower(packed: torch.Tensor, size: int) -> torch.Tensor:
+    rows, cols = torch.tril_indices(size, size)
+    out = packed.new_zeros(packed.shape[0], size, size)
+    out[:, rows, cols] = packed
+    return out
+
+
+def mahalanobis(
+    features: torch.Tensor, mean: torch.Tensor, inv_chol: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
+    """Distances (B, P) of embeddings (B, C, P) to per-position Gaussians (P, C), (P, C, C).
+
+    Chunked over positions to bound the temporary (chunk x C x B) memory.
+    """
+    b, _, p = features.shape
+    x = features.permute(2, 1, 0)  # (P, C, B)
+    out = features.new_empty(p, b)
+    for start in range(0, p, chunk):
+        sl = slice(start, start + chunk)
+        centred = x[sl] - mean[sl].unsqueeze(2)
+        out[sl] = torch.bmm(inv_chol[sl], centred).square().sum(dim=1)
+    return out.clamp_min(0).sqrt().T

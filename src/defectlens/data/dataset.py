@@ -1,0 +1,78 @@
+"""Finding images in an MVTec-AD-layout root or a plain folder.
+
+MVTec AD layout::
+
+    root/train/good/*.png                       normal images for fitting
+    root/test/good/*.png                        normal test images
+    root/test/<defect>/*.png                    defective test images
+    root/ground_truth/<defect>/<stem>_mask.png  optional masks, same size as the image
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from defectlens.data.images import IMAGE_SUFFIXES
+from defectlens.errors import DataError
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One test image: `label` is 0 for good, 1 for defective; `mask` may be None."""
+
+    path: Path
+    label: int
+    defect: str
+    mask: Path | None
+
+
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files in a folder, sorted by name, skipping hidden files and masks."""
+    pattern = "**/*" if recursive else "*"
+    return sorted(
+        p
+        for p in folder.glob(pattern)
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def find_normal_images(root: str | Path) -> list[Path]:
+    """The normal training images of a dataset: `root/train/good` if present, else `root`."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: no such file or directory")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder (give an MVTec-layout root or a folder of images)")
+    folder = root / "train" / "good" if (root / "train" / "good").is_dir() else root
+    images = list_images(folder)
+    if not images:
+        raise DataError(
+            f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}); "
+            "give an MVTec-layout root (with train/good) or a folder of normal images"
+        )
+    return images
+
+
+def find_test_samples(root: str | Path) -> list[Sample]:
+    """The labelled test images of an MVTec-layout root, with their masks when present."""
+    root = Path(root)
+    test = root / "test"
+    if not test.is_dir():
+        raise DataError(f"{root}: no test/ folder (expected test/good and test/<defect>)")
+    samples: list[Sample] = []
+    for folder in sorted(p for p in test.iterdir() if p.is_dir()):
+        defect = folder.name
+        for path in list_images(folder):
+            mask = None
+            if defect != "good":
+                candidate = root / "ground_truth" / defect / f"{path.stem}_mask.png"
+                mask = candidate if candidate.is_file() else None
+            samples.append(Sample(path, int(defect != "good"), defect, mask))
+    if not samples:
+        raise DataError(f"{test}: no images found in its sub-folders")
+    if not any(s.label == 0 for s in samples):
+        raise DataError(f"{test}/good: no normal test images; metrics need both kinds")
+    if not any(s.label == 1 for s in samples):
+        raise DataError(f"{test}: no defective test images (only test/good)")
+    return samples

@@ -1,0 +1,93 @@
+"""Turning image files into model-ready batches, with decoding overlapped with compute.
+
+Images are decoded and resized on a background thread while the model works on the previous
+batch (PIL releases the GIL while it decodes and resizes). A file that cannot be read is reported
+through `on_error` and skipped; the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from defectlens.data.images import read_image
+from defectlens.errors import DataError
+
+ImageInput = str | Path | np.ndarray
+
+
+@dataclass
+class Batch:
+    """Resized images (B, 3, S, S) in [0, 1], where they came from and their original (H, W)."""
+
+    images: torch.Tensor
+    sources: list[ImageInput]
+    sizes: list[tuple[int, int]]
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """Accept arrays the way files are accepted: grey (H, W), (H, W, 1|3|4), uint8/uint16/float."""
+    from defectlens.data.images import _to_uint8
+
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] == 4:
+        array = array[..., :3]
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3) or 0 in array.shape:
+        raise DataError(f"array of shape {array.shape} is not an image (H, W) or (H, W, 3)")
+    array = _to_uint8(array)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    return array
+
+
+def load_resized(source: ImageInput, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode one image and resize it to size x size (bilinear, antialiased). Returns HWC uint8."""
+    rgb = as_rgb(source) if isinstance(source, np.ndarray) else read_image(source)
+    original = rgb.shape[:2]
+    if original != (size, size):
+        rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR))
+    return rgb, (int(original[0]), int(original[1]))
+
+
+def iter_batches(
+    sources: Sequence[ImageInput],
+    size: int,
+    batch_size: int,
+    on_error: Callable[[ImageInput, DataError], None] | None = None,
+) -> Iterator[Batch]:
+    """Yield batches in order; unreadable sources go to `on_error` (or raise if it is None)."""
+
+    def load(chunk: Sequence[ImageInput]) -> Batch:
+        arrays, kept, sizes = [], [], []
+        for source in chunk:
+            try:
+                rgb, original = load_resized(source, size)
+            except DataError as exc:
+                if on_error is None:
+                    raise
+                on_error(source, exc)
+                continue
+            arrays.append(rgb)
+            kept.append(source)
+            sizes.append(original)
+        if not arrays:
+            return Batch(torch.empty(0, 3, size, size), [], [])
+        stacked = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+        return Batch(stacked.contiguous(), kept, sizes)
+
+    chunks = [sources[i : i + batch_size] for i in range(0, len(sources), batch_size)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, chunks[0]) if chunks else None
+        for i in range(len(chunks)):
+            batch = pending.result()
+            pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
+            if len(batch.sources):
+                yield batch

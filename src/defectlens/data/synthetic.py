@@ -1,0 +1,143 @@
+"""The embedded default dataset: synthetic defects on textures that scikit-image ships.
+
+Deterministic for a seed, written in the MVTec AD layout, so the demo and the tests exercise the
+same reader as real data. Train crops come from the left 60 % of each texture, test crops from the
+right 40 %, so no test pixel was ever seen in training. Each defect's mask is exactly the pixels
+the defect changed (soft defects: where their blend weight is at least one half).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+TEXTURES = ("brick", "gravel", "grass")
+DEFECTS = ("scratch", "spot", "hole", "patch", "smudge")
+
+
+def load_texture(name: str) -> np.ndarray:
+    """A grey texture from scikit-image as float in [0, 1]."""
+    import skimage.data
+
+    if name not in TEXTURES:
+        raise ValueError(f"unknown texture {name!r}; choose from {', '.join(TEXTURES)}")
+    image = getattr(skimage.data, name)()
+    if image.ndim == 3:
+        image = image.mean(axis=2)
+    return image.astype(np.float64) / 255.0
+
+
+def _crop(texture: np.ndarray, size: int, x_range: tuple[int, int], rng: np.random.Generator):
+    h, w = texture.shape
+    y = int(rng.integers(0, h - size + 1))
+    x = int(rng.integers(x_range[0], x_range[1] - size + 1))
+    return texture[y : y + size, x : x + size].copy()
+
+
+def _soft_ellipse(size: int, rng: np.random.Generator, radius: tuple[int, int], blur: float):
+    """A blurred filled ellipse (blend weight in [0, 1]) away from the border."""
+    ry, rx = (int(r) for r in rng.integers(radius[0], radius[1] + 1, size=2))
+    margin = max(ry, rx) + 4
+    cy, cx = (int(c) for c in rng.integers(margin, size - margin, size=2))
+    yy, xx = np.mgrid[:size, :size]
+    hard = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+    return ndimage.gaussian_filter(hard.astype(np.float64), blur) if blur else hard * 1.0
+
+
+def _scratch(img, rng, other):
+    size = img.shape[0]
+    canvas = Image.new("L", (size, size), 0)
+    points = [tuple(int(v) for v in rng.integers(8, size - 8, size=2)) for _ in range(3)]
+    ImageDraw.Draw(canvas).line(points, fill=255, width=int(rng.integers(2, 4)))
+    mask = np.asarray(canvas) > 0
+    tone = 0.95 if img[mask].mean() < 0.5 else 0.05
+    img[mask] = tone
+    return mask
+
+
+def _spot(img, rng, other):
+    alpha = _soft_ellipse(img.shape[0], rng, (5, 12), blur=2.0)
+    tone = 0.0 if rng.random() < 0.5 else 1.0
+    img[:] = img * (1 - 0.8 * alpha) + tone * 0.8 * alpha
+    return alpha >= 0.5
+
+
+def _hole(img, rng, other):
+    size = img.shape[0]
+    r = int(rng.integers(4, 9))
+    cy, cx = (int(c) for c in rng.integers(r + 6, size - r - 6, size=2))
+    yy, xx = np.mgrid[:size, :size]
+    dist = np.hypot(yy - cy, xx - cx)
+    img[dist <= r + 2] = 0.85  # raised rim
+    img[dist <= r] = 0.02
+    return dist <= r + 2
+
+
+def _patch(img, rng, other):
+    size = img.shape[0]
+    side = int(rng.integers(12, 25))
+    y, x = (int(c) for c in rng.integers(4, size - side - 4, size=2))
+    oy, ox = (int(c) for c in rng.integers(0, other.shape[0] - side, size=2))
+    img[y : y + side, x : x + side] = other[oy : oy + side, ox : ox + side]
+    mask = np.zeros_like(img, dtype=bool)
+    mask[y : y + side, x : x + side] = True
+    return mask
+
+
+def _smudge(img, rng, other):
+    alpha = _soft_ellipse(img.shape[0], rng, (8, 16), blur=3.0)
+    smeared = ndimage.gaussian_filter(img, 4.0) * 0.7 + 0.3 * img.mean() + 0.15
+    img[:] = img * (1 - alpha) + np.clip(smeared, 0, 1) * alpha
+    return alpha >= 0.5
+
+
+_MAKERS: dict[str, Callable] = {
+    "scratch": _scratch,
+    "spot": _spot,
+    "hole": _hole,
+    "patch": _patch,
+    "smudge": _smudge,
+}
+
+
+def _save(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.clip(array, 0, 1) * 255 + 0.5).astype(np.uint8)).save(path)
+
+
+def make_category(
+    root: str | Path,
+    texture: str,
+    n_train: int = 60,
+    n_test_good: int = 20,
+    n_test_per_defect: int = 6,
+    crop: int = 128,
+    seed: int = 0,
+    defects: Sequence[str] = DEFECTS,
+) -> Path:
+    """Write one texture category in MVTec layout under `root/texture`; return that folder."""
+    out = Path(root) / texture
+    rng = np.random.default_rng([seed, TEXTURES.index(texture)])
+    image = load_texture(texture)
+    others = [load_texture(t) for t in TEXTURES if t != texture]
+    split = int(image.shape[1] * 0.6)
+    for i in range(n_train):
+        _save(_crop(image, crop, (0, split), rng), out / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_test_good):
+        _save(_crop(image, crop, (split, image.shape[1]), rng), out / "test" / "good" / f"{i:03d}.png")
+    for defect in defects:
+        for i in range(n_test_per_defect):
+            img = _crop(image, crop, (split, image.shape[1]), rng)
+            mask = _MAKERS[defect](img, rng, others[i % len(others)])
+            _save(img, out / "test" / defect / f"{i:03d}.png")
+            _save(mask.astype(np.float64), out / "ground_truth" / defect / f"{i:03d}_mask.png")
+    return out
+
+
+def make_dataset(root: str | Path, textures: Sequence[str] = TEXTURES, **kwargs) -> list[Path]:
+    """Write every requested texture category; return their folders."""
+    return [make_category(root, t, **kwargs) for t in textures]

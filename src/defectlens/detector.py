@@ -1,0 +1,254 @@
+"""`Detector`: the scikit-learn-style estimator users fit, apply, save and load.
+
+It wires a backbone, a method and thresholds together and owns the pre/post-processing every
+method shares: decode, resize to S x S, run the method, upsample its raw map to S x S, Gaussian
+smoothing, resize to the image's own resolution. Images may be paths or numpy arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from defectlens.backbones import FeatureExtractor, build_extractor
+from defectlens.components.blur import gaussian_blur
+from defectlens.data.dataset import find_normal_images
+from defectlens.data.loader import ImageInput, iter_batches
+from defectlens.errors import DataError, DefectLensError
+from defectlens.methods import AnomalyMethod, get_method
+from defectlens.thresholds import Thresholds, from_normal_scores
+
+
+@dataclass
+class Prediction:
+    """One scored image. `anomaly_map` and `mask` have the image's own (H, W)."""
+
+    source: str
+    score: float
+    is_anomalous: bool
+    anomaly_map: np.ndarray
+    mask: np.ndarray
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "path": self.source,
+            "score": self.score,
+            "predicted": "defective" if self.is_anomalous else "good",
+            "defect_pixels": int(self.mask.sum()),
+            "height": int(self.anomaly_map.shape[0]),
+            "width": int(self.anomaly_map.shape[1]),
+        }
+
+
+def resolve_images(images: str | Path | Sequence[ImageInput]) -> list[ImageInput]:
+    """A folder (or MVTec root) becomes its normal images; a list is taken as it is."""
+    if isinstance(images, str | Path):
+        return list(find_normal_images(images))
+    return list(images)
+
+
+def source_name(source: ImageInput, index: int) -> str:
+    return f"<array {index}>" if isinstance(source, np.ndarray) else str(source)
+
+
+class Detector:
+    """Learn normal appearance from good images, then score, localise and decide.
+
+    Parameters are set in the constructor and saved with the model; attributes ending in `_`
+    exist after `fit` (or `load`).
+    """
+
+    def __init__(
+        self,
+        method: str = "padim",
+        backbone: str = "efficientnet_lite0",
+        weights: str | None = None,
+        image_size: int = 256,
+        batch_size: int = 32,
+        sigma: float = 4.0,
+        val_fraction: float = 0.1,
+        target_far: float = 0.01,
+        seed: int = 0,
+        method_params: dict[str, Any] | None = None,
+    ) -> None:
+        if image_size % 32 or image_size < 32:
+            raise DefectLensError(f"image size must be a positive multiple of 32, not {image_size}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise DefectLensError(f"validation fraction must be in [0, 1), not {val_fraction}")
+        if not 0.0 <= target_far < 1.0:
+            raise DefectLensError(f"target false-alarm rate must be in [0, 1), not {target_far}")
+        self.method = method
+        self.backbone = backbone
+        self.weights = weights
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.sigma = sigma
+        self.val_fraction = val_fraction
+        self.target_far = target_far
+        self.seed = seed
+        self.method_params = dict(method_params or {})
+        try:
+            self.model_: AnomalyMethod = get_method(method)(**self.method_params)
+        except TypeError as exc:
+            raise DefectLensError(f"bad parameter for method {method}: {exc}") from None
+        self.extractor_: FeatureExtractor | None = None
+        self.thresholds_: Thresholds | None = None
+
+    # -- configuration -------------------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "backbone": self.backbone,
+            "weights": self.weights,
+            "image_size": self.image_size,
+            "batch_size": self.batch_size,
+            "sigma": self.sigma,
+            "val_fraction": self.val_fraction,
+            "target_far": self.target_far,
+            "seed": self.seed,
+            "method_params": self.model_.params(),
+        }
+
+    def _ensure_extractor(self) -> FeatureExtractor:
+        if self.extractor_ is None:
+            self.extractor_ = build_extractor(
+                self.backbone, self.model_.strides, self.image_size, self.weights
+            )
+        return self.extractor_
+
+    # -- fitting ---------------------------------------------------------------------------
+    def split_validation(self, images: list[ImageInput]) -> tuple[list, list]:
+        """Hold out a seeded random `val_fraction` of the normal images (at least one)."""
+        if len(images) < 2:
+            raise DataError(
+                f"need at least 2 normal images (one is held out to set the threshold), "
+                f"got {len(images)}; add images or pass validation images explicitly"
+            )
+        n_val = max(1, round(len(images) * self.val_fraction))
+        order = np.random.default_rng(self.seed).permutation(len(images))
+        val = sorted(order[:n_val].tolist())
+        fit = sorted(order[n_val:].tolist())
+        return [images[i] for i in fit], [images[i] for i in val]
+
+    def fit(
+        self,
+        images: str | Path | Sequence[ImageInput],
+        val_images: str | Path | Sequence[ImageInput] | None = None,
+        progress: bool = False,
+    ) -> Detector:
+        """Fit on normal images, then set thresholds from normal validation images.
+
+        Without `val_images`, `val_fraction` of `images` is held out (never fitted on).
+        """
+        images = resolve_images(images)
+        if val_images is None:
+            fit_images, val = self.split_validation(images)
+        else:
+            fit_images, val = images, resolve_images(val_images)
+            if not fit_images or not val:
+                raise DataError("need at least one fit image and one validation image")
+        torch.manual_seed(self.seed)
+        extractor = self._ensure_extractor()
+        bar = tqdm(total=len(fit_images), desc=f"fit {self.method}", disable=not progress,
+                   unit="img")
+
+        def batches() -> Iterator[torch.Tensor]:
+            for batch in iter_batches(fit_images, self.image_size, self.batch_size):
+                yield batch.images
+                bar.update(len(batch.sources))
+
+        try:
+            self.model_.fit(extractor, batches())
+        except ValueError as exc:
+            raise DefectLensError(f"fitting {self.method} failed: {exc}") from None
+        finally:
+            bar.close()
+        self.thresholds_ = None
+        val_predictions = list(self.iter_predict(val, progress=progress, desc="validate"))
+        self.thresholds_ = self._thresholds_from(val_predictions)
+        return self
+
+    def _thresholds_from(self, predictions: list[Prediction]) -> Thresholds:
+        scores = np.array([p.score for p in predictions])
+        image = from_normal_scores(scores, self.target_far)
+        peaks = np.array([float(p.anomaly_map.max()) for p in predictions])
+        pixel = from_normal_scores(peaks, self.target_far).image
+        return Thresholds(**{**image.to_dict(), "pixel": pixel})
+
+    # -- inference -------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Smoothed maps (B, S, S) and the method's own image scores (or None) for a batch."""
+        if not self.model_.is_fitted:
+            raise DefectLensError("the detector is not fitted: call fit() or load a model")
+        output = self.model_(self._ensure_extractor(), images)
+        maps = F.interpolate(
+            output.maps.unsqueeze(1).float(), size=images.shape[-2:], mode="bilinear",
+            align_corners=False,
+        ).squeeze(1)
+        return gaussian_blur(maps, self.sigma), output.scores
+
+    def iter_predict(
+        self,
+        images: Sequence[ImageInput],
+        progress: bool = False,
+        on_error: Callable[[str, DataError], None] | None = None,
+        desc: str = "score",
+    ) -> Iterator[Prediction]:
+        """Score images in order, streaming. Unreadable ones go to `on_error` (default: raise)."""
+        names = {id(s): source_name(s, i) for i, s in enumerate(images)}
+        handler = None if on_error is None else (lambda s, e: on_error(names[id(s)], e))
+        bar = tqdm(total=len(images), desc=desc, disable=not progress, unit="img")
+        try:
+            for batch in iter_batches(images, self.image_size, self.batch_size, handler):
+                maps, scores = self.score_batch(batch.images)
+                for i, (source, size) in enumerate(zip(batch.sources, batch.sizes, strict=True)):
+                    full = maps[i]
+                    if tuple(size) != tuple(full.shape):
+                        full = F.interpolate(full[None, None], size=size, mode="bilinear",
+                                             align_corners=False)[0, 0]
+                    amap = full.numpy().astype(np.float32, copy=False)
+                    score = float(amap.max()) if scores is None else float(scores[i])
+                    yield self._decide(names[id(source)], score, amap)
+                bar.update(len(batch.sources))
+        finally:
+            bar.close()
+
+    def _decide(self, name: str, score: float, amap: np.ndarray) -> Prediction:
+        if self.thresholds_ is None:  # during fit's validation pass
+            return Prediction(name, score, False, amap, np.zeros(amap.shape, bool))
+        return Prediction(
+            source=name,
+            score=score,
+            is_anomalous=bool(score > self.thresholds_.image),
+            anomaly_map=amap,
+            mask=amap > self.thresholds_.pixel,
+        )
+
+    def predict(
+        self, images: str | Path | ImageInput | Sequence[ImageInput], progress: bool = False
+    ) -> list[Prediction]:
+        """Score one image (path or array) or many; always returns a list."""
+        if isinstance(images, str | Path | np.ndarray):
+            images = [images]
+        return list(self.iter_predict(list(images), progress=progress))
+
+    # -- persistence -----------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        from defectlens.io import save_detector
+
+        return save_detector(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, weights: str | None = None) -> Detector:
+        from defectlens.io import load_detector
+
+        return load_detector(path, weights=weights)
+

@@ -1,0 +1,9 @@
+"""Anomaly-detection methods, each a plain `torch.nn.Module` holding its fitted state in buffers.
+
+A method is registered by name; adding one is a new module here with one class.
+"""
+
+from defectlens.methods.base import METHODS, AnomalyMethod, MethodOutput, get_method
+from defectlens.methods.padim import Padim
+
+__all__ = ["METHODS", "AnomalyMethod", "MethodOutput", "Padim", "get_method"]

@@ -1,0 +1,98 @@
+"""The contract between a method and the `Detector` that drives it.
+
+A method turns batches of preprocessed images (B, 3, S, S in [0, 1]) into raw anomaly maps at
+its own resolution, optionally with its own image scores. The Detector owns everything around
+that: reading and resizing images, validation split, thresholds, upsampling and smoothing, saving.
+Constructor arguments are the method's parameters (saved in config.json); fitted tensors are
+registered buffers (saved in safetensors) and nothing else, so a save/load round trip is exact.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from defectlens.backbones import FeatureExtractor
+from defectlens.errors import DefectLensError, ModelFileError
+
+
+@dataclass
+class MethodOutput:
+    """Raw maps (B, h, w), higher = more anomalous; `scores` (B,) if the method has its own."""
+
+    maps: torch.Tensor
+    scores: torch.Tensor | None = None
+
+
+METHODS: dict[str, type[AnomalyMethod]] = {}
+
+
+def get_method(name: str) -> type[AnomalyMethod]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise DefectLensError(
+            f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+class AnomalyMethod(nn.Module):
+    """Base class: subclasses set `name` and `fitted_buffers`, implement `fit` and `forward`."""
+
+    name: ClassVar[str]
+    fitted_buffers: ClassVar[tuple[str, ...]]
+    # Feature strides the method reads from the backbone; a subclass may make it a parameter.
+    strides: tuple[int, ...]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            METHODS[cls.name] = cls
+
+    def __init__(self) -> None:
+        super().__init__()
+        for n in self.fitted_buffers:
+            self.register_buffer(n, None)
+
+    def params(self) -> dict[str, Any]:
+        """Constructor arguments, read back from same-named attributes (as scikit-learn does)."""
+        names = [
+            p for p in inspect.signature(type(self).__init__).parameters if p not in ("self",)
+        ]
+        return {n: _jsonable(getattr(self, n)) for n in names}
+
+    @property
+    def is_fitted(self) -> bool:
+        return all(getattr(self, n, None) is not None for n in self.fitted_buffers)
+
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n).contiguous() for n in self.fitted_buffers}
+
+    def load_fitted_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        expected, found = set(self.fitted_buffers), set(tensors)
+        if expected != found:
+            raise ModelFileError(
+                f"{self.name} model tensors do not match: missing {sorted(expected - found)}, "
+                f"unexpected {sorted(found - expected)}"
+            )
+        for n in self.fitted_buffers:
+            setattr(self, n, tensors[n])
+        self.check_fitted_shapes()
+
+    def check_fitted_shapes(self) -> None:
+        """Raise ModelFileError if loaded tensors are inconsistent; subclasses refine this."""
+
+    def fit(self, extractor: FeatureExtractor, batches: Iterable[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
+        raise NotImplementedError
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,1 @@
+"""Visual outputs: heat-map overlays and the HTML evaluation report."""

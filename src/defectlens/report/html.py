@@ -1,0 +1,128 @@
+"""A single self-contained `report.html` (images embedded), readable offline."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
+
+from defectlens import metrics
+from defectlens.data.images import read_image
+from defectlens.report.overlay import panel
+
+N_EXAMPLES = 6
+
+
+def _png(array_or_fig) -> str:
+    buffer = io.BytesIO()
+    if isinstance(array_or_fig, np.ndarray):
+        Image.fromarray(array_or_fig).save(buffer, format="PNG")
+    else:
+        array_or_fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+        plt.close(array_or_fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _roc_figure(evaluation) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    labels = [s.label for s in evaluation.samples]
+    scores = [p.score for p in evaluation.predictions]
+    fpr, tpr = metrics.roc_curve(scores, labels)
+    ax.plot(fpr, tpr, label=f"image (AUROC {evaluation.metrics['image_auroc']:.3f})")
+    if evaluation.masks is not None:
+        # Every 7th pixel keeps the curve's shape and the plot fast on large test sets.
+        maps = np.concatenate([p.anomaly_map.ravel()[::7] for p in evaluation.predictions])
+        truth = np.concatenate([m.ravel()[::7] for m in evaluation.masks])
+        fpr, tpr = metrics.roc_curve(maps, truth)
+        ax.plot(fpr, tpr, label=f"pixel (AUROC {evaluation.metrics['pixel_auroc']:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def _histogram_figure(evaluation, threshold: float) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    scores = np.array([p.score for p in evaluation.predictions])
+    labels = np.array([s.label for s in evaluation.samples])
+    bins = np.linspace(scores.min(), max(scores.max(), threshold), 40)
+    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="good", color="tab:green")
+    ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label="defective", color="tab:red")
+    ax.axvline(threshold, color="black", linestyle="--", label="threshold")
+    ax.set(xlabel="anomaly score", ylabel="images", title="Score distribution")
+    ax.legend()
+    return fig
+
+
+def _examples(evaluation, indices, threshold: float) -> str:
+    cells = []
+    for i in indices:
+        s, p = evaluation.samples[i], evaluation.predictions[i]
+        image = read_image(s.path)
+        truth = evaluation.masks[i] if evaluation.masks is not None else None
+        strip = panel(image, p.anomaly_map, p.mask, threshold, truth)
+        if strip.shape[1] > 900:  # keep the page light
+            h = int(strip.shape[0] * 900 / strip.shape[1])
+            strip = np.asarray(Image.fromarray(strip).resize((900, max(h, 1))))
+        caption = f"{html.escape(s.path.parent.name + '/' + s.path.name)} — score {p.score:.4g}"
+        cells.append(f'<figure><img src="{_png(strip)}"><figcaption>{caption}</figcaption></figure>')
+    return "\n".join(cells) or "<p>none</p>"
+
+
+def write_report(evaluation, root: Path, path: Path, detector) -> None:
+    m = evaluation.metrics
+    t = detector.thresholds_
+    scores = np.array([p.score for p in evaluation.predictions])
+    labels = np.array([s.label for s in evaluation.samples])
+    predicted = np.array([p.is_anomalous for p in evaluation.predictions])
+    misses = [i for i in np.argsort(scores) if labels[i] == 1 and not predicted[i]]
+    alarms = [i for i in np.argsort(-scores) if labels[i] == 0 and predicted[i]]
+    rows = [
+        ("images (defective)", f"{m['n_images']} ({m['n_defective']})"),
+        ("image AUROC", f"{m['image_auroc']:.4f}"),
+        ("pixel AUROC", f"{m['pixel_auroc']:.4f}" if "pixel_auroc" in m else "n/a (no masks)"),
+        ("AUPRO (FPR ≤ 0.3)", f"{m['aupro']:.4f}" if "aupro" in m else "n/a (no masks)"),
+        ("image F1-max", f"{m['image_f1_max']:.4f}"),
+        ("threshold (from normal validation images)",
+         f"{t.image:.4g} (target false-alarm rate {t.target_far:g}, {t.n_validation} images)"),
+        ("false-alarm rate at threshold", f"{m['false_alarm_rate']:.3f}"),
+        ("miss rate at threshold", f"{m['miss_rate']:.3f}"),
+        ("throughput", f"{m['images_per_second']:.1f} images/s"),
+    ]
+    table = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    per_type = "\n".join(
+        f"<tr><th>{html.escape(k)}</th><td>{v['image_auroc']:.4f}</td></tr>"
+        for k, v in m["per_defect_type"].items()
+    )
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>defectlens report — {html.escape(root.name)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1000px; }}
+table {{ border-collapse: collapse; margin-bottom: 1em; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: left; }}
+figure {{ margin: 0 0 1em 0; }} img {{ max-width: 100%; }}
+figcaption {{ font-size: 90%; color: #444; }}
+</style></head><body>
+<h1>defectlens — {html.escape(detector.method)} on {html.escape(str(root))}</h1>
+<p>Backbone {html.escape(detector.backbone)}, image size {detector.image_size}.
+Thresholds come from normal validation images only, never from these test labels.</p>
+<table>{table}</table>
+<h2>Image AUROC per defect type</h2><table>{per_type}</table>
+<img src="{_png(_roc_figure(evaluation))}"> <img src="{_png(_histogram_figure(evaluation, t.image))}">
+<h2>Worst misses (defective, scored below the threshold)</h2>
+<p>Each row: image · heat map (threshold at the middle of the colour scale) ·
+predicted mask in red, true mask in green.</p>
+{_examples(evaluation, misses[:N_EXAMPLES], t.pixel)}
+<h2>Worst false alarms (good, scored above the threshold)</h2>
+{_examples(evaluation, alarms[:N_EXAMPLES], t.pixel)}
+</body></html>
+"""
+    path.write_text(page)
