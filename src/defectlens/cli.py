@@ -26,7 +26,9 @@ Typical use:
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 weights_option = click.option(
-    "--weights", type=click.Path(dir_okay=False), default=None,
+    "--weights",
+    type=click.Path(dir_okay=False),
+    default=None,
     help="Local backbone weights file (torchvision .pth for resnet18 / wide_resnet50_2).",
 )
 
@@ -45,28 +47,72 @@ def cli() -> None:
 @cli.command()
 @click.argument("data", type=click.Path())
 @click.option("--method", default="padim", show_default=True, help="Anomaly-detection method.")
-@click.option("--backbone", default="efficientnet_lite0", show_default=True,
-              help="Pretrained backbone; see `defectlens backbones`.")
+@click.option(
+    "--backbone",
+    default="efficientnet_lite0",
+    show_default=True,
+    help="Pretrained backbone; see `defectlens backbones`.",
+)
 @weights_option
-@click.option("--image-size", default=256, show_default=True,
-              help="Images are resized to N x N (multiple of 32) before scoring.")
+@click.option(
+    "--image-size",
+    default=256,
+    show_default=True,
+    help="Images are resized to N x N (multiple of 32) before scoring.",
+)
 @click.option("--out", "out", required=True, type=click.Path(), help="Model directory to write.")
-@click.option("--val", "val", type=click.Path(), default=None,
-              help="Folder of normal validation images for the threshold (default: hold out "
-                   "--val-fraction of the training images).")
-@click.option("--val-fraction", default=0.1, show_default=True,
-              help="Share of training images held out to set the threshold.")
-@click.option("--target-far", default=0.01, show_default=True,
-              help="Target false-alarm rate on normal images for the decision threshold.")
-@click.option("--n-channels", type=int, default=None,
-              help="PaDiM: random channel subset size (default: all channels).")
-@click.option("--shrinkage", type=click.Choice(["none", "ledoit_wolf"]), default="none",
-              show_default=True, help="PaDiM: covariance estimator.")
+@click.option(
+    "--val",
+    "val",
+    type=click.Path(),
+    default=None,
+    help="Folder of normal validation images for the threshold (default: hold out "
+    "--val-fraction of the training images).",
+)
+@click.option(
+    "--val-fraction",
+    default=0.1,
+    show_default=True,
+    help="Share of training images held out to set the threshold.",
+)
+@click.option(
+    "--target-far",
+    default=0.01,
+    show_default=True,
+    help="Target false-alarm rate on normal images for the decision threshold.",
+)
+@click.option(
+    "--n-channels",
+    type=int,
+    default=None,
+    help="PaDiM: random channel subset size (default: all channels).",
+)
+@click.option(
+    "--shrinkage",
+    type=click.Choice(["none", "ledoit_wolf"]),
+    default="none",
+    show_default=True,
+    help="PaDiM: covariance estimator.",
+)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @quiet_option
-def fit(data, method, backbone, weights, image_size, out, val, val_fraction, target_far,
-        n_channels, shrinkage, batch_size, seed, quiet) -> None:
+def fit(
+    data,
+    method,
+    backbone,
+    weights,
+    image_size,
+    out,
+    val,
+    val_fraction,
+    target_far,
+    n_channels,
+    shrinkage,
+    batch_size,
+    seed,
+    quiet,
+) -> None:
     """Fit a model on the normal images in DATA.
 
     DATA is an MVTec-AD-layout root (its train/good is used) or a folder of normal images.
@@ -77,8 +123,14 @@ def fit(data, method, backbone, weights, image_size, out, val, val_fraction, tar
     if method == "padim":
         method_params = {"n_channels": n_channels, "shrinkage": shrinkage, "seed": seed}
     detector = Detector(
-        method=method, backbone=backbone, weights=weights, image_size=image_size,
-        batch_size=batch_size, val_fraction=val_fraction, target_far=target_far, seed=seed,
+        method=method,
+        backbone=backbone,
+        weights=weights,
+        image_size=image_size,
+        batch_size=batch_size,
+        val_fraction=val_fraction,
+        target_far=target_far,
+        seed=seed,
         method_params=method_params,
     )
     detector.fit(data, val_images=val, progress=not quiet)
@@ -101,11 +153,14 @@ def evaluate(model, data, out, save_maps, no_report, weights, quiet) -> None:
     from defectlens.io import load_detector
 
     detector = load_detector(model, weights=weights)
-    result = run_evaluation(detector, data, out, save_maps=save_maps, report=not no_report,
-                            progress=not quiet)
+    result = run_evaluation(
+        detector, data, out, save_maps=save_maps, report=not no_report, progress=not quiet
+    )
     _print_metrics(result.metrics)
-    click.echo(f"wrote {Path(out) / 'metrics.json'}, {Path(out) / 'scores.csv'}"
-               + ("" if no_report else f", {Path(out) / 'report.html'}"))
+    click.echo(
+        f"wrote {Path(out) / 'metrics.json'}, {Path(out) / 'scores.csv'}"
+        + ("" if no_report else f", {Path(out) / 'report.html'}")
+    )
 
 
 def _print_metrics(m: dict) -> None:
@@ -149,8 +204,13 @@ def expand_inputs(inputs: tuple[str, ...]) -> list[Path]:
 @cli.command()
 @click.argument("model", type=click.Path())
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--out", "out", type=click.Path(), default=None,
-              help="Folder for results.csv, overlays/ and masks/ (required unless --json).")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(),
+    default=None,
+    help="Folder for results.csv, overlays/ and masks/ (required unless --json).",
+)
 @click.option("--no-images", is_flag=True, help="Write results.csv only.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
 @weights_option
@@ -201,10 +261,15 @@ def predict(model, inputs, out, no_images, as_json, weights, quiet) -> None:
                 if r is None:
                     writer.writerow([p, "", "error", "", errors.get(str(p), "not scored")])
                 else:
-                    writer.writerow([p, f"{r['score']:.6g}", r["predicted"], r["defect_pixels"], ""])
+                    writer.writerow(
+                        [p, f"{r['score']:.6g}", r["predicted"], r["defect_pixels"], ""]
+                    )
     flagged = sum(r["predicted"] == "defective" for r in rows)
-    click.echo(f"scored {len(rows)} image(s): {flagged} defective, {len(rows) - flagged} good"
-               + (f", {len(errors)} skipped" if errors else ""), err=as_json)
+    click.echo(
+        f"scored {len(rows)} image(s): {flagged} defective, {len(rows) - flagged} good"
+        + (f", {len(errors)} skipped" if errors else ""),
+        err=as_json,
+    )
     if errors:
         sys.exit(1)
 
@@ -231,15 +296,25 @@ def backbones() -> None:
 @click.option("--out", "out", default="demo-output", show_default=True, type=click.Path())
 @click.option("--method", default="padim", show_default=True)
 @click.option("--image-size", default=256, show_default=True)
-@click.option("--textures", default="brick,gravel,grass", show_default=True,
-              help="Comma-separated scikit-image textures to generate.")
+@click.option(
+    "--textures",
+    default="brick,gravel,grass",
+    show_default=True,
+    help="Comma-separated scikit-image textures to generate.",
+)
 @quiet_option
 def demo(out, method, image_size, textures, quiet) -> None:
     """Generate the embedded synthetic dataset, fit, evaluate and write reports."""
     from defectlens.demo import run_demo
 
-    run_demo(Path(out), method, image_size, [t for t in textures.split(",") if t],
-             progress=not quiet, echo=click.echo)
+    run_demo(
+        Path(out),
+        method,
+        image_size,
+        [t for t in textures.split(",") if t],
+        progress=not quiet,
+        echo=click.echo,
+    )
 
 
 def main() -> None:

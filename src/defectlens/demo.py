@@ -36,11 +36,15 @@ def run_demo(
         result = evaluate(detector, root, out / texture, progress=progress)
         summary[texture] = {**result.metrics, "fit_seconds": fit_seconds}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    echo(f"\n{'category':10s} {'img AUROC':>9s} {'pix AUROC':>9s} {'AUPRO':>7s} "
-         f"{'false al.':>9s} {'misses':>7s} {'fit s':>6s} {'img/s':>6s}")
+    echo(
+        f"\n{'category':10s} {'img AUROC':>9s} {'pix AUROC':>9s} {'AUPRO':>7s} "
+        f"{'false al.':>9s} {'misses':>7s} {'fit s':>6s} {'img/s':>6s}"
+    )
     for texture, m in summary.items():
-        echo(f"{texture:10s} {m['image_auroc']:9.3f} {m['pixel_auroc']:9.3f} {m['aupro']:7.3f} "
-             f"{m['false_alarm_rate']:9.3f} {m['miss_rate']:7.3f} {m['fit_seconds']:6.1f} "
-             f"{m['images_per_second']:6.1f}")
+        echo(
+            f"{texture:10s} {m['image_auroc']:9.3f} {m['pixel_auroc']:9.3f} {m['aupro']:7.3f} "
+            f"{m['false_alarm_rate']:9.3f} {m['miss_rate']:7.3f} {m['fit_seconds']:6.1f} "
+            f"{m['images_per_second']:6.1f}"
+        )
     echo(f"\nreports: {', '.join(str(out / t / 'report.html') for t in summary)}")
     return summary

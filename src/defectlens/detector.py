@@ -156,8 +156,9 @@ class Detector:
                 raise DataError("need at least one fit image and one validation image")
         torch.manual_seed(self.seed)
         extractor = self._ensure_extractor()
-        bar = tqdm(total=len(fit_images), desc=f"fit {self.method}", disable=not progress,
-                   unit="img")
+        bar = tqdm(
+            total=len(fit_images), desc=f"fit {self.method}", disable=not progress, unit="img"
+        )
 
         def batches() -> Iterator[torch.Tensor]:
             for batch in iter_batches(fit_images, self.image_size, self.batch_size):
@@ -190,7 +191,9 @@ class Detector:
             raise DefectLensError("the detector is not fitted: call fit() or load a model")
         output = self.model_(self._ensure_extractor(), images)
         maps = F.interpolate(
-            output.maps.unsqueeze(1).float(), size=images.shape[-2:], mode="bilinear",
+            output.maps.unsqueeze(1).float(),
+            size=images.shape[-2:],
+            mode="bilinear",
             align_corners=False,
         ).squeeze(1)
         return gaussian_blur(maps, self.sigma), output.scores
@@ -212,8 +215,9 @@ class Detector:
                 for i, (source, size) in enumerate(zip(batch.sources, batch.sizes, strict=True)):
                     full = maps[i]
                     if tuple(size) != tuple(full.shape):
-                        full = F.interpolate(full[None, None], size=size, mode="bilinear",
-                                             align_corners=False)[0, 0]
+                        full = F.interpolate(
+                            full[None, None], size=size, mode="bilinear", align_corners=False
+                        )[0, 0]
                     amap = full.numpy().astype(np.float32, copy=False)
                     score = float(amap.max()) if scores is None else float(scores[i])
                     yield self._decide(names[id(source)], score, amap)
@@ -251,4 +255,3 @@ class Detector:
         from defectlens.io import load_detector
 
         return load_detector(path, weights=weights)
-

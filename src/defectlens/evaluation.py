@@ -66,7 +66,8 @@ def load_masks(samples: list[Sample], predictions: list[Prediction]) -> list[np.
     if any(s.label == 1 and s.mask is None for s in samples):
         return None
     return [
-        read_mask(s.mask, p.anomaly_map.shape) if s.mask is not None
+        read_mask(s.mask, p.anomaly_map.shape)
+        if s.mask is not None
         else np.zeros(p.anomaly_map.shape, dtype=bool)
         for s, p in zip(samples, predictions, strict=True)
     ]
@@ -97,7 +98,11 @@ def evaluate(
 
 
 def write_outputs(
-    evaluation: Evaluation, root: Path, out: Path, detector: Detector, save_maps: bool,
+    evaluation: Evaluation,
+    root: Path,
+    out: Path,
+    detector: Detector,
+    save_maps: bool,
     report: bool,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)

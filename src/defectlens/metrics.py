@@ -80,9 +80,7 @@ def pixel_auroc(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> floa
     return auroc(scores, truth)
 
 
-def aupro(
-    maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr_limit: float = 0.3
-) -> float:
+def aupro(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr_limit: float = 0.3) -> float:
     """Area under the per-region-overlap curve up to `fpr_limit`, divided by `fpr_limit`.
 
     Regions are 8-connected components of each ground-truth mask; FPR counts all defect-free

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -73,7 +74,12 @@ def _downsample(inplanes: int, outplanes: int, stride: int) -> nn.Module | None:
 class TappedResNet(nn.Module):
     """torchvision-compatible ResNet whose forward returns layer outputs at given strides."""
 
-    _STRIDE_OF_LAYER = {4: "layer1", 8: "layer2", 16: "layer3", 32: "layer4"}
+    _STRIDE_OF_LAYER: ClassVar[dict[int, str]] = {
+        4: "layer1",
+        8: "layer2",
+        16: "layer3",
+        32: "layer4",
+    }
 
     def __init__(self, block: type, layers: Sequence[int], width: int = 64) -> None:
         super().__init__()

@@ -66,9 +66,7 @@ class GaussianAccumulator:
         sum_b = (self.s1 * m).sum(dim=1)
         sum_b2 = torch.einsum("pi,pij,pj->p", m, self.s2, m)
         sum_ab = (self.ay * m).sum(dim=1)
-        sum_x4 = (
-            self.a2 + 4 * sum_b2 + n * c * c - 4 * sum_ab + 2 * c * sum_a - 4 * c * sum_b
-        )
+        sum_x4 = self.a2 + 4 * sum_b2 + n * c * c - 4 * sum_ab + 2 * c * sum_a - 4 * c * sum_b
         trace = torch.diagonal(s, dim1=1, dim2=2).sum(dim=1)
         mu = trace / p
         s_norm2 = (s * s).sum(dim=(1, 2))

@@ -32,7 +32,7 @@ def load_texture(name: str) -> np.ndarray:
 
 
 def _crop(texture: np.ndarray, size: int, x_range: tuple[int, int], rng: np.random.Generator):
-    h, w = texture.shape
+    h = texture.shape[0]
     y = int(rng.integers(0, h - size + 1))
     x = int(rng.integers(x_range[0], x_range[1] - size + 1))
     return texture[y : y + size, x : x + size].copy()
@@ -128,7 +128,9 @@ def make_category(
     for i in range(n_train):
         _save(_crop(image, crop, (0, split), rng), out / "train" / "good" / f"{i:03d}.png")
     for i in range(n_test_good):
-        _save(_crop(image, crop, (split, image.shape[1]), rng), out / "test" / "good" / f"{i:03d}.png")
+        _save(
+            _crop(image, crop, (split, image.shape[1]), rng), out / "test" / "good" / f"{i:03d}.png"
+        )
     for defect in defects:
         for i in range(n_test_per_defect):
             img = _crop(image, crop, (split, image.shape[1]), rng)

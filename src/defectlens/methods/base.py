@@ -61,9 +61,7 @@ class AnomalyMethod(nn.Module):
 
     def params(self) -> dict[str, Any]:
         """Constructor arguments, read back from same-named attributes (as scikit-learn does)."""
-        names = [
-            p for p in inspect.signature(type(self).__init__).parameters if p not in ("self",)
-        ]
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self",)]
         return {n: _jsonable(getattr(self, n)) for n in names}
 
     @property

@@ -73,7 +73,9 @@ def _examples(evaluation, indices, threshold: float) -> str:
             h = int(strip.shape[0] * 900 / strip.shape[1])
             strip = np.asarray(Image.fromarray(strip).resize((900, max(h, 1))))
         caption = f"{html.escape(s.path.parent.name + '/' + s.path.name)} — score {p.score:.4g}"
-        cells.append(f'<figure><img src="{_png(strip)}"><figcaption>{caption}</figcaption></figure>')
+        cells.append(
+            f'<figure><img src="{_png(strip)}"><figcaption>{caption}</figcaption></figure>'
+        )
     return "\n".join(cells) or "<p>none</p>"
 
 
@@ -91,8 +93,10 @@ def write_report(evaluation, root: Path, path: Path, detector) -> None:
         ("pixel AUROC", f"{m['pixel_auroc']:.4f}" if "pixel_auroc" in m else "n/a (no masks)"),
         ("AUPRO (FPR ≤ 0.3)", f"{m['aupro']:.4f}" if "aupro" in m else "n/a (no masks)"),
         ("image F1-max", f"{m['image_f1_max']:.4f}"),
-        ("threshold (from normal validation images)",
-         f"{t.image:.4g} (target false-alarm rate {t.target_far:g}, {t.n_validation} images)"),
+        (
+            "threshold (from normal validation images)",
+            f"{t.image:.4g} (target false-alarm rate {t.target_far:g}, {t.n_validation} images)",
+        ),
         ("false-alarm rate at threshold", f"{m['false_alarm_rate']:.3f}"),
         ("miss rate at threshold", f"{m['miss_rate']:.3f}"),
         ("throughput", f"{m['images_per_second']:.1f} images/s"),
@@ -102,6 +106,8 @@ def write_report(evaluation, root: Path, path: Path, detector) -> None:
         f"<tr><th>{html.escape(k)}</th><td>{v['image_auroc']:.4f}</td></tr>"
         for k, v in m["per_defect_type"].items()
     )
+    roc = _png(_roc_figure(evaluation))
+    histogram = _png(_histogram_figure(evaluation, t.image))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>defectlens report — {html.escape(root.name)}</title>
 <style>
@@ -116,7 +122,7 @@ figcaption {{ font-size: 90%; color: #444; }}
 Thresholds come from normal validation images only, never from these test labels.</p>
 <table>{table}</table>
 <h2>Image AUROC per defect type</h2><table>{per_type}</table>
-<img src="{_png(_roc_figure(evaluation))}"> <img src="{_png(_histogram_figure(evaluation, t.image))}">
+<img src="{roc}"> <img src="{histogram}">
 <h2>Worst misses (defective, scored below the threshold)</h2>
 <p>Each row: image · heat map (threshold at the middle of the colour scale) ·
 predicted mask in red, true mask in green.</p>

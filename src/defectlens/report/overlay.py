@@ -31,8 +31,13 @@ def draw_outline(image: np.ndarray, mask: np.ndarray, color=(255, 0, 0)) -> np.n
     return out
 
 
-def panel(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, threshold: float,
-          truth: np.ndarray | None = None) -> np.ndarray:
+def panel(
+    image: np.ndarray,
+    amap: np.ndarray,
+    mask: np.ndarray,
+    threshold: float,
+    truth: np.ndarray | None = None,
+) -> np.ndarray:
     """Image | heat-map overlay | image with predicted (red) and true (green) outlines."""
     marked = draw_outline(image, mask, (255, 0, 0))
     if truth is not None:
