@@ -145,9 +145,11 @@ class FeatureExtractor(nn.Module):
         if self._traced is None:
             example = torch.zeros(2, 3, self.image_size, self.image_size)
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer notes about python-side shape maths
+                # Tracer notes about Python-side shape maths, and TorchScript's deprecation
+                # notice: it still runs in the pinned torch, and is the fastest CPU path there.
+                warnings.simplefilter("ignore")
                 traced = torch.jit.trace(_Wrapped(self), example)
-            self._traced = torch.jit.freeze(traced.eval())
+                self._traced = torch.jit.freeze(traced.eval())
         return list(self._traced(images))
 
 

@@ -12,7 +12,7 @@ import torch
 
 
 class GaussianAccumulator:
-    """Streaming sufficient statistics of features (B, C, P) -> per-position mean/covariance."""
+    """Streaming sufficient statistics of features (P, C, B) -> per-position mean/covariance."""
 
     def __init__(self) -> None:
         self.n = 0
@@ -23,8 +23,8 @@ class GaussianAccumulator:
         self.ay: torch.Tensor | None = None  # (P, C)      sum of |y|^2 y
 
     def update(self, features: torch.Tensor) -> None:
-        """Add a batch of embeddings shaped (B, C, P)."""
-        y = features.detach().to(torch.float64).permute(2, 0, 1)  # (P, B, C)
+        """Add a batch of embeddings shaped (P, C, B)."""
+        y = features.detach().to(torch.float64).transpose(1, 2)  # (P, B, C)
         if self.shift is None:
             self.shift = y.mean(dim=1)
             p, _, c = y.shape
@@ -36,37 +36,48 @@ class GaussianAccumulator:
         sq = (y * y).sum(dim=2)  # (P, B)
         self.n += y.shape[1]
         self.s1 += y.sum(dim=1)
-        self.s2 += torch.bmm(y.transpose(1, 2), y)
+        torch.baddbmm(self.s2, y.transpose(1, 2), y, out=self.s2)  # in place: no P x C x C temp
         self.a2 += (sq * sq).sum(dim=1)
         self.ay += torch.bmm(sq.unsqueeze(1), y).squeeze(1)
 
     def mean(self) -> torch.Tensor:
         return self.shift + self.s1 / self.n
 
-    def covariance(self, shrinkage: str = "none") -> torch.Tensor:
+    def covariance(self, shrinkage: str = "none", positions: slice = slice(None)) -> torch.Tensor:
         """Covariance per position: unbiased sample covariance, or Ledoit-Wolf shrunk (MLE-based,
-        the same estimator as sklearn.covariance.ledoit_wolf)."""
+        the same estimator as sklearn.covariance.ledoit_wolf). `positions` selects a chunk."""
         if self.n < 1:
             raise ValueError("no samples accumulated")
         n = self.n
-        m = self.s1 / n  # mean of shifted features
-        scatter = self.s2 - n * m.unsqueeze(2) * m.unsqueeze(1)  # sum of centred outer products
+        m = self.s1[positions] / n  # mean of shifted features
+        scatter = self.s2[positions] - n * m.unsqueeze(2) * m.unsqueeze(1)  # centred outer sums
         if shrinkage == "none":
-            return scatter / max(n - 1, 1)
+            return scatter.div_(max(n - 1, 1))
         if shrinkage != "ledoit_wolf":
             raise ValueError(f"unknown shrinkage {shrinkage!r}")
-        return self._ledoit_wolf(scatter / n, m)
+        return self._ledoit_wolf(scatter.div_(n), m, positions)
 
-    def _ledoit_wolf(self, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    def precision_factors(self, shrinkage: str, epsilon: float, chunk: int = 256) -> torch.Tensor:
+        """Packed float32 inverse-Cholesky factors (P, C(C+1)/2), computed chunk by chunk so
+        that finalising needs no second P x C x C array beside the running sums."""
+        p = self.s2.shape[0]
+        parts = []
+        for start in range(0, p, chunk):
+            cov = self.covariance(shrinkage, slice(start, start + chunk))
+            parts.append(pack_lower(inverse_cholesky(cov, epsilon)).float())
+        return torch.cat(parts)
+
+    def _ledoit_wolf(self, s: torch.Tensor, m: torch.Tensor, sl: slice) -> torch.Tensor:
         n, p = self.n, s.shape[-1]
         # sum_i |x_i|^4 for centred x_i = y_i - m, expanded into the streamed sums.
         # |x|^2 = a - 2b + c with a = |y|^2, b = y.m, c = |m|^2.
         c = (m * m).sum(dim=1)
-        sum_a = torch.diagonal(self.s2, dim1=1, dim2=2).sum(dim=1)
-        sum_b = (self.s1 * m).sum(dim=1)
-        sum_b2 = torch.einsum("pi,pij,pj->p", m, self.s2, m)
-        sum_ab = (self.ay * m).sum(dim=1)
-        sum_x4 = self.a2 + 4 * sum_b2 + n * c * c - 4 * sum_ab + 2 * c * sum_a - 4 * c * sum_b
+        s2 = self.s2[sl]
+        sum_a = torch.diagonal(s2, dim1=1, dim2=2).sum(dim=1)
+        sum_b = (self.s1[sl] * m).sum(dim=1)
+        sum_b2 = torch.einsum("pi,pij,pj->p", m, s2, m)
+        sum_ab = (self.ay[sl] * m).sum(dim=1)
+        sum_x4 = self.a2[sl] + 4 * sum_b2 + n * c * c - 4 * sum_ab + 2 * c * sum_a - 4 * c * sum_b
         trace = torch.diagonal(s, dim1=1, dim2=2).sum(dim=1)
         mu = trace / p
         s_norm2 = (s * s).sum(dim=(1, 2))
@@ -110,17 +121,18 @@ def unpack_lower(packed: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def mahalanobis(
-    features: torch.Tensor, mean: torch.Tensor, inv_chol: torch.Tensor, chunk: int = 1024
+    features: torch.Tensor, mean: torch.Tensor, inv_chol: torch.Tensor, chunk: int = 512
 ) -> torch.Tensor:
-    """Distances (B, P) of embeddings (B, C, P) to per-position Gaussians (P, C), (P, C, C).
+    """Distances (B, P) of embeddings (P, C, B) to per-position Gaussians (P, C), (P, C, C).
 
-    Chunked over positions to bound the temporary (chunk x C x B) memory.
+    |W (x - m)| is computed as |W x - W m|: one batched product on the embeddings as they are,
+    no centred copy. Chunked over positions to bound the temporary memory.
     """
-    b, _, p = features.shape
-    x = features.permute(2, 1, 0)  # (P, C, B)
+    p, _, b = features.shape
     out = features.new_empty(p, b)
     for start in range(0, p, chunk):
         sl = slice(start, start + chunk)
-        centred = x[sl] - mean[sl].unsqueeze(2)
-        out[sl] = torch.bmm(inv_chol[sl], centred).square().sum(dim=1)
-    return out.clamp_min(0).sqrt().T
+        projected = torch.bmm(inv_chol[sl], features[sl])
+        projected.sub_(torch.bmm(inv_chol[sl], mean[sl].unsqueeze(2)))
+        out[sl] = projected.square_().sum(dim=1)
+    return out.clamp_min_(0).sqrt_().T

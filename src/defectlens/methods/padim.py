@@ -16,12 +16,10 @@ import torch
 from defectlens.backbones import FeatureExtractor
 from defectlens.components.gaussian import (
     GaussianAccumulator,
-    inverse_cholesky,
     mahalanobis,
-    pack_lower,
     unpack_lower,
 )
-from defectlens.components.pyramid import concat_pyramid
+from defectlens.components.pyramid import position_major
 from defectlens.errors import ModelFileError
 from defectlens.methods.base import AnomalyMethod, MethodOutput
 
@@ -50,10 +48,12 @@ class Padim(AnomalyMethod):
         self.seed = seed
         self._inv_chol: torch.Tensor | None = None  # unpacked cache, not saved
 
-    def _embed(self, extractor: FeatureExtractor, images: torch.Tensor, fast: bool) -> torch.Tensor:
-        features = extractor.fast(images) if fast else extractor(images)
-        embedding = concat_pyramid(features, self.upsample)
-        return embedding.index_select(1, self.channel_index)  # (B, C, h, w)
+    def _embed(self, extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings (P, C, B) of a batch, through the traced backbone."""
+        embedding = position_major(extractor.fast(images), self.upsample)
+        if self.channel_index.numel() < embedding.shape[1]:
+            embedding = embedding.index_select(1, self.channel_index)
+        return embedding
 
     def _choose_channels(self, total: int) -> torch.Tensor:
         if self.n_channels is None or self.n_channels >= total:
@@ -66,11 +66,9 @@ class Padim(AnomalyMethod):
         self.channel_index = self._choose_channels(sum(extractor.channels))
         accumulator = GaussianAccumulator()
         for images in batches:
-            accumulator.update(self._embed(extractor, images, fast=True).flatten(2))
-        covariance = accumulator.covariance(self.shrinkage)
+            accumulator.update(self._embed(extractor, images))
         self.mean = accumulator.mean().float()
-        inv_chol = inverse_cholesky(covariance, self.epsilon)
-        self.inv_chol_packed = pack_lower(inv_chol).float()
+        self.inv_chol_packed = accumulator.precision_factors(self.shrinkage, self.epsilon)
         self._inv_chol = None
 
     def check_fitted_shapes(self) -> None:
@@ -84,6 +82,7 @@ class Padim(AnomalyMethod):
         if self._inv_chol is None:
             self._inv_chol = unpack_lower(self.inv_chol_packed, self.channel_index.numel())
         with torch.no_grad():
-            embedding = self._embed(extractor, images, fast=True)
-        distances = mahalanobis(embedding.flatten(2), self.mean, self._inv_chol)
-        return MethodOutput(maps=distances.view(embedding.shape[0], *embedding.shape[2:]))
+            embedding = self._embed(extractor, images)
+            distances = mahalanobis(embedding, self.mean, self._inv_chol)
+        side = images.shape[-1] // self.strides[0]
+        return MethodOutput(maps=distances.view(images.shape[0], -1, side))

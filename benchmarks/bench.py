@@ -1,0 +1,98 @@
+"""Fit and evaluate one method on one MVTec-layout dataset; print accuracy, speed and memory.
+
+    python benchmarks/bench.py ../shared/data/magnetic_tile --method padim --image-size 256
+
+Prints one JSON object (and a Markdown table row). Speeds are measured with 2 torch threads:
+- backbone img/s: the bare feature extractor (eager and traced) on a batch of 32,
+- model img/s: the fitted detector on preloaded batches of 32 (no decoding),
+- end-to-end img/s: `evaluate`'s scoring loop (decode, resize, score, maps at full resolution).
+Peak RSS is the process's maximum resident memory (fit and evaluate included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from defectlens import Detector
+from defectlens.data.dataset import find_normal_images
+from defectlens.evaluation import evaluate
+
+
+def rate(fn, batch: torch.Tensor, repeats: int = 3) -> float:
+    fn(batch)  # warm-up (and tracing)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn(batch)
+    return repeats * batch.shape[0] / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data")
+    parser.add_argument("--method", default="padim")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--max-train", type=int, default=None, help="use the first N train images")
+    parser.add_argument("--param", action="append", default=[], help="method parameter k=v (JSON)")
+    parser.add_argument("--fit-only", action="store_true", help="skip evaluation (memory runs)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    params = {k: json.loads(v) for k, v in (p.split("=", 1) for p in args.param)}
+
+    images = find_normal_images(args.data)[: args.max_train]
+    detector = Detector(method=args.method, image_size=args.image_size, method_params=params)
+    start = time.perf_counter()
+    detector.fit(images)
+    fit_seconds = time.perf_counter() - start
+    fit_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result = {
+        "dataset": Path(args.data).name,
+        "method": args.method,
+        "params": params,
+        "image_size": args.image_size,
+        "n_train": len(images),
+        "fit_seconds": round(fit_seconds, 1),
+        "fit_peak_rss_gb": round(fit_rss, 2),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        detector.save(Path(tmp) / "m")
+        size = sum(f.stat().st_size for f in (Path(tmp) / "m").iterdir())
+        result["model_mb"] = round(size / 1e6, 1)
+    if not args.fit_only:
+        evaluation = evaluate(detector, args.data)
+        m = evaluation.metrics
+        batch = torch.rand(32, 3, args.image_size, args.image_size)
+        extractor = detector.extractor_
+        with torch.no_grad():
+            result.update(
+                image_auroc=round(m["image_auroc"], 4),
+                pixel_auroc=round(m.get("pixel_auroc", float("nan")), 4),
+                aupro=round(m.get("aupro", float("nan")), 4),
+                f1_max=round(m["image_f1_max"], 4),
+                false_alarm_rate=round(m["false_alarm_rate"], 4),
+                miss_rate=round(m["miss_rate"], 4),
+                end_to_end_img_s=round(m["images_per_second"], 1),
+                model_img_s=round(rate(detector.score_batch, batch), 1),
+                backbone_eager_img_s=round(rate(extractor, batch), 1),
+                backbone_traced_img_s=round(rate(extractor.fast, batch), 1),
+            )
+    result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    print(json.dumps(result))
+    keys = [k for k in result if k not in ("dataset", "method", "params")]
+    print(
+        "| "
+        + " | ".join([result["dataset"], result["method"]] + [str(result[k]) for k in keys])
+        + " |",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    main()

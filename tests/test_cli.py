@@ -1,0 +1,186 @@
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from defectlens.cli import main
+from defectlens.data import find_test_samples
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def run(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["defectlens", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_fit_evaluate_predict_end_to_end(brick_root, tmp_path, monkeypatch, capsys):
+    model = tmp_path / "model"
+    code, out, _ = run(
+        monkeypatch,
+        capsys,
+        "fit",
+        brick_root,
+        "--method",
+        "padim",
+        "--image-size",
+        64,
+        "--out",
+        model,
+        "--quiet",
+    )
+    assert code == 0 and "saved" in out
+    results = tmp_path / "eval"
+    code, out, _ = run(
+        monkeypatch,
+        capsys,
+        "evaluate",
+        model,
+        brick_root,
+        "--out",
+        results,
+        "--save-maps",
+        "--quiet",
+    )
+    assert code == 0 and "image AUROC" in out
+    metrics = json.loads((results / "metrics.json").read_text())
+    for key in (
+        "image_auroc",
+        "pixel_auroc",
+        "aupro",
+        "image_f1_max",
+        "false_alarm_rate",
+        "miss_rate",
+    ):
+        assert 0.0 <= metrics[key] <= 1.0
+    rows = read_csv(results / "scores.csv")
+    assert list(rows[0]) == ["path", "score", "label", "predicted"]
+    assert rows[0]["path"].startswith("test/")
+    some = rows[-1]["path"]
+    saved_map = np.load(results / "maps" / f"{some}.npy")
+    assert saved_map.dtype == np.float32 and saved_map.shape == (128, 128)
+    report = (results / "report.html").read_text()
+    assert "ROC" in report and "data:image/png;base64" in report
+
+    pred = tmp_path / "pred"
+    defect_dir = brick_root / "test" / "hole"
+    code, out, _ = run(monkeypatch, capsys, "predict", model, defect_dir, "--out", pred, "-q")
+    assert code == 0
+    rows = read_csv(pred / "results.csv")
+    assert len(rows) == 3 and all(r["error"] == "" for r in rows)
+    assert len(list((pred / "overlays").glob("*.png"))) == 3
+    assert len(list((pred / "masks").glob("*.png"))) == 3
+
+
+def test_predict_skips_corrupt_images_and_reports_them(
+    model_dir, brick_root, tmp_path, monkeypatch, capsys
+):
+    good = find_test_samples(brick_root)[0].path
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"garbage")
+    out_dir = tmp_path / "p"
+    code, out, err = run(
+        monkeypatch,
+        capsys,
+        "predict",
+        model_dir,
+        good,
+        broken,
+        "--out",
+        out_dir,
+        "--no-images",
+        "--json",
+        "-q",
+    )
+    assert code == 1
+    assert "broken.png" in err and "skipped" in err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == 1 and lines[0]["path"] == str(good)
+    rows = read_csv(out_dir / "results.csv")
+    assert [r["predicted"] for r in rows][1] == "error" and "corrupt" in rows[1]["error"]
+    assert not (out_dir / "overlays").exists()
+
+
+def test_globs_select_images(model_dir, brick_root, tmp_path, monkeypatch, capsys):
+    pattern = str(brick_root / "test" / "*" / "000.png")
+    code, out, _ = run(monkeypatch, capsys, "predict", model_dir, pattern, "--json", "-q")
+    assert code == 0 and len(out.splitlines()) == 6  # good + five defect types
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fit", "{tmp}/nope", "--out", "{tmp}/m"], "nope: no such file or directory"),
+        (["fit", "{tmp}/empty", "--out", "{tmp}/m"], "no images found"),
+        (["fit", "{tmp}/empty", "--out", "{tmp}/m", "--image-size", "100"], "multiple of 32"),
+        (["fit", "{tmp}/empty", "--out", "{tmp}/m", "--method", "x"], "unknown method"),
+        (["evaluate", "{tmp}/nomodel", "{tmp}", "--out", "{tmp}/e"], "no such model directory"),
+        (["predict", "{tmp}/nomodel", "{tmp}/a.png", "--out", "{tmp}/e"], "a.png: no such file"),
+        (["predict", "{tmp}/nomodel", "{tmp}/*.png", "--json"], "matches no images"),
+        (
+            [
+                "fit",
+                "{tmp}/imgs",
+                "--out",
+                "{tmp}/m",
+                "--backbone",
+                "resnet18",
+                "--weights",
+                "{tmp}/w.pth",
+            ],
+            "w.pth: weights file not found",
+        ),
+        (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--backbone", "resnet18"], "--weights PATH"),
+        (["fit", "{tmp}/imgs", "--out", "{tmp}/m"], "imgs/bad.png: unreadable or corrupt"),
+    ],
+)
+def test_user_mistakes_give_one_error_line(args, message, tmp_path, monkeypatch, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.png", "bad.png"):
+        (tmp_path / "imgs" / name).write_bytes(b"not an image")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    args = [a.format(tmp=tmp_path) for a in args] + ["--quiet"]
+    code, _, err = run(monkeypatch, capsys, *args)
+    assert code == 2
+    assert message in err and err.startswith("defectlens: error:")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_and_backbones(monkeypatch, capsys):
+    code, out, _ = run(monkeypatch, capsys, "--help")
+    assert code == 0 and "fit" in out and "predict" in out and "Typical use" in out
+    code, out, _ = run(monkeypatch, capsys, "backbones")
+    assert code == 0 and "efficientnet_lite0" in out and "available" in out
+    assert "resnet18" in out
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    from defectlens.demo import run_demo
+
+    lines = []
+    summary = run_demo(
+        tmp_path,
+        image_size=64,
+        textures=["grass"],
+        progress=False,
+        echo=lines.append,
+        n_train=12,
+        n_test_good=4,
+        n_test_per_defect=1,
+    )
+    assert (tmp_path / "grass" / "report.html").is_file()
+    assert (tmp_path / "grass" / "model" / "config.json").is_file()
+    assert 0 <= summary["grass"]["image_auroc"] <= 1
+    assert any("grass" in line for line in lines)

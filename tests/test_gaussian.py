@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+from sklearn.covariance import ledoit_wolf
+
+from defectlens.components.blur import gaussian_blur
+from defectlens.components.gaussian import (
+    GaussianAccumulator,
+    inverse_cholesky,
+    mahalanobis,
+    pack_lower,
+    unpack_lower,
+)
+
+
+def _data(positions=3, n=40, channels=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # A large offset checks that the one-pass sums do not lose precision.
+    return torch.randn(positions, n, channels, generator=g, dtype=torch.float64) * 2 + 1000
+
+
+def _accumulate(x, batch=7):
+    acc = GaussianAccumulator()
+    for i in range(0, x.shape[1], batch):
+        acc.update(x[:, i : i + batch].transpose(1, 2))  # (P, C, B)
+    return acc
+
+
+def test_streaming_moments_match_numpy():
+    x = _data()
+    acc = _accumulate(x)
+    assert acc.n == 40
+    for p in range(3):
+        np.testing.assert_allclose(acc.mean()[p], x[p].mean(0), rtol=1e-12)
+        np.testing.assert_allclose(acc.covariance()[p], np.cov(x[p].T), rtol=1e-9, atol=1e-9)
+
+
+def test_ledoit_wolf_matches_sklearn():
+    x = _data(n=12, channels=8)  # fewer samples than a comfortable n/p: shrinkage matters
+    acc = _accumulate(x, batch=5)
+    for p in range(3):
+        expected = ledoit_wolf(x[p].numpy())[0]
+        np.testing.assert_allclose(acc.covariance("ledoit_wolf")[p], expected, atol=1e-8)
+
+
+def test_accumulator_memory_does_not_grow_with_samples():
+    acc = GaussianAccumulator()
+    acc.update(torch.randn(4, 6, 10))
+    sizes = [t.numel() for t in (acc.s1, acc.s2, acc.a2, acc.ay)]
+    for _ in range(20):
+        acc.update(torch.randn(4, 6, 10))
+    assert [t.numel() for t in (acc.s1, acc.s2, acc.a2, acc.ay)] == sizes
+
+
+def test_mahalanobis_matches_scipy():
+    x = _data()
+    acc = _accumulate(x)
+    cov = acc.covariance()
+    w = inverse_cholesky(cov, epsilon=0.0)
+    query = torch.randn(3, 5, 4, dtype=torch.float64) + 1000  # (P, C, B)
+    d = mahalanobis(query, acc.mean(), w, chunk=2)
+    assert d.shape == (4, 3)
+    for b in range(4):
+        for p in range(3):
+            expected = scipy_mahalanobis(
+                query[p, :, b].numpy(), acc.mean()[p].numpy(), np.linalg.inv(cov[p].numpy())
+            )
+            assert d[b, p].item() == pytest.approx(expected, rel=1e-7)
+
+
+def test_batched_cholesky_under_two_threads():
+    """anomalib's batched inverse crashed in MKL after set_num_threads(2); ours must not."""
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(256, 400, 176, generator=g, dtype=torch.float64)
+    cov = feats.transpose(1, 2) @ feats / 399
+    w = inverse_cholesky(cov, epsilon=0.01)
+    eye = torch.eye(176, dtype=torch.float64)
+    product = w.transpose(1, 2) @ w @ (cov + 0.01 * eye)
+    torch.testing.assert_close(product, eye.expand_as(product), atol=1e-8, rtol=0)
+
+
+def test_singular_covariance_is_reported():
+    with pytest.raises(ValueError, match="positive definite"):
+        inverse_cholesky(-torch.eye(3, dtype=torch.float64)[None], epsilon=0.0)
+
+
+def test_pack_roundtrip_halves_storage():
+    w = torch.tril(torch.randn(2, 6, 6))
+    packed = pack_lower(w)
+    assert packed.shape == (2, 21)
+    torch.testing.assert_close(unpack_lower(packed, 6), w)
+
+
+def test_blur_preserves_mass_and_constant_maps():
+    maps = torch.zeros(1, 65, 65)
+    maps[0, 32, 32] = 1.0
+    out = gaussian_blur(maps, 4.0)
+    assert out.sum().item() == pytest.approx(1.0, rel=1e-5)
+    assert out[0, 32, 32] == out.max()
+    assert out[0, 32, 36].item() == pytest.approx(out[0, 32, 32].item() * np.exp(-0.5), rel=1e-4)
+    flat = torch.full((2, 20, 20), 3.0)
+    torch.testing.assert_close(gaussian_blur(flat, 4.0), flat)
+
+
+def test_position_major_layout_matches_interpolate_and_concat():
+    from defectlens.components.pyramid import concat_pyramid, position_major
+
+    feats = [torch.rand(2, 3, 8, 8), torch.rand(2, 4, 4, 4), torch.rand(2, 5, 2, 2)]
+    expected = concat_pyramid(feats).flatten(2).permute(2, 1, 0)
+    torch.testing.assert_close(position_major(feats), expected, rtol=0, atol=0)
+    bilinear = concat_pyramid(feats, "bilinear").flatten(2).permute(2, 1, 0)
+    torch.testing.assert_close(position_major(feats, "bilinear"), bilinear)

@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+
+from defectlens import Detector
+from defectlens.data import find_normal_images, find_test_samples, read_image
+from defectlens.evaluation import evaluate
+from defectlens.methods import Padim
+
+from .conftest import IMAGE_SIZE
+
+
+def test_padim_detects_synthetic_defects(fitted, brick_root):
+    result = evaluate(fitted, brick_root)
+    m = result.metrics
+    assert m["image_auroc"] > 0.8
+    assert m["pixel_auroc"] > 0.85
+    assert m["aupro"] > 0.5
+
+
+def test_maps_and_masks_have_the_original_resolution(fitted, brick_root):
+    sample = find_test_samples(brick_root)[-1]
+    image = read_image(sample.path)[:100, :90]  # an odd size, not the model's
+    prediction = fitted.predict(image)[0]
+    assert prediction.anomaly_map.shape == (100, 90)
+    assert prediction.mask.shape == (100, 90) and prediction.mask.dtype == bool
+    assert prediction.score == pytest.approx(float(prediction.anomaly_map.max()))
+
+
+def test_decision_and_mask_are_consistent(fitted, brick_root):
+    """With image score = map maximum and equal thresholds, flagged <=> non-empty mask."""
+    predictions = fitted.predict([s.path for s in find_test_samples(brick_root)])
+    assert fitted.thresholds_.pixel == fitted.thresholds_.image
+    assert all(p.is_anomalous == bool(p.mask.any()) for p in predictions)
+
+
+def test_arrays_and_files_score_the_same(fitted, brick_root):
+    path = find_test_samples(brick_root)[0].path
+    from_file = fitted.predict(path)[0]
+    from_array = fitted.predict(read_image(path))[0]
+    assert from_file.score == from_array.score
+
+
+def test_validation_images_are_held_out_and_seeded(brick_root):
+    images = find_normal_images(brick_root)
+    detector = Detector(image_size=IMAGE_SIZE)
+    fit_a, val_a = detector.split_validation(images)
+    _, val_b = detector.split_validation(images)
+    assert val_a == val_b and len(val_a) == 3
+    assert not set(fit_a) & set(val_a) and len(fit_a) + len(val_a) == len(images)
+
+
+def test_threshold_comes_from_validation_images_only(brick_root):
+    images = find_normal_images(brick_root)
+    detector = Detector(image_size=IMAGE_SIZE).fit(images[:20], val_images=images[20:])
+    val_scores = [p.score for p in detector.predict(images[20:])]
+    assert detector.thresholds_.image == pytest.approx(max(val_scores))
+    assert detector.thresholds_.n_validation == len(images) - 20
+
+
+def test_channel_subset_is_seeded_and_recorded(brick_root):
+    images = find_normal_images(brick_root)[:6]
+    a = Detector(image_size=IMAGE_SIZE, method_params={"n_channels": 50, "seed": 3}).fit(images)
+    b = Detector(image_size=IMAGE_SIZE, method_params={"n_channels": 50, "seed": 3}).fit(images)
+    c = Detector(image_size=IMAGE_SIZE, method_params={"n_channels": 50, "seed": 4}).fit(images)
+    assert a.model_.channel_index.numel() == 50
+    assert torch.equal(a.model_.channel_index, b.model_.channel_index)
+    assert not torch.equal(a.model_.channel_index, c.model_.channel_index)
+    assert a.params()["method_params"]["n_channels"] == 50
+
+
+def test_ledoit_wolf_option_fits_and_scores(brick_root):
+    images = find_normal_images(brick_root)
+    detector = Detector(image_size=IMAGE_SIZE, method_params={"shrinkage": "ledoit_wolf"})
+    detector.fit(images)
+    test = find_test_samples(brick_root)
+    scores = np.array([p.score for p in detector.predict([s.path for s in test])])
+    labels = np.array([s.label for s in test])
+    assert scores[labels == 1].mean() > scores[labels == 0].mean()
+
+
+def test_fitted_state_is_packed_and_sized_by_positions_not_images(fitted):
+    state = fitted.model_.fitted_state()
+    c = 24 + 40 + 112
+    positions = (IMAGE_SIZE // 4) ** 2
+    assert state["mean"].shape == (positions, c)
+    assert state["inv_chol_packed"].shape == (positions, c * (c + 1) // 2)
+
+
+def test_unfitted_and_invalid_use():
+    from defectlens.errors import DefectLensError
+
+    with pytest.raises(DefectLensError, match="not fitted"):
+        Detector(image_size=IMAGE_SIZE).predict(np.zeros((32, 32), np.uint8))
+    with pytest.raises(DefectLensError, match="multiple of 32"):
+        Detector(image_size=100)
+    with pytest.raises(DefectLensError, match="unknown method"):
+        Detector(method="nope")
+    with pytest.raises(DefectLensError, match="bad parameter"):
+        Detector(method_params={"bogus": 1})
+    with pytest.raises(ValueError, match="shrinkage"):
+        Padim(shrinkage="oas")
