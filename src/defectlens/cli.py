@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -85,14 +86,39 @@ def cli() -> None:
     "--n-channels",
     type=int,
     default=None,
-    help="PaDiM: random channel subset size (default: all channels).",
+    help="padim: random channel subset size (default: all channels).",
 )
 @click.option(
     "--shrinkage",
     type=click.Choice(["none", "ledoit_wolf"]),
-    default="none",
-    show_default=True,
-    help="PaDiM: covariance estimator.",
+    default=None,
+    help="padim: covariance estimator (default none: sample covariance + 0.01 I).",
+)
+@click.option(
+    "--coreset-ratio",
+    type=float,
+    default=None,
+    help="patchcore: share of training patches kept in the memory bank (default 0.1).",
+)
+@click.option(
+    "--index",
+    "nn_index",
+    type=click.Choice(["exact", "ivf", "hnsw"]),
+    default=None,
+    help="patchcore: nearest-neighbour index (default exact).",
+)
+@click.option(
+    "--k-images",
+    type=int,
+    default=None,
+    help="spade: nearest training images per test image (default 5).",
+)
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any other method parameter, VALUE in JSON (e.g. --param embed_dim=256).",
 )
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -109,6 +135,10 @@ def fit(
     target_far,
     n_channels,
     shrinkage,
+    coreset_ratio,
+    nn_index,
+    k_images,
+    params,
     batch_size,
     seed,
     quiet,
@@ -119,9 +149,17 @@ def fit(
     """
     from defectlens.detector import Detector
 
-    method_params = {}
-    if method == "padim":
-        method_params = {"n_channels": n_channels, "shrinkage": shrinkage, "seed": seed}
+    named = {
+        "n_channels": n_channels,
+        "shrinkage": shrinkage,
+        "coreset_ratio": coreset_ratio,
+        "index": nn_index,
+        "k_images": k_images,
+    }
+    method_params = {k: v for k, v in named.items() if v is not None}
+    method_params.update(_parse_params(params))
+    if method in ("padim", "patchcore"):
+        method_params.setdefault("seed", seed)
     detector = Detector(
         method=method,
         backbone=backbone,
@@ -137,6 +175,19 @@ def fit(
     path = detector.save(out)
     t = detector.thresholds_
     click.echo(f"saved {path} (threshold {t.image:.4g} from {t.n_validation} normal images)")
+
+
+def _parse_params(items: tuple[str, ...]) -> dict:
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DefectLensError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value  # a bare word, e.g. --param index=hnsw
+    return parsed
 
 
 @cli.command()
@@ -238,6 +289,7 @@ def predict(model, inputs, out, no_images, as_json, weights, quiet) -> None:
         click.echo(f"warning: skipped {exc}", err=True)
 
     rows = []
+    start = time.perf_counter()
     for prediction in detector.iter_predict(paths, progress=not quiet, on_error=on_error):
         summary = prediction.summary()
         rows.append(summary)
@@ -264,9 +316,11 @@ def predict(model, inputs, out, no_images, as_json, weights, quiet) -> None:
                     writer.writerow(
                         [p, f"{r['score']:.6g}", r["predicted"], r["defect_pixels"], ""]
                     )
+    seconds = time.perf_counter() - start
     flagged = sum(r["predicted"] == "defective" for r in rows)
     click.echo(
-        f"scored {len(rows)} image(s): {flagged} defective, {len(rows) - flagged} good"
+        f"scored {len(rows)} image(s) in {seconds:.1f} s ({len(rows) / seconds:.1f} img/s): "
+        f"{flagged} defective, {len(rows) - flagged} good"
         + (f", {len(errors)} skipped" if errors else ""),
         err=as_json,
     )

@@ -96,7 +96,7 @@ class Detector:
         self.method_params = dict(method_params or {})
         try:
             self.model_: AnomalyMethod = get_method(method)(**self.method_params)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise DefectLensError(f"bad parameter for method {method}: {exc}") from None
         self.extractor_: FeatureExtractor | None = None
         self.thresholds_: Thresholds | None = None
@@ -166,7 +166,7 @@ class Detector:
                 bar.update(len(batch.sources))
 
         try:
-            self.model_.fit(extractor, batches())
+            self.model_.fit(extractor, batches(), progress=progress)
         except ValueError as exc:
             raise DefectLensError(f"fitting {self.method} failed: {exc}") from None
         finally:

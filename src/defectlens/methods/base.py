@@ -80,12 +80,15 @@ class AnomalyMethod(nn.Module):
             )
         for n in self.fitted_buffers:
             setattr(self, n, tensors[n])
-        self.check_fitted_shapes()
+        self.after_load()
 
-    def check_fitted_shapes(self) -> None:
-        """Raise ModelFileError if loaded tensors are inconsistent; subclasses refine this."""
+    def after_load(self) -> None:
+        """Check loaded tensors (raise ModelFileError) and rebuild derived state; optional."""
 
-    def fit(self, extractor: FeatureExtractor, batches: Iterable[torch.Tensor]) -> None:
+    def fit(
+        self, extractor: FeatureExtractor, batches: Iterable[torch.Tensor], progress: bool = False
+    ) -> None:
+        """Learn from batches of normal images (B, 3, S, S) in [0, 1]."""
         raise NotImplementedError
 
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:

@@ -62,7 +62,9 @@ class Padim(AnomalyMethod):
         return torch.randperm(total, generator=generator)[: self.n_channels].sort().values
 
     @torch.no_grad()
-    def fit(self, extractor: FeatureExtractor, batches: Iterable[torch.Tensor]) -> None:
+    def fit(
+        self, extractor: FeatureExtractor, batches: Iterable[torch.Tensor], progress: bool = False
+    ) -> None:
         self.channel_index = self._choose_channels(sum(extractor.channels))
         accumulator = GaussianAccumulator()
         for images in batches:
@@ -71,7 +73,7 @@ class Padim(AnomalyMethod):
         self.inv_chol_packed = accumulator.precision_factors(self.shrinkage, self.epsilon)
         self._inv_chol = None
 
-    def check_fitted_shapes(self) -> None:
+    def after_load(self) -> None:
         c = self.channel_index.numel()
         p = self.mean.shape[0]
         if self.mean.shape != (p, c) or self.inv_chol_packed.shape != (p, c * (c + 1) // 2):

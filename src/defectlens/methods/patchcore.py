@@ -1,0 +1,119 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
+
+Locally aware patch features: the backbone's mid-level taps (stride 8 and 16), each averaged
+over a 3 x 3 neighbourhood, the coarser one upsampled to the finer grid, each projected to
+`embed_dim` channels by adaptive averaging (so the taps weigh equally, as in the paper's
+pre-projection), concatenated and projected again to `embed_dim`. A greedy k-centre coreset of
+all training patches (`coreset_ratio`, on a random projection) forms the memory bank. A test
+patch scores its distance to the nearest bank vector; the image score is the largest patch score
+re-weighted by how isolated its nearest neighbour is in the bank (the paper's Eq. 7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from defectlens.backbones import FeatureExtractor
+from defectlens.components.memory_bank import GreedyCoresetSampler, MemoryBank, make_index
+from defectlens.errors import ModelFileError
+from defectlens.methods.base import AnomalyMethod, MethodOutput
+
+
+class PatchCore(AnomalyMethod):
+    name = "patchcore"
+    fitted_buffers = ("bank", "bank_index")
+
+    def __init__(
+        self,
+        strides: Sequence[int] = (8, 16),
+        patch_size: int = 3,
+        embed_dim: int | None = 128,
+        coreset_ratio: float = 0.1,
+        projection_dim: int | None = 128,
+        num_neighbors: int = 9,
+        index: str = "exact",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.strides = tuple(sorted(strides))
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.coreset_ratio = coreset_ratio
+        self.projection_dim = projection_dim
+        self.num_neighbors = num_neighbors
+        self.index = index
+        self.seed = seed
+        make_index(index)  # fail early on an unknown name
+        self.sampler = GreedyCoresetSampler(coreset_ratio, projection_dim, seed)
+        self.memory: MemoryBank | None = None
+
+    def embed(self, extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
+        """Patch features (B, h, w, d) on the finest requested tap's grid."""
+        features = extractor.fast(images)
+        size = features[0].shape[-2:]
+        pad = self.patch_size // 2
+        parts = []
+        for f in features:
+            f = F.avg_pool2d(f, self.patch_size, stride=1, padding=pad, count_include_pad=False)
+            if f.shape[-2:] != size:
+                f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+            parts.append(self._project(f.permute(0, 2, 3, 1)))
+        return self._project(torch.cat(parts, dim=-1))
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """Adaptive average over the last (channel) axis down or up to embed_dim."""
+        if self.embed_dim is None or x.shape[-1] == self.embed_dim:
+            return x
+        shape = x.shape
+        pooled = F.adaptive_avg_pool1d(x.reshape(-1, 1, shape[-1]), self.embed_dim)
+        return pooled.reshape(*shape[:-1], self.embed_dim)
+
+    @torch.no_grad()
+    def fit(
+        self, extractor: FeatureExtractor, batches: Iterable[torch.Tensor], progress: bool = False
+    ) -> None:
+        patches = torch.cat([self.embed(extractor, b).flatten(0, 2) for b in batches])
+        size = self.sampler.target_size(patches.shape[0])
+        with tqdm(total=size - 1, desc="coreset", disable=not progress, unit="pt") as bar:
+            keep = self.sampler.select(patches, progress=bar.update)
+        self.bank = patches[keep].contiguous()
+        del patches
+        self.memory = MemoryBank(self.bank, make_index(self.index))
+        self.bank_index = self.memory.index_blob()
+
+    def after_load(self) -> None:
+        if self.bank.ndim != 2 or self.bank_index.dtype != torch.uint8:
+            raise ModelFileError("patchcore tensors have unexpected shapes or types")
+        self.memory = MemoryBank.restore(self.bank, self.bank_index, make_index(self.index))
+
+    @torch.no_grad()
+    def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
+        embedding = self.embed(extractor, images)
+        b, h, w, d = embedding.shape
+        flat = embedding.reshape(b, h * w, d)
+        distances, nearest = self.memory.search(flat.reshape(-1, d), 1)
+        patch_scores = distances.view(b, h * w)
+        nearest = nearest.view(b, h * w)
+        return MethodOutput(
+            maps=patch_scores.view(b, h, w), scores=self._reweight(flat, patch_scores, nearest)
+        )
+
+    def _reweight(
+        self, flat: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor
+    ) -> torch.Tensor:
+        """s = (1 - softmax over the bank neighbourhood of m*) * s*  (the paper's Eq. 7)."""
+        rows = torch.arange(flat.shape[0])
+        worst = patch_scores.argmax(dim=1)
+        s_star = patch_scores[rows, worst]
+        if self.num_neighbors <= 1:
+            return s_star
+        m_star = self.bank[nearest[rows, worst]]
+        _, support = self.memory.search(m_star, self.num_neighbors)  # includes m* itself
+        test_patch = flat[rows, worst].unsqueeze(1)
+        d = torch.linalg.vector_norm(test_patch - self.bank[support], dim=-1)
+        weight = 1.0 - torch.softmax(d, dim=1)[:, 0]
+        return weight * s_star

@@ -1,0 +1,86 @@
+"""SPADE (Cohen & Hoshen, "Sub-Image Anomaly Detection with Deep Pyramid Correspondences").
+
+Image level: each training image is stored as its globally pooled deepest feature (stride 32);
+a test image scores the mean distance to its K nearest training images.
+Pixel level: the feature pyramids (stride 4/8/16 taps, upsampled and concatenated) of those K
+images form a gallery; each test position scores the mean distance to its kappa nearest gallery
+features. K is capped at the number of training images, so one training image works (then K = 1).
+Pyramids are stored in float16 to halve the model; distances are computed in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from defectlens.backbones import FeatureExtractor
+from defectlens.components.memory_bank import ExactIndex, MemoryBank
+from defectlens.components.pyramid import position_major
+from defectlens.errors import ModelFileError
+from defectlens.methods.base import AnomalyMethod, MethodOutput
+
+
+class Spade(AnomalyMethod):
+    name = "spade"
+    fitted_buffers = ("image_features", "pixel_features")
+
+    def __init__(
+        self,
+        k_images: int = 5,
+        k_pixels: int = 1,
+        pyramid_strides: Sequence[int] = (4, 8, 16),
+        image_stride: int = 32,
+    ) -> None:
+        super().__init__()
+        if k_images < 1 or k_pixels < 1:
+            raise ValueError("k_images and k_pixels must be at least 1")
+        self.k_images = k_images
+        self.k_pixels = k_pixels
+        self.pyramid_strides = tuple(sorted(pyramid_strides))
+        self.image_stride = image_stride
+        self.strides = tuple(sorted({*self.pyramid_strides, image_stride}))
+        self.image_bank: MemoryBank | None = None
+
+    def _features(self, extractor: FeatureExtractor, images: torch.Tensor):
+        by_stride = dict(zip(self.strides, extractor.fast(images), strict=True))
+        pooled = by_stride[self.image_stride].mean(dim=(2, 3))  # (B, C_img)
+        pyramid = position_major([by_stride[s] for s in self.pyramid_strides])  # (P, C, B)
+        return pooled, pyramid.permute(2, 0, 1), by_stride[self.pyramid_strides[0]].shape[-2:]
+
+    @property
+    def effective_k(self) -> int:
+        """K actually used: `k_images` capped at the number of training images."""
+        return min(self.k_images, self.image_features.shape[0])
+
+    @torch.no_grad()
+    def fit(
+        self, extractor: FeatureExtractor, batches: Iterable[torch.Tensor], progress: bool = False
+    ) -> None:
+        pooled, pyramids = [], []
+        for images in batches:
+            p, pyr, _ = self._features(extractor, images)
+            pooled.append(p)
+            pyramids.append(pyr.half())
+        self.image_features = torch.cat(pooled)
+        self.pixel_features = torch.cat(pyramids)  # (N, P, C) float16
+        self.after_load()
+
+    def after_load(self) -> None:
+        if self.image_features.ndim != 2 or self.pixel_features.ndim != 3:
+            raise ModelFileError("spade tensors have unexpected shapes")
+        if self.image_features.shape[0] != self.pixel_features.shape[0]:
+            raise ModelFileError("spade image and pixel features disagree on the image count")
+        self.image_bank = MemoryBank(self.image_features, ExactIndex())
+
+    @torch.no_grad()
+    def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
+        pooled, pyramid, (h, w) = self._features(extractor, images)
+        distances, neighbours = self.image_bank.search(pooled, self.effective_k)
+        maps = torch.empty(images.shape[0], h * w)
+        for i in range(images.shape[0]):
+            gallery = self.pixel_features[neighbours[i]].flatten(0, 1)
+            bank = MemoryBank(gallery, ExactIndex())
+            pixel_distances, _ = bank.search(pyramid[i], self.k_pixels)
+            maps[i] = pixel_distances.mean(dim=1)
+        return MethodOutput(maps=maps.view(-1, h, w), scores=distances.mean(dim=1))
