@@ -166,7 +166,14 @@ class Detector:
                 bar.update(len(batch.sources))
 
         try:
-            self.model_.fit(extractor, batches(), progress=progress)
+            self.model_.fit(
+                extractor,
+                batches(),
+                progress=progress,
+                val_batches=lambda: (
+                    b.images for b in iter_batches(val, self.image_size, self.batch_size)
+                ),
+            )
         except ValueError as exc:
             raise DefectLensError(f"fitting {self.method} failed: {exc}") from None
         finally:
@@ -184,19 +191,24 @@ class Detector:
         return Thresholds(**{**image.to_dict(), "pixel": pixel})
 
     # -- inference -------------------------------------------------------------------------
-    @torch.no_grad()
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Smoothed maps (B, S, S) and the method's own image scores (or None) for a batch."""
+        """Smoothed maps (B, S, S) and the method's own image scores (or None) for a batch.
+
+        Not under no_grad: a method may need autograd (DifferNet's gradient maps); the others
+        disable it themselves.
+        """
         if not self.model_.is_fitted:
             raise DefectLensError("the detector is not fitted: call fit() or load a model")
         output = self.model_(self._ensure_extractor(), images)
+        with torch.no_grad():
+            return self._postprocess(output.maps.detach(), images.shape[-2:]), output.scores
+
+    def _postprocess(self, raw: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        """Raw maps (B, h, w) -> upsampled to the input size (bilinear) and smoothed."""
         maps = F.interpolate(
-            output.maps.unsqueeze(1).float(),
-            size=images.shape[-2:],
-            mode="bilinear",
-            align_corners=False,
+            raw.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False
         ).squeeze(1)
-        return gaussian_blur(maps, self.sigma), output.scores
+        return gaussian_blur(maps, self.sigma)
 
     def iter_predict(
         self,

@@ -4,8 +4,18 @@ A method is registered by name; adding one is a new module here with one class.
 """
 
 from defectlens.methods.base import METHODS, AnomalyMethod, MethodOutput, get_method
+from defectlens.methods.differnet import DifferNet
 from defectlens.methods.padim import Padim
 from defectlens.methods.patchcore import PatchCore
 from defectlens.methods.spade import Spade
 
-__all__ = ["METHODS", "AnomalyMethod", "MethodOutput", "Padim", "PatchCore", "Spade", "get_method"]
+__all__ = [
+    "METHODS",
+    "AnomalyMethod",
+    "DifferNet",
+    "MethodOutput",
+    "Padim",
+    "PatchCore",
+    "Spade",
+    "get_method",
+]

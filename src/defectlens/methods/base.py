@@ -10,7 +10,7 @@ registered buffers (saved in safetensors) and nothing else, so a save/load round
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -86,9 +86,17 @@ class AnomalyMethod(nn.Module):
         """Check loaded tensors (raise ModelFileError) and rebuild derived state; optional."""
 
     def fit(
-        self, extractor: FeatureExtractor, batches: Iterable[torch.Tensor], progress: bool = False
+        self,
+        extractor: FeatureExtractor,
+        batches: Iterable[torch.Tensor],
+        progress: bool = False,
+        val_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
     ) -> None:
-        """Learn from batches of normal images (B, 3, S, S) in [0, 1]."""
+        """Learn from batches of normal images (B, 3, S, S) in [0, 1].
+
+        `val_batches` yields the held-out normal validation images; a method may use them for
+        early stopping only (DifferNet). The Detector sets its thresholds from them afterwards.
+        """
         raise NotImplementedError
 
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:

@@ -9,7 +9,7 @@ size of a full inverse, and unpacked once on load.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -63,7 +63,11 @@ class Padim(AnomalyMethod):
 
     @torch.no_grad()
     def fit(
-        self, extractor: FeatureExtractor, batches: Iterable[torch.Tensor], progress: bool = False
+        self,
+        extractor: FeatureExtractor,
+        batches: Iterable[torch.Tensor],
+        progress: bool = False,
+        val_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
     ) -> None:
         self.channel_index = self._choose_channels(sum(extractor.channels))
         accumulator = GaussianAccumulator()

@@ -11,7 +11,7 @@ re-weighted by how isolated its nearest neighbour is in the bank (the paper's Eq
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,11 @@ class PatchCore(AnomalyMethod):
 
     @torch.no_grad()
     def fit(
-        self, extractor: FeatureExtractor, batches: Iterable[torch.Tensor], progress: bool = False
+        self,
+        extractor: FeatureExtractor,
+        batches: Iterable[torch.Tensor],
+        progress: bool = False,
+        val_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
     ) -> None:
         patches = torch.cat([self.embed(extractor, b).flatten(0, 2) for b in batches])
         size = self.sampler.target_size(patches.shape[0])

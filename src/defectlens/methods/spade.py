@@ -10,7 +10,7 @@ Pyramids are stored in float16 to halve the model; distances are computed in flo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -55,7 +55,11 @@ class Spade(AnomalyMethod):
 
     @torch.no_grad()
     def fit(
-        self, extractor: FeatureExtractor, batches: Iterable[torch.Tensor], progress: bool = False
+        self,
+        extractor: FeatureExtractor,
+        batches: Iterable[torch.Tensor],
+        progress: bool = False,
+        val_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
     ) -> None:
         pooled, pyramids = [], []
         for images in batches:

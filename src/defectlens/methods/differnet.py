@@ -1,0 +1,232 @@
+"""DifferNet (Rudolph, Wandt, Rosenhahn, "Same Same But DifferNet", WACV 2021).
+
+A normalizing flow learns the density of multi-scale image features of normal parts. The frozen
+backbone sees the image at 3 scales (full, 1/2, 1/4); its deepest tap is average-pooled per
+scale and the three vectors are concatenated (960 values for efficientnet_lite0). The flow is a
+chain of GLOW-style affine coupling blocks with soft (atan) clamping and fixed random
+permutations, from FrEIA, trained by maximum likelihood on features of randomly transformed
+training images; the features are computed once and cached, only the flow trains. Training stops
+early when the likelihood of the held-out normal validation images stops improving (never test
+labels), and the best epoch's weights are kept.
+
+Score: mean of |z|^2 / D over T transformed copies of the test image (a fixed, seeded set whose
+first copy is the image itself). Map: |d score / d image| summed over colour channels; the
+transformations are differentiable, so every copy's gradient lands in the original coordinates.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable
+
+import FrEIA.framework as Ff
+import FrEIA.modules as Fm
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from defectlens.backbones import FeatureExtractor
+from defectlens.components.augment import TransformRanges, apply_transforms, sample_parameters
+from defectlens.errors import ModelFileError
+from defectlens.methods.base import AnomalyMethod, MethodOutput
+
+SCALES = (1.0, 0.5, 0.25)
+
+
+def build_flow(dim: int, blocks: int, hidden: int, clamp: float, seed: int) -> Ff.SequenceINN:
+    def subnet(c_in: int, c_out: int) -> nn.Module:
+        out = nn.Linear(hidden, c_out)
+        # Zero output layer: each coupling starts as the identity, so an 8-block flow does not
+        # start by multiplying features by up to exp(clamp)^8 (an initial loss of ~1e12).
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        return nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(), out)
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # subnet initialisation is part of the seeded model
+    flow = Ff.SequenceINN(dim)
+    for i in range(blocks):
+        flow.append(Fm.PermuteRandom, seed=seed * 1000 + i)
+        flow.append(
+            Fm.GLOWCouplingBlock, subnet_constructor=subnet, clamp=clamp, clamp_activation="ATAN"
+        )
+    torch.random.set_rng_state(generator_state)
+    return flow
+
+
+class DifferNet(AnomalyMethod):
+    name = "differnet"
+    fitted_buffers = ("feature_mean", "feature_std")
+
+    def __init__(
+        self,
+        stride: int = 32,
+        blocks: int = 8,
+        hidden: int = 512,
+        clamp: float = 3.0,
+        n_transforms: int = 8,
+        n_transforms_test: int = 8,
+        rotation: float = 20.0,
+        brightness: float = 0.1,
+        contrast: float = 0.1,
+        sharpness: float = 0.3,
+        max_epochs: int = 60,
+        patience: int = 6,
+        max_minutes: float = 15.0,
+        learning_rate: float = 2e-4,
+        batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if n_transforms < 1 or n_transforms_test < 1:
+            raise ValueError("n_transforms and n_transforms_test must be at least 1")
+        self.stride = stride
+        self.strides = (stride,)
+        self.blocks, self.hidden, self.clamp = blocks, hidden, clamp
+        self.n_transforms, self.n_transforms_test = n_transforms, n_transforms_test
+        self.rotation, self.brightness = rotation, brightness
+        self.contrast, self.sharpness = contrast, sharpness
+        self.max_epochs, self.patience, self.max_minutes = max_epochs, patience, max_minutes
+        self.learning_rate, self.batch_size, self.seed = learning_rate, batch_size, seed
+        self.ranges = TransformRanges(rotation, brightness, contrast, sharpness)
+        self.flow: Ff.SequenceINN | None = None
+        self.history: list[dict[str, float]] = []  # per-epoch losses of the last fit
+
+    # -- features --------------------------------------------------------------------------
+    def features(
+        self, extractor: FeatureExtractor, images: torch.Tensor, differentiable: bool = False
+    ) -> torch.Tensor:
+        """Pooled deepest-tap features at 3 scales, concatenated: (B, 3 C)."""
+        run = extractor if differentiable else extractor.fast
+        pooled = []
+        for scale in SCALES:
+            x = (
+                images
+                if scale == 1.0
+                else nn.functional.interpolate(
+                    images, scale_factor=scale, mode="bilinear", antialias=True, align_corners=False
+                )
+            )
+            pooled.append(run(x)[-1].mean(dim=(2, 3)))
+        return torch.cat(pooled, dim=1)
+
+    def _test_parameters(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        return sample_parameters(
+            self.n_transforms_test, self.ranges, generator, identity_first=True
+        )
+
+    def _transformed_features(self, extractor, batches, count: int, generator) -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for images in batches:
+                params = sample_parameters(count, self.ranges, generator, identity_first=True)
+                out.append(self.features(extractor, apply_transforms(images, params)))
+        return torch.cat(out)
+
+    # -- training --------------------------------------------------------------------------
+    def nll(self, features: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood per sample, per dimension (the training loss)."""
+        z, log_det = self.flow((features - self.feature_mean) / self.feature_std)
+        return (0.5 * z.pow(2).sum(dim=1) - log_det) / z.shape[1]
+
+    def fit(
+        self,
+        extractor: FeatureExtractor,
+        batches: Iterable[torch.Tensor],
+        progress: bool = False,
+        val_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
+    ) -> None:
+        generator = torch.Generator().manual_seed(self.seed)
+        train = self._transformed_features(extractor, batches, self.n_transforms, generator)
+        val = None
+        if val_batches is not None:
+            val = self._transformed_features(
+                extractor,
+                val_batches(),
+                self.n_transforms_test,
+                torch.Generator().manual_seed(self.seed + 1),
+            )
+        self.feature_mean = train.mean(dim=0)
+        self.feature_std = train.std(dim=0).clamp_min(1e-6)
+        self.flow = build_flow(train.shape[1], self.blocks, self.hidden, self.clamp, self.seed)
+        self._train(train, val, progress)
+
+    def _train(self, train: torch.Tensor, val: torch.Tensor | None, progress: bool) -> None:
+        optimiser = torch.optim.Adam(
+            self.flow.parameters(), lr=self.learning_rate, weight_decay=1e-5
+        )
+        generator = torch.Generator().manual_seed(self.seed + 2)
+        best, best_state, stale = float("inf"), None, 0
+        deadline = time.monotonic() + 60.0 * self.max_minutes
+        self.history = []
+        bar = tqdm(range(self.max_epochs), desc="train flow", disable=not progress, unit="epoch")
+        for epoch in bar:
+            self.flow.train()
+            order = torch.randperm(train.shape[0], generator=generator)
+            total = 0.0
+            for start in range(0, train.shape[0], self.batch_size):
+                loss = self.nll(train[order[start : start + self.batch_size]]).mean()
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                total += loss.item() * min(self.batch_size, train.shape[0] - start)
+            self.flow.eval()
+            record = {"epoch": epoch, "train_loss": total / train.shape[0]}
+            monitored = record["train_loss"]
+            if val is not None:
+                with torch.no_grad():
+                    monitored = record["val_loss"] = float(self.nll(val).mean())
+            self.history.append(record)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "epoch"})
+            if monitored < best - 1e-4:
+                best, best_state, stale = monitored, copy.deepcopy(self.flow.state_dict()), 0
+            else:
+                stale += 1
+            if stale >= self.patience or time.monotonic() > deadline:
+                break
+        bar.close()
+        if best_state is not None:
+            self.flow.load_state_dict(best_state)
+        self.flow.eval().requires_grad_(False)
+
+    # -- persistence -----------------------------------------------------------------------
+    @property
+    def is_fitted(self) -> bool:
+        return super().is_fitted and self.flow is not None
+
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        state = super().fitted_state()
+        state.update({f"flow.{k}": v.contiguous() for k, v in self.flow.state_dict().items()})
+        return state
+
+    def load_fitted_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        flow_state = {k[5:]: v for k, v in tensors.items() if k.startswith("flow.")}
+        super().load_fitted_state({k: v for k, v in tensors.items() if not k.startswith("flow.")})
+        self.flow = build_flow(
+            self.feature_mean.numel(), self.blocks, self.hidden, self.clamp, self.seed
+        )
+        try:
+            self.flow.load_state_dict(flow_state, strict=True)
+        except RuntimeError as exc:
+            raise ModelFileError(f"differnet flow weights do not match: {exc}") from None
+        self.flow.eval().requires_grad_(False)
+
+    # -- scoring ---------------------------------------------------------------------------
+    def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
+        params = self._test_parameters()
+        scores, maps = [], []
+        for image in images:  # one image's T copies at a time bounds autograd memory
+            x = image.unsqueeze(0).detach().requires_grad_(True)
+            with torch.enable_grad():
+                copies = apply_transforms(x, params)
+                z, _ = self.flow(
+                    (self.features(extractor, copies, differentiable=True) - self.feature_mean)
+                    / self.feature_std
+                )
+                score = z.pow(2).mean()
+                (gradient,) = torch.autograd.grad(score, x)
+            scores.append(score.detach())
+            maps.append(gradient.abs().sum(dim=1)[0])
+        return MethodOutput(maps=torch.stack(maps), scores=torch.stack(scores))
