@@ -98,6 +98,11 @@ class DifferNet(AnomalyMethod):
         self, extractor: FeatureExtractor, images: torch.Tensor, differentiable: bool = False
     ) -> torch.Tensor:
         """Pooled deepest-tap features at 3 scales, concatenated: (B, 3 C)."""
+        if min(images.shape[-2:]) * min(SCALES) < self.stride:
+            raise ValueError(
+                f"differnet needs an image size of at least {int(self.stride / min(SCALES))} "
+                f"(its 1/4 scale must cover one stride-{self.stride} cell)"
+            )
         run = extractor if differentiable else extractor.fast
         pooled = []
         for scale in SCALES:
