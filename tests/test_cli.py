@@ -143,6 +143,8 @@ def test_globs_select_images(model_dir, brick_root, tmp_path, monkeypatch, capsy
         ),
         (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--backbone", "resnet18"], "--weights PATH"),
         (["fit", "{tmp}/imgs", "--out", "{tmp}/m"], "imgs/bad.png: unreadable or corrupt"),
+        (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--coreset-ratio", "0.1"], "coreset_ratio"),
+        (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--param", "nonsense"], "expected KEY=VALUE"),
     ],
 )
 def test_user_mistakes_give_one_error_line(args, message, tmp_path, monkeypatch, capsys):
@@ -184,3 +186,31 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (tmp_path / "grass" / "model" / "config.json").is_file()
     assert 0 <= summary["grass"]["image_auroc"] <= 1
     assert any("grass" in line for line in lines)
+
+
+def test_method_options_reach_the_model(brick_root, tmp_path, monkeypatch, capsys):
+    model = tmp_path / "pc"
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "fit",
+        brick_root,
+        "--method",
+        "patchcore",
+        "--coreset-ratio",
+        "0.05",
+        "--index",
+        "hnsw",
+        "--param",
+        "embed_dim=64",
+        "--image-size",
+        64,
+        "--out",
+        model,
+        "-q",
+    )
+    assert code == 0, err
+    config = json.loads((model / "config.json").read_text())
+    params = config["detector"]["method_params"]
+    assert params["coreset_ratio"] == 0.05 and params["index"] == "hnsw"
+    assert params["embed_dim"] == 64
