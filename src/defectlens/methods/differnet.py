@@ -10,8 +10,10 @@ early when the likelihood of the held-out normal validation images stops improvi
 labels), and the best epoch's weights are kept.
 
 Score: mean of |z|^2 / D over T transformed copies of the test image (a fixed, seeded set whose
-first copy is the image itself). Map: |d score / d image| summed over colour channels; the
-transformations are differentiable, so every copy's gradient lands in the original coordinates.
+first copy is the image itself). Map: |d score / d image| summed over colour channels, with the
+score taken over the first `n_transforms_map` copies (backpropagating through the backbone is
+what costs time on a CPU); the transformations are differentiable, so every copy's gradient lands
+in the original image's coordinates.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class DifferNet(AnomalyMethod):
         clamp: float = 3.0,
         n_transforms: int = 8,
         n_transforms_test: int = 8,
+        n_transforms_map: int = 2,
         rotation: float = 20.0,
         brightness: float = 0.1,
         contrast: float = 0.1,
@@ -79,12 +82,15 @@ class DifferNet(AnomalyMethod):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if n_transforms < 1 or n_transforms_test < 1:
-            raise ValueError("n_transforms and n_transforms_test must be at least 1")
+        if min(n_transforms, n_transforms_test, n_transforms_map) < 1:
+            raise ValueError("n_transforms, n_transforms_test and n_transforms_map must be >= 1")
+        if n_transforms_map > n_transforms_test:
+            raise ValueError("n_transforms_map cannot exceed n_transforms_test")
         self.stride = stride
         self.strides = (stride,)
         self.blocks, self.hidden, self.clamp = blocks, hidden, clamp
         self.n_transforms, self.n_transforms_test = n_transforms, n_transforms_test
+        self.n_transforms_map = n_transforms_map
         self.rotation, self.brightness = rotation, brightness
         self.contrast, self.sharpness = contrast, sharpness
         self.max_epochs, self.patience, self.max_minutes = max_epochs, patience, max_minutes
@@ -127,7 +133,8 @@ class DifferNet(AnomalyMethod):
         with torch.no_grad():
             for images in batches:
                 params = sample_parameters(count, self.ranges, generator, identity_first=True)
-                out.append(self.features(extractor, apply_transforms(images, params)))
+                copies = apply_transforms(images, params)
+                out.extend(self.features(extractor, chunk) for chunk in copies.split(32))
         return torch.cat(out)
 
     # -- training --------------------------------------------------------------------------
@@ -219,19 +226,31 @@ class DifferNet(AnomalyMethod):
         self.flow.eval().requires_grad_(False)
 
     # -- scoring ---------------------------------------------------------------------------
+    def score_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Mean |z|^2 / D per feature vector."""
+        z, _ = self.flow((features - self.feature_mean) / self.feature_std)
+        return z.pow(2).mean(dim=1)
+
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
         params = self._test_parameters()
-        scores, maps = [], []
-        for image in images:  # one image's T copies at a time bounds autograd memory
+        with torch.no_grad():  # scores: all copies, traced backbone, 32 copies at a time
+            copies = apply_transforms(images, params)
+            scores = (
+                torch.cat(
+                    [
+                        self.score_features(self.features(extractor, chunk))
+                        for chunk in copies.split(32)
+                    ]
+                )
+                .view(images.shape[0], -1)
+                .mean(dim=1)
+            )
+        maps = []
+        for image in images:  # maps: one image's first copies at a time bounds autograd memory
             x = image.unsqueeze(0).detach().requires_grad_(True)
             with torch.enable_grad():
-                copies = apply_transforms(x, params)
-                z, _ = self.flow(
-                    (self.features(extractor, copies, differentiable=True) - self.feature_mean)
-                    / self.feature_std
-                )
-                score = z.pow(2).mean()
+                copies = apply_transforms(x, params[: self.n_transforms_map])
+                score = self.score_features(self.features(extractor, copies, True)).mean()
                 (gradient,) = torch.autograd.grad(score, x)
-            scores.append(score.detach())
             maps.append(gradient.abs().sum(dim=1)[0])
-        return MethodOutput(maps=torch.stack(maps), scores=torch.stack(scores))
+        return MethodOutput(maps=torch.stack(maps), scores=scores)
