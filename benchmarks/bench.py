@@ -61,6 +61,7 @@ def main() -> None:
     start = time.perf_counter()
     detector.fit(images)
     fit_seconds = time.perf_counter() - start
+    history = getattr(detector.model_, "history", None)
     fit_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result = {
         "dataset": Path(args.data).name,
@@ -71,6 +72,9 @@ def main() -> None:
         "fit_seconds": round(fit_seconds, 1),
         "fit_peak_rss_gb": round(fit_rss, 2),
     }
+    if history:  # trained methods: epochs run and the last losses
+        result["epochs"] = len(history)
+        result["last_epoch"] = {k: round(v, 4) for k, v in history[-1].items()}
     with tempfile.TemporaryDirectory() as tmp:
         detector.save(Path(tmp) / "m")
         size = sum(f.stat().st_size for f in (Path(tmp) / "m").iterdir())

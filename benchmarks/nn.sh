@@ -4,7 +4,7 @@ set -euo pipefail
 DATA=${DATA:-../shared/data}
 PY=.venv/bin/python
 mkdir -p bench-output
-for d in magnetic_tile kolektorsdd; do
+for d in kolektorsdd magnetic_tile; do
   $PY benchmarks/bench.py "$DATA/$d" --method patchcore
   $PY benchmarks/bench.py "$DATA/$d" --method patchcore --param coreset_ratio=0.01
   $PY benchmarks/bench.py "$DATA/$d" --method spade
