@@ -41,7 +41,7 @@ def test_patchcore_bank_is_the_requested_coreset(brick_root):
     b = Detector(method="patchcore", image_size=IMAGE_SIZE, method_params=params).fit(images)
     n_fit = len(images) - 1  # one image is held out for the threshold
     patches = n_fit * (IMAGE_SIZE // 8) ** 2
-    assert a.model_.bank.shape == (int(np.ceil(0.25 * patches)), 128)
+    assert a.model_.bank.shape == (int(np.ceil(0.25 * patches)), 40 + 112)  # stride 8 + 16
     assert torch.equal(a.model_.bank, b.model_.bank)
 
 

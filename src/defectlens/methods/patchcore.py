@@ -1,9 +1,11 @@
 """PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
 
 Locally aware patch features: the backbone's mid-level taps (stride 8 and 16), each averaged
-over a 3 x 3 neighbourhood, the coarser one upsampled to the finer grid, each projected to
-`embed_dim` channels by adaptive averaging (so the taps weigh equally, as in the paper's
-pre-projection), concatenated and projected again to `embed_dim`. A greedy k-centre coreset of
+over a 3 x 3 neighbourhood (zero padding, as in the paper), the coarser one upsampled to the
+finer grid and concatenated (152 channels for efficientnet_lite0). With `embed_dim`, each tap is
+first projected to `embed_dim` channels by adaptive averaging (so the taps weigh equally, the
+paper's pre-projection) and the concatenation projected again to `embed_dim`; off by default,
+because on kolektorsdd it lowered image AUROC (0.869 -> 0.850 with a full bank). A greedy k-centre coreset of
 all training patches (`coreset_ratio`, on a random projection) forms the memory bank. A test
 patch scores its distance to the nearest bank vector; the image score is the largest patch score
 re-weighted by how isolated its nearest neighbour is in the bank (the paper's Eq. 7).
@@ -31,7 +33,7 @@ class PatchCore(AnomalyMethod):
         self,
         strides: Sequence[int] = (8, 16),
         patch_size: int = 3,
-        embed_dim: int | None = 128,
+        embed_dim: int | None = None,
         coreset_ratio: float = 0.1,
         projection_dim: int | None = 128,
         num_neighbors: int = 9,
@@ -58,7 +60,7 @@ class PatchCore(AnomalyMethod):
         pad = self.patch_size // 2
         parts = []
         for f in features:
-            f = F.avg_pool2d(f, self.patch_size, stride=1, padding=pad, count_include_pad=False)
+            f = F.avg_pool2d(f, self.patch_size, stride=1, padding=pad, count_include_pad=True)
             if f.shape[-2:] != size:
                 f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
             parts.append(self._project(f.permute(0, 2, 3, 1)))

@@ -72,6 +72,9 @@ def _examples(evaluation, indices, threshold: float) -> str:
         if strip.shape[1] > 900:  # keep the page light
             h = int(strip.shape[0] * 900 / strip.shape[1])
             strip = np.asarray(Image.fromarray(strip).resize((900, max(h, 1))))
+        elif strip.shape[0] < 200:  # small parts: enlarge, pixels kept sharp
+            factor = -(-200 // strip.shape[0])
+            strip = strip.repeat(factor, axis=0).repeat(factor, axis=1)
         caption = f"{html.escape(s.path.parent.name + '/' + s.path.name)} — score {p.score:.4g}"
         cells.append(
             f'<figure><img src="{_png(strip)}"><figcaption>{caption}</figcaption></figure>'
