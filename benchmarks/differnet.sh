@@ -6,6 +6,6 @@ DATA=${DATA:-../shared/data}
 PY=.venv/bin/python
 mkdir -p bench-output
 for d in kolektorsdd magnetic_tile; do
-  $PY benchmarks/bench.py "$DATA/$d" --method differnet --max-train 16
-  $PY benchmarks/bench.py "$DATA/$d" --method differnet
+  $PY benchmarks/bench.py "$DATA/$d" --method differnet --max-train 16 --repeats 1
+  $PY benchmarks/bench.py "$DATA/$d" --method differnet --repeats 1
 done | tee bench-output/differnet.jsonl

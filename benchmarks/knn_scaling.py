@@ -24,7 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--queries", type=int, default=1024)
-    parser.add_argument("--sizes", default="10000,50000,200000,1000000")
+    parser.add_argument("--sizes", default="10000,50000,200000,500000")
     args = parser.parse_args()
     torch.set_num_threads(2)
     faiss.omp_set_num_threads(2)
