@@ -1,7 +1,7 @@
 """A bank of feature vectors with nearest-neighbour search: the part SPADE and PatchCore share.
 
 Strategies are injected objects, so a variant is a new small class, not an `if`:
-- a *sampler* chooses which vectors to keep (`IdentitySampler`, `GreedyCoresetSampler`),
+- a *sampler* chooses which vectors to keep (`GreedyCoresetSampler`; ratio 1 keeps all),
 - an *index* answers nearest-neighbour queries (`ExactIndex`, `IVFIndex`, `HNSWIndex`; all
   faiss). Exact search is the default; the approximate ones trade a little recall for speed on
   large banks.
@@ -125,13 +125,6 @@ def make_index(name: str) -> NearestNeighbourIndex:
     except KeyError:
         choices = ", ".join(sorted(NearestNeighbourIndex.REGISTRY))
         raise ValueError(f"unknown index {name!r}; choose one of: {choices}") from None
-
-
-class IdentitySampler:
-    """Keep every vector."""
-
-    def select(self, vectors: torch.Tensor) -> torch.Tensor:
-        return torch.arange(vectors.shape[0])
 
 
 class GreedyCoresetSampler:

@@ -5,10 +5,10 @@ over a 3 x 3 neighbourhood (zero padding, as in the paper), the coarser one upsa
 finer grid and concatenated (152 channels for efficientnet_lite0). With `embed_dim`, each tap is
 first projected to `embed_dim` channels by adaptive averaging (so the taps weigh equally, the
 paper's pre-projection) and the concatenation projected again to `embed_dim`; off by default,
-because on kolektorsdd it lowered image AUROC (0.869 -> 0.850 with a full bank). A greedy k-centre coreset of
-all training patches (`coreset_ratio`, on a random projection) forms the memory bank. A test
-patch scores its distance to the nearest bank vector; the image score is the largest patch score
-re-weighted by how isolated its nearest neighbour is in the bank (the paper's Eq. 7).
+because on kolektorsdd it lowered image AUROC (0.869 -> 0.850 with a full bank). A greedy
+k-centre coreset of all training patches (`coreset_ratio`, on a random projection) forms the
+memory bank. A test patch scores its distance to the nearest bank vector; the image score is the
+largest patch score re-weighted by how isolated its nearest neighbour is in the bank (Eq. 7).
 """
 
 from __future__ import annotations
