@@ -160,12 +160,13 @@ def test_user_mistakes_give_one_error_line(args, message, tmp_path, monkeypatch,
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_help_and_backbones(monkeypatch, capsys):
+def test_help_and_backbones(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached ResNet weights
     code, out, _ = run(monkeypatch, capsys, "--help")
     assert code == 0 and "fit" in out and "predict" in out and "Typical use" in out
     code, out, _ = run(monkeypatch, capsys, "backbones")
     assert code == 0 and "efficientnet_lite0" in out and "available" in out
-    assert "resnet18" in out
+    assert "resnet18" in out and "to supply them: --weights resnet18-f37072fd.pth" in out
 
 
 def test_demo_runs_end_to_end(tmp_path):

@@ -343,7 +343,10 @@ def backbones() -> None:
     for spec in available_backbones():
         taps = ", ".join(f"{s}:{c}" for s, c in sorted(spec.taps.items()))
         click.echo(f"{spec.name:20s} taps(stride:channels) {taps}")
-        click.echo(f"{'':20s} {spec.description}; weights {spec.weights_status()}")
+        status = spec.weights_status()
+        click.echo(f"{'':20s} {spec.description}; weights {status}")
+        if status.startswith("missing"):
+            click.echo(f"{'':20s} to supply them: {spec.weights_help}")
 
 
 @cli.command()
