@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import torch
 
@@ -18,13 +18,8 @@ from defectlens import load
 from defectlens.data import find_normal_images
 from defectlens.data.loader import iter_batches
 
-
-def rate(fn, batch: torch.Tensor, repeats: int = 3) -> float:
-    fn(batch)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn(batch)
-    return repeats * batch.shape[0] / (time.perf_counter() - start)
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import rate
 
 
 def main(model: str, data: str) -> None:

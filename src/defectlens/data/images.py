@@ -48,6 +48,21 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return (np.nan_to_num(array) * 255.0 + 0.5).astype(np.uint8)
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """Accept arrays the way files are accepted: grey (H, W), (H, W, 1|3|4), uint8/uint16/float."""
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] == 4:
+        array = array[..., :3]
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3) or 0 in array.shape:
+        raise DataError(f"array of shape {array.shape} is not an image (H, W) or (H, W, 3)")
+    array = _to_uint8(array)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    return array
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read any supported image as RGB uint8 of shape (H, W, 3)."""
     path = Path(path)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from defectlens.data.images import read_image
+from defectlens.data.images import as_rgb, read_image
 from defectlens.errors import DataError
 
 ImageInput = str | Path | np.ndarray
@@ -29,23 +29,6 @@ class Batch:
     images: torch.Tensor
     sources: list[ImageInput]
     sizes: list[tuple[int, int]]
-
-
-def as_rgb(image: np.ndarray) -> np.ndarray:
-    """Accept arrays the way files are accepted: grey (H, W), (H, W, 1|3|4), uint8/uint16/float."""
-    from defectlens.data.images import _to_uint8
-
-    array = np.asarray(image)
-    if array.ndim == 3 and array.shape[2] == 4:
-        array = array[..., :3]
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3) or 0 in array.shape:
-        raise DataError(f"array of shape {array.shape} is not an image (H, W) or (H, W, 3)")
-    array = _to_uint8(array)
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
-    return array
 
 
 def load_resized(source: ImageInput, size: int) -> tuple[np.ndarray, tuple[int, int]]:
