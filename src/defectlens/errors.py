@@ -1,8 +1,10 @@
-"""User-facing errors.
+"""User-facing errors and warnings.
 
 Anything a user can cause (a bad path, a corrupt image, a model directory from another version)
 raises `DefectLensError` with one line that names the file and the problem. The CLI prints that
-line and exits non-zero; only genuine bugs produce a traceback.
+line and exits with status 2; only genuine bugs are internal errors (status 3, traceback with
+`--debug`). Data that is usable but probably not what the user meant (an inverted mask, 12-bit
+pixels in a 16-bit file, a multi-page TIFF) raises a `DataWarning` naming the file.
 """
 
 
@@ -20,3 +22,15 @@ class ModelFileError(DefectLensError):
 
 class WeightsError(DefectLensError):
     """Backbone weights that are not available or do not match the architecture."""
+
+
+class ParameterError(DefectLensError, ValueError):
+    """A parameter of the wrong type or out of its range (also a ValueError, as sklearn does)."""
+
+
+class OutputError(DefectLensError):
+    """An output location that cannot or must not be written (checked before any work)."""
+
+
+class DataWarning(UserWarning):
+    """Input that is readable but probably not what was meant; the message names the file."""
