@@ -5,6 +5,11 @@ Everything is generated from scikit-image textures; no test touches ../shared/da
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -31,3 +36,39 @@ def fitted(brick_root):
 @pytest.fixture(scope="session")
 def model_dir(fitted, tmp_path_factory):
     return fitted.save(tmp_path_factory.mktemp("models") / "brick")
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """Run the `defectlens` command in-process; (exit status, stdout, stderr)."""
+    from defectlens.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["defectlens", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under root (links not followed) with a content digest: compare
+    before and after a command to prove it touched nothing."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            state[key] = "link:" + str(path.readlink())
+        elif path.is_file():
+            state[key] = hashlib.sha1(path.read_bytes()).hexdigest()
+        elif path.is_dir():
+            state[key] = "dir"
+        else:
+            state[key] = "special"
+    return state

@@ -1,28 +1,12 @@
-import csv
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from defectlens.cli import main
 from defectlens.data import find_test_samples
 
-
-def read_csv(path):
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def run(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["defectlens", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from .conftest import read_csv
+from .conftest import run_cli as run
 
 
 def test_fit_evaluate_predict_end_to_end(brick_root, tmp_path, monkeypatch, capsys):
@@ -65,7 +49,7 @@ def test_fit_evaluate_predict_end_to_end(brick_root, tmp_path, monkeypatch, caps
     ):
         assert 0.0 <= metrics[key] <= 1.0
     rows = read_csv(results / "scores.csv")
-    assert list(rows[0]) == ["path", "score", "label", "predicted"]
+    assert list(rows[0]) == ["path", "score", "label", "predicted", "error"]
     assert rows[0]["path"].startswith("test/")
     some = rows[-1]["path"]
     saved_map = np.load(results / "maps" / f"{some}.npy")
@@ -127,7 +111,7 @@ def test_globs_select_images(model_dir, brick_root, tmp_path, monkeypatch, capsy
         (["fit", "{tmp}/empty", "--out", "{tmp}/m", "--method", "x"], "unknown method"),
         (["evaluate", "{tmp}/nomodel", "{tmp}", "--out", "{tmp}/e"], "no such model directory"),
         (["predict", "{tmp}/nomodel", "{tmp}/a.png", "--out", "{tmp}/e"], "a.png: no such file"),
-        (["predict", "{tmp}/nomodel", "{tmp}/*.png", "--json"], "matches no images"),
+        (["predict", "{tmp}/nomodel", "{tmp}/*.png", "--json"], "pattern matches no files"),
         (
             [
                 "fit",

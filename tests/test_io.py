@@ -25,7 +25,7 @@ def test_round_trip_gives_identical_scores_and_maps(fitted, model_dir, brick_roo
 def test_model_directory_holds_json_and_safetensors_only(model_dir):
     assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((model_dir / "config.json").read_text())
-    assert config["format"] == "defectlens-model" and config["format_version"] == 1
+    assert config["format"] == "defectlens-model" and config["format_version"] == 2
     assert config["detector"]["method"] == "padim"
 
 

@@ -96,7 +96,7 @@ def test_unfitted_and_invalid_use():
         Detector(image_size=100)
     with pytest.raises(DefectLensError, match="unknown method"):
         Detector(method="nope")
-    with pytest.raises(DefectLensError, match="bad parameter"):
+    with pytest.raises(DefectLensError, match="unknown parameter 'bogus'"):
         Detector(method_params={"bogus": 1})
     with pytest.raises(ValueError, match="shrinkage"):
         Padim(shrinkage="oas")

@@ -1,20 +1,30 @@
-"""The `defectlens` command line. Every user mistake ends in one 'error:' line and exit status 2."""
+"""The `defectlens` command line.
+
+Exit statuses: 0 success; 1 some inputs were skipped (listed in the results with their error);
+2 a user error (one line `defectlens: error: ...`); 3 an internal error (one line, and the
+traceback with `--debug`); 130 interrupted (Ctrl-C or SIGTERM), with what was finished saved.
+Outputs are checked before any work, so a bad `--out` fails in a second, not after an hour.
+"""
 
 from __future__ import annotations
 
-import csv
-import glob
 import json
 import os
+import signal
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import click
 import numpy as np
 
 from defectlens import __version__
-from defectlens.errors import DefectLensError
+from defectlens.errors import DefectLensError, DefectLensWarning
+from defectlens.results import one_line, safe_text
+
+EXIT_OK, EXIT_SKIPPED, EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 EXAMPLES = """
 \b
@@ -23,7 +33,18 @@ Typical use:
   defectlens evaluate models/bottle data/bottle --out results/bottle
   defectlens predict models/bottle line-camera/*.png --out flagged/
   defectlens demo                        # everything on built-in synthetic data
+\b
+Exit status: 0 ok, 1 some inputs skipped (listed with their error), 2 user error,
+3 internal error (rerun with --debug for the traceback), 130 interrupted.
 """
+
+_STATE = {"debug": False}
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or Ctrl-C): stop, keep what is finished, exit 130. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way mistakes it for a bad file."""
+
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 weights_option = click.option(
@@ -32,19 +53,40 @@ weights_option = click.option(
     default=None,
     help="Local backbone weights file (torchvision .pth for resnet18 / wide_resnet50_2).",
 )
+max_pixels_option = click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Refuse images with more pixels than this (default 67108864 = 8192 x 8192, or "
+    "$DEFECTLENS_MAX_PIXELS); protects against decompression bombs.",
+)
+
+
+def _apply_max_pixels(value: int | None) -> None:
+    from defectlens.data.images import set_max_pixels
+
+    set_max_pixels(value)  # None: the default or $DEFECTLENS_MAX_PIXELS
+
+
+def echo(message: str, err: bool = False) -> None:
+    """click.echo for text that may hold file names with undecodable bytes or line breaks."""
+    click.echo("\n".join(one_line(line) for line in message.split("\n")), err=err)
 
 
 @click.group(epilog=EXAMPLES)
 @click.version_option(__version__, prog_name="defectlens")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an internal error.")
+def cli(debug: bool) -> None:
     """Industrial visual anomaly detection from normal images only, fully offline.
 
     Fit a model on images of good parts, then score new images: each gets an anomaly score, a
     pixel anomaly map, a defect mask and a good/defective decision. Thresholds are set from
     held-out normal images, never from test labels.
     """
+    _STATE["debug"] = debug
 
 
+# -- fit ------------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("data", type=click.Path())
 @click.option("--method", default="padim", show_default=True, help="Anomaly-detection method.")
@@ -57,11 +99,18 @@ def cli() -> None:
 @weights_option
 @click.option(
     "--image-size",
+    type=int,
     default=256,
     show_default=True,
-    help="Images are resized to N x N (multiple of 32) before scoring.",
+    help="Images are resized to N x N (a multiple of 32, at most 2048) before scoring.",
 )
-@click.option("--out", "out", required=True, type=click.Path(), help="Model directory to write.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(),
+    help="Model folder to write: a new folder, or an existing defectlens model to replace.",
+)
 @click.option(
     "--val",
     "val",
@@ -72,15 +121,17 @@ def cli() -> None:
 )
 @click.option(
     "--val-fraction",
+    type=float,
     default=0.1,
     show_default=True,
-    help="Share of training images held out to set the threshold.",
+    help="Share of training images held out to set the threshold, in [0, 1).",
 )
 @click.option(
     "--target-far",
+    type=float,
     default=0.01,
     show_default=True,
-    help="Target false-alarm rate on normal images for the decision threshold.",
+    help="Target false-alarm rate on normal images for the decision threshold, in [0, 1).",
 )
 @click.option(
     "--n-channels",
@@ -98,7 +149,7 @@ def cli() -> None:
     "--coreset-ratio",
     type=float,
     default=None,
-    help="patchcore: share of training patches kept in the memory bank (default 0.1).",
+    help="patchcore: share of training patches kept in the memory bank, in (0, 1] (default 0.1).",
 )
 @click.option(
     "--index",
@@ -120,8 +171,9 @@ def cli() -> None:
     metavar="KEY=VALUE",
     help="Any other method parameter, VALUE in JSON (e.g. --param embed_dim=256).",
 )
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@max_pixels_option
 @quiet_option
 def fit(
     data,
@@ -141,14 +193,21 @@ def fit(
     params,
     batch_size,
     seed,
+    max_pixels,
     quiet,
 ) -> None:
-    """Fit a model on the normal images in DATA.
+    """Fit a model on the normal images in DATA and save it to --out.
 
     DATA is an MVTec-AD-layout root (its train/good is used) or a folder of normal images.
+    The destination is checked first: it must be new, empty, or an existing defectlens model
+    (replaced atomically when the new one is complete). Interrupting leaves it untouched.
     """
     from defectlens.detector import Detector
+    from defectlens.outputs import check_model_target
 
+    _apply_max_pixels(max_pixels)
+    protect = [data] + ([val] if val else [])
+    check_model_target(out, protect)
     named = {
         "n_channels": n_channels,
         "shrinkage": shrinkage,
@@ -171,10 +230,14 @@ def fit(
         seed=seed,
         method_params=method_params,
     )
-    detector.fit(data, val_images=val, progress=not quiet)
-    path = detector.save(out)
+    try:
+        detector.fit(data, val_images=val, progress=not quiet)
+    except KeyboardInterrupt:
+        echo(f"interrupted: nothing was saved; {out} is unchanged", err=True)
+        raise
+    path = detector.save(out, protect=tuple(protect))
     t = detector.thresholds_
-    click.echo(f"saved {path} (threshold {t.image:.4g} from {t.n_validation} normal images)")
+    echo(f"saved {path} (threshold {t.image:.4g} from {t.n_validation} normal images)")
 
 
 def _parse_params(items: tuple[str, ...]) -> dict:
@@ -185,11 +248,12 @@ def _parse_params(items: tuple[str, ...]) -> dict:
             raise DefectLensError(f"--param {item!r}: expected KEY=VALUE")
         try:
             parsed[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             parsed[key] = value  # a bare word, e.g. --param index=hnsw
     return parsed
 
 
+# -- evaluate -------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("model", type=click.Path())
 @click.argument("data", type=click.Path())
@@ -197,59 +261,67 @@ def _parse_params(items: tuple[str, ...]) -> dict:
 @click.option("--save-maps", is_flag=True, help="Also write maps/<path>.npy (float32 raw maps).")
 @click.option("--no-report", is_flag=True, help="Skip report.html.")
 @weights_option
+@max_pixels_option
 @quiet_option
-def evaluate(model, data, out, save_maps, no_report, weights, quiet) -> None:
-    """Score the test images of DATA (MVTec layout) and write metrics, scores and a report."""
+def evaluate(model, data, out, save_maps, no_report, weights, max_pixels, quiet) -> None:
+    """Score the test images of DATA (MVTec layout) and write metrics, scores and a report.
+
+    Unreadable images or masks are listed in scores.csv and metrics.json with their error and
+    left out of the metrics (exit status 1). scores.csv is written as images are scored.
+    """
+    from defectlens.evaluation import PRODUCES
     from defectlens.evaluation import evaluate as run_evaluation
     from defectlens.io import load_detector
+    from defectlens.outputs import prepare_results_dir
 
+    _apply_max_pixels(max_pixels)
+    out_dir = prepare_results_dir(out, PRODUCES, "evaluate")
     detector = load_detector(model, weights=weights)
-    result = run_evaluation(
-        detector, data, out, save_maps=save_maps, report=not no_report, progress=not quiet
-    )
+
+    def on_skip(path: str, error: str) -> None:
+        _warn(f"skipped {path}: {error}")
+
+    try:
+        result = run_evaluation(
+            detector,
+            data,
+            out_dir,
+            save_maps=save_maps,
+            report=not no_report,
+            progress=not quiet,
+            on_skip=on_skip,
+        )
+    except KeyboardInterrupt:
+        echo(
+            f"interrupted: scores so far are in {out_dir / 'scores.csv'}; "
+            "metrics were not computed",
+            err=True,
+        )
+        raise
     _print_metrics(result.metrics)
-    click.echo(
-        f"wrote {Path(out) / 'metrics.json'}, {Path(out) / 'scores.csv'}"
-        + ("" if no_report else f", {Path(out) / 'report.html'}")
+    echo(
+        f"wrote {out_dir / 'metrics.json'}, {out_dir / 'scores.csv'}"
+        + ("" if no_report else f", {out_dir / 'report.html'}")
     )
+    if result.skipped:
+        echo(f"{len(result.skipped)} image(s) skipped; see scores.csv", err=True)
+        sys.exit(EXIT_SKIPPED)
 
 
 def _print_metrics(m: dict) -> None:
     def fmt(key):
         value = m.get(key)
-        return "n/a" if value is None else f"{value:.4f}"
+        return "n/a" if value is None or value != value else f"{value:.4f}"
 
-    click.echo(
+    echo(
         f"image AUROC {fmt('image_auroc')}  pixel AUROC {fmt('pixel_auroc')}  "
         f"AUPRO {fmt('aupro')}  F1-max {fmt('image_f1_max')}  "
         f"false alarms {fmt('false_alarm_rate')}  misses {fmt('miss_rate')}"
     )
 
 
-def expand_inputs(inputs: tuple[str, ...]) -> list[Path]:
-    """Files, folders (their images) and glob patterns, in the order given, without repeats."""
-    from defectlens.data.dataset import list_images
-    from defectlens.data.images import IMAGE_SUFFIXES
-
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found.extend(list_images(path, recursive=True))
-        elif path.is_file():
-            found.append(path)
-        elif glob.has_magic(item):
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
-            matches = [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-            if not matches:
-                raise DefectLensError(f"{item}: pattern matches no images")
-            found.extend(matches)
-        else:
-            raise DefectLensError(f"{item}: no such file or directory")
-    unique = list(dict.fromkeys(found))
-    if not unique:
-        raise DefectLensError("no images found in the given inputs")
-    return unique
+# -- predict --------------------------------------------------------------------------------------
+RESULT_COLUMNS = ("path", "score", "predicted", "defect_pixels", "error")
 
 
 @cli.command()
@@ -264,68 +336,155 @@ def expand_inputs(inputs: tuple[str, ...]) -> list[Path]:
 )
 @click.option("--no-images", is_flag=True, help="Write results.csv only.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted run into the same --out: images already in its "
+    "results.csv are not scored again.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Start again in an --out that holds the results of an earlier run.",
+)
 @weights_option
+@max_pixels_option
 @quiet_option
-def predict(model, inputs, out, no_images, as_json, weights, quiet) -> None:
-    """Score images: INPUTS are files, folders or glob patterns.
+def predict(
+    model, inputs, out, no_images, as_json, resume, overwrite, weights, max_pixels, quiet
+) -> None:
+    """Score images: INPUTS are files, folders (searched recursively) or glob patterns.
 
-    Unreadable images are reported on stderr, listed in results.csv with their error, and
-    skipped; the rest are scored. Exit status 1 if any image was skipped.
+    Every input gets a row in results.csv, written as soon as it is scored: unreadable images,
+    broken links and files that are not images are listed with their error and skipped, the
+    rest are scored (exit status 1 if any was skipped). Overlays and masks are named after the
+    input's path (a.png -> overlays/a.png.png), so a.png and a.jpg do not collide.
     """
-    from defectlens.data.images import read_image
+    from defectlens.data.inputs import expand_inputs
     from defectlens.io import load_detector
-    from defectlens.report.overlay import draw_outline, overlay
+    from defectlens.outputs import is_results_folder, prepare_results_dir
+    from defectlens.results import ResultsTable
 
     if out is None and not as_json:
         raise DefectLensError("give --out DIR (or --json to print results)")
-    paths = expand_inputs(inputs)
-    detector = load_detector(model, weights=weights)
-    out_dir = Path(out) if out else None
-    base = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+    if resume and overwrite:
+        raise DefectLensError("--resume and --overwrite exclude each other")
+    if resume and out is None:
+        raise DefectLensError("--resume needs the --out folder of the run to continue")
+    _apply_max_pixels(max_pixels)
+    out_dir = None
+    if out is not None:
+        out_dir = prepare_results_dir(out, ["results.csv", "overlays", "masks"], "predict", inputs)
+        if (out_dir / "results.csv").exists() and not (resume or overwrite):
+            raise DefectLensError(
+                f"{out_dir}: holds results.csv of an earlier run; pass --resume to continue it "
+                "or --overwrite to start again"
+            )
+    items = expand_inputs(inputs, skip_folder=is_results_folder)
+    # Without anything to score, the model is not needed: say so before loading it.
+    detector = None if all(i.error for i in items) else load_detector(model, weights=weights)
+    table = None
+    if out_dir is not None:
+        table = ResultsTable(
+            out_dir / "results.csv",
+            RESULT_COLUMNS,
+            resume=resume,
+            is_done=lambda row: row["predicted"] in ("good", "defective"),
+        )
+    try:
+        outcome = _run_predict(detector, items, table, out_dir, no_images, as_json, quiet)
+    finally:
+        if table is not None:
+            table.close()
+    if outcome["skipped"]:
+        sys.exit(EXIT_SKIPPED)
+
+
+def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet) -> dict:
+    from defectlens.data.images import read_image
+    from defectlens.errors import DataError
+    from defectlens.report.overlay import draw_outline, overlay
+
+    done = table.done if table is not None else {}
     errors: dict[str, str] = {}
 
-    def on_error(name: str, exc: Exception) -> None:
-        errors[name] = str(exc)
-        click.echo(f"warning: skipped {exc}", err=True)
+    def record_error(name: str, message: str) -> None:
+        errors[name] = message
+        if detector is not None:  # else the one error line below says it all
+            _warn(f"skipped {message}")
+        if table is not None:
+            table.write([name, "", "error", "", message])
 
-    rows = []
+    pending = []
+    for item in items:
+        name = safe_text(str(item.path))
+        if item.error is not None:
+            record_error(name, f"{name}: {item.error}")
+        elif name not in done:
+            pending.append(item.path)
+    # Overlays are named relative to the inputs' common folder: the same names on --resume.
+    scorable = [item.path for item in items if item.error is None] or [Path("x")]
+    base = Path(os.path.commonpath([os.path.abspath(p.parent) for p in scorable]))
+    if detector is None:
+        first = next(iter(errors.values()), "no inputs")
+        more = f" (and {len(errors) - 1} more; see results.csv)" if len(errors) > 1 else ""
+        raise DefectLensError(f"nothing to score: {first}{more}")
+    if done:
+        _warn(f"resuming: {len(done)} image(s) already scored, {len(pending)} to go")
+    scored = flagged = 0
     start = time.perf_counter()
-    for prediction in detector.iter_predict(paths, progress=not quiet, on_error=on_error):
-        summary = prediction.summary()
-        rows.append(summary)
-        if as_json:
-            click.echo(json.dumps(summary))
-        if out_dir is not None and not no_images:
-            stem = Path(prediction.source).resolve().relative_to(base).with_suffix("")
-            image = read_image(prediction.source)
-            t = detector.thresholds_.pixel
-            shaded = draw_outline(overlay(image, prediction.anomaly_map, t), prediction.mask)
-            _save_png(shaded, out_dir / "overlays" / f"{stem}.png")
-            _save_png((prediction.mask * 255).astype(np.uint8), out_dir / "masks" / f"{stem}.png")
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "results.csv", "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["path", "score", "predicted", "defect_pixels", "error"])
-            by_path = {r["path"]: r for r in rows}
-            for p in paths:
-                r = by_path.get(str(p))
-                if r is None:
-                    writer.writerow([p, "", "error", "", errors.get(str(p), "not scored")])
+    try:
+        for prediction in detector.iter_predict(
+            pending,
+            progress=not quiet,
+            on_error=lambda name, exc: record_error(safe_text(name), str(exc)),
+        ):
+            summary = prediction.summary()
+            summary["path"] = name = safe_text(prediction.source)
+            if out_dir is not None and not no_images:
+                # Pictures first, then the row: a row on disk means its pictures are complete.
+                relative = Path(os.path.abspath(prediction.source)).relative_to(base)
+                mask = prediction.mask.astype(np.uint8) * 255
+                _save_png(mask, out_dir / "masks" / f"{relative}.png")
+                try:
+                    image = read_image(prediction.source)
+                    if image.shape[:2] != prediction.anomaly_map.shape:
+                        raise DataError(f"{name}: its size changed")
+                except DataError as exc:  # changed on disk since it was scored
+                    _warn(f"no overlay for {name}: {exc}")
                 else:
-                    writer.writerow(
-                        [p, f"{r['score']:.6g}", r["predicted"], r["defect_pixels"], ""]
-                    )
+                    t = detector.thresholds_.pixel
+                    shaded = overlay(image, prediction.anomaly_map, t)
+                    shaded = draw_outline(shaded, prediction.mask)
+                    _save_png(shaded, out_dir / "overlays" / f"{relative}.png")
+            if table is not None:
+                table.write(
+                    [
+                        name,
+                        f"{prediction.score:.6g}",
+                        summary["predicted"],
+                        summary["defect_pixels"],
+                        "",
+                    ]
+                )
+            if as_json:
+                echo(json.dumps(summary))
+            scored += 1
+            flagged += summary["predicted"] == "defective"
+    except KeyboardInterrupt:
+        where = f"; rows so far are in {out_dir / 'results.csv'}" if out_dir else ""
+        resume = " (rerun the same command with --resume to finish)" if out_dir else ""
+        echo(f"interrupted after {scored} of {len(pending)} image(s){where}{resume}", err=True)
+        raise
     seconds = time.perf_counter() - start
-    flagged = sum(r["predicted"] == "defective" for r in rows)
-    click.echo(
-        f"scored {len(rows)} image(s) in {seconds:.1f} s ({len(rows) / seconds:.1f} img/s): "
-        f"{flagged} defective, {len(rows) - flagged} good"
-        + (f", {len(errors)} skipped" if errors else ""),
+    echo(
+        f"scored {scored} image(s) in {seconds:.1f} s ({scored / max(seconds, 1e-9):.1f} img/s): "
+        f"{flagged} defective, {scored - flagged} good"
+        + (f", {len(errors)} skipped" if errors else "")
+        + (f", {len(done)} done earlier" if done else ""),
         err=as_json,
     )
-    if errors:
-        sys.exit(1)
+    return {"scored": scored, "skipped": len(errors)}
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -335,6 +494,7 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
+# -- other commands -------------------------------------------------------------------------------
 @cli.command()
 def backbones() -> None:
     """List the registered backbones, their feature taps and whether weights are available."""
@@ -342,17 +502,17 @@ def backbones() -> None:
 
     for spec in available_backbones():
         taps = ", ".join(f"{s}:{c}" for s, c in sorted(spec.taps.items()))
-        click.echo(f"{spec.name:20s} taps(stride:channels) {taps}")
+        echo(f"{spec.name:20s} taps(stride:channels) {taps}")
         status = spec.weights_status()
-        click.echo(f"{'':20s} {spec.description}; weights {status}")
+        echo(f"{'':20s} {spec.description}; weights {status}")
         if status.startswith("missing"):
-            click.echo(f"{'':20s} to supply them: {spec.weights_help}")
+            echo(f"{'':20s} to supply them: {spec.weights_help}")
 
 
 @cli.command()
 @click.option("--out", "out", default="demo-output", show_default=True, type=click.Path())
 @click.option("--method", default="padim", show_default=True)
-@click.option("--image-size", default=256, show_default=True)
+@click.option("--image-size", type=int, default=256, show_default=True)
 @click.option(
     "--textures",
     default="brick,gravel,grass",
@@ -370,22 +530,79 @@ def demo(out, method, image_size, textures, quiet) -> None:
         image_size,
         [t for t in textures.split(",") if t],
         progress=not quiet,
-        echo=click.echo,
+        echo=echo,
     )
 
 
+# -- entry point ----------------------------------------------------------------------------------
+_shown_warnings: set[str] = set()
+
+
+def _warn(message: str) -> None:
+    """One line on stderr, above any progress bar; the same message only once per run."""
+    from tqdm.auto import tqdm
+
+    line = one_line(f"defectlens: warning: {message}")
+    if line not in _shown_warnings:
+        _shown_warnings.add(line)
+        tqdm.write(line, file=sys.stderr)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, DefectLensWarning):
+        _warn(str(message))
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Interrupted()
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
+    _shown_warnings.clear()
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        echo("defectlens: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.UsageError as exc:  # one line too, pointing at the right --help
+        command = exc.ctx.command_path if exc.ctx is not None else "defectlens"
+        message = f"defectlens: error: {exc.format_message()} (see '{command} --help')"
+        click.echo(one_line(message), err=True)
+        sys.exit(EXIT_USER)
+    except click.ClickException as exc:
+        click.echo(one_line(f"defectlens: error: {exc.format_message()}"), err=True)
+        sys.exit(EXIT_USER)
     except DefectLensError as exc:
-        click.echo(f"defectlens: error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+        click.echo(one_line(f"defectlens: error: {exc}"), err=True)
+        sys.exit(EXIT_USER)
+    except OSError as exc:  # the environment: disk full, permission, a file that vanished
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(one_line(f"defectlens: error: {where}{exc.strerror or exc}"), err=True)
+        sys.exit(EXIT_USER)
+    except MemoryError:
+        echo(
+            "defectlens: error: out of memory; try a smaller --batch-size or --image-size, "
+            "or lower --max-pixels",
+            err=True,
+        )
+        sys.exit(EXIT_USER)
+    except Exception as exc:
+        if _STATE["debug"]:
+            traceback.print_exc()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        echo(
+            f"defectlens: internal error: {type(exc).__name__}: {first[:300]} "
+            "(a bug: rerun with --debug for the traceback and please report it)",
+            err=True,
+        )
+        sys.exit(EXIT_INTERNAL)

@@ -11,6 +11,7 @@ from defectlens.data.synthetic import TEXTURES, make_category
 from defectlens.detector import Detector
 from defectlens.errors import DefectLensError
 from defectlens.evaluation import evaluate
+from defectlens.outputs import prepare_results_dir
 
 
 def run_demo(
@@ -26,6 +27,7 @@ def run_demo(
     unknown = [t for t in textures if t not in TEXTURES]
     if unknown:
         raise DefectLensError(f"unknown texture(s) {unknown}; choose from {', '.join(TEXTURES)}")
+    prepare_results_dir(out, ["data", "summary.json", *textures], "demo")
     summary = {}
     for texture in textures:
         root = make_category(out / "data", texture, **data_kwargs)

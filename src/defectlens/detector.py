@@ -7,6 +7,7 @@ smoothing, resize to the image's own resolution. Images may be paths or numpy ar
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +18,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from defectlens.backbones import FeatureExtractor, build_extractor
+from defectlens.backbones import FeatureExtractor, build_extractor, get_spec
 from defectlens.components.blur import gaussian_blur
 from defectlens.data.dataset import find_normal_images
+from defectlens.data.images import probe_image
 from defectlens.data.loader import ImageInput, iter_batches
-from defectlens.errors import DataError, DefectLensError
+from defectlens.errors import DataError, DefectLensError, ParameterError, ScoringError
 from defectlens.methods import AnomalyMethod, get_method
+from defectlens.params import check_float, check_int, check_seed
 from defectlens.thresholds import Thresholds, from_normal_scores
+
+MAX_IMAGE_SIZE = 2048  # the models' input side; larger would need tens of GB for PaDiM
+MAX_SIGMA = 64.0  # smoothing radius 4 sigma = 256 px of the S x S map at most
 
 
 @dataclass
@@ -54,6 +60,26 @@ def resolve_images(images: str | Path | Sequence[ImageInput]) -> list[ImageInput
     return list(images)
 
 
+def check_readable(images: Sequence[ImageInput]) -> None:
+    """Check every image file's header before a long fit starts; one error lists the bad ones.
+
+    Catches missing, empty, corrupt-header, non-image and over-the-pixel-limit files in a
+    fraction of a second, instead of after minutes of feature extraction. (A file whose pixel
+    data is damaged past its header is still caught when it is decoded.)
+    """
+    problems = []
+    for image in images:
+        if isinstance(image, np.ndarray):
+            continue
+        try:
+            probe_image(image)
+        except DataError as exc:
+            problems.append(str(exc))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
+
+
 def source_name(source: ImageInput, index: int) -> str:
     return f"<array {index}>" if isinstance(source, np.ndarray) else str(source)
 
@@ -78,30 +104,42 @@ class Detector:
         seed: int = 0,
         method_params: dict[str, Any] | None = None,
     ) -> None:
-        if image_size % 32 or image_size < 32:
-            raise DefectLensError(f"image size must be a positive multiple of 32, not {image_size}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise DefectLensError(f"validation fraction must be in [0, 1), not {val_fraction}")
-        if not 0.0 <= target_far < 1.0:
-            raise DefectLensError(f"target false-alarm rate must be in [0, 1), not {target_far}")
-        self.method = method
-        self.backbone = backbone
-        self.weights = weights
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.sigma = sigma
-        self.val_fraction = val_fraction
-        self.target_far = target_far
-        self.seed = seed
+        method_class = get_method(method)  # "unknown method ...; choose one of ..."
+        get_spec(backbone)  # "unknown backbone ...; choose one of ..."
+        self.method, self.backbone = method, backbone
+        if weights is not None and not isinstance(weights, str | Path):
+            raise ParameterError(f"weights must be a file path, not {weights!r}")
+        self.weights = None if weights is None else str(weights)
+        self.image_size = check_int("image_size", image_size, 32, MAX_IMAGE_SIZE)
+        if self.image_size % 32:
+            raise ParameterError(f"image size must be a positive multiple of 32, not {image_size}")
+        self.batch_size = check_int("batch_size", batch_size, 1, 4096)
+        self.sigma = check_float("sigma", sigma, 0.0, MAX_SIGMA)
+        self.val_fraction = check_float("val_fraction", val_fraction, 0.0, 1.0, high_open=True)
+        self.target_far = check_float("target_far", target_far, 0.0, 1.0, high_open=True)
+        self.seed = check_seed("seed", seed)
+        if method_params is not None and not isinstance(method_params, dict):
+            raise ParameterError(f"method_params must be a mapping, not {method_params!r}")
         self.method_params = dict(method_params or {})
+        unknown = sorted(set(self.method_params) - set(method_class.param_names()))
+        if unknown:
+            raise ParameterError(
+                f"unknown parameter {unknown[0]!r} for method {method}; it takes: "
+                + ", ".join(method_class.param_names())
+            )
         try:
-            self.model_: AnomalyMethod = get_method(method)(**self.method_params)
-        except (TypeError, ValueError) as exc:
-            raise DefectLensError(f"bad parameter for method {method}: {exc}") from None
+            self.model_: AnomalyMethod = method_class(**self.method_params)
+        except ParameterError as exc:
+            raise ParameterError(f"{method}: {exc}") from None
         self.extractor_: FeatureExtractor | None = None
         self.thresholds_: Thresholds | None = None
 
     # -- configuration -------------------------------------------------------------------
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """The constructor's parameters: exactly the keys of `params()` and of a saved config."""
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
     def params(self) -> dict[str, Any]:
         return {
             "method": self.method,
@@ -155,7 +193,8 @@ class Detector:
             if not fit_images or not val:
                 raise DataError("need at least one fit image and one validation image")
         torch.manual_seed(self.seed)
-        extractor = self._ensure_extractor()
+        extractor = self._ensure_extractor()  # missing weights: said before image problems
+        check_readable([*fit_images, *val])
         bar = tqdm(
             total=len(fit_images), desc=f"fit {self.method}", disable=not progress, unit="img"
         )
@@ -179,14 +218,20 @@ class Detector:
         finally:
             bar.close()
         self.thresholds_ = None
-        val_predictions = list(self.iter_predict(val, progress=progress, desc="validate"))
-        self.thresholds_ = self._thresholds_from(val_predictions)
+        # Only each validation image's score and map peak are kept, not its map.
+        peaks = [
+            (p.score, float(p.anomaly_map.max()))
+            for p in self.iter_predict(val, progress=progress, desc="validate")
+        ]
+        self.thresholds_ = self._thresholds_from(peaks)
         return self
 
-    def _thresholds_from(self, predictions: list[Prediction]) -> Thresholds:
-        scores = np.array([p.score for p in predictions])
+    def _thresholds_from(self, scores_and_peaks: list[tuple[float, float]]) -> Thresholds:
+        if not scores_and_peaks:
+            raise DataError("no validation image could be scored; the threshold needs some")
+        scores = np.array([s for s, _ in scores_and_peaks])
         image = from_normal_scores(scores, self.target_far)
-        peaks = np.array([float(p.anomaly_map.max()) for p in predictions])
+        peaks = np.array([p for _, p in scores_and_peaks])
         pixel = from_normal_scores(peaks, self.target_far).image
         return Thresholds(**{**image.to_dict(), "pixel": pixel})
 
@@ -219,12 +264,24 @@ class Detector:
     ) -> Iterator[Prediction]:
         """Score images in order, streaming. Unreadable ones go to `on_error` (default: raise)."""
         names = {id(s): source_name(s, i) for i, s in enumerate(images)}
-        handler = None if on_error is None else (lambda s, e: on_error(names[id(s)], e))
         bar = tqdm(total=len(images), desc=desc, disable=not progress, unit="img")
+
+        def handler(source: ImageInput, error: DataError) -> None:
+            if on_error is None:
+                raise error
+            on_error(names[id(source)], error)
+
         try:
-            for batch in iter_batches(images, self.image_size, self.batch_size, handler):
-                maps, scores = self.score_batch(batch.images)
+            for batch in iter_batches(images, self.image_size, self.batch_size, yield_errors=True):
+                if batch.sources:
+                    maps, scores = self.score_batch(batch.images)
+                entries = iter(batch.entries)
                 for i, (source, size) in enumerate(zip(batch.sources, batch.sizes, strict=True)):
+                    # Report the unreadable inputs that came before this one, in input order.
+                    for earlier, error in entries:
+                        if error is None:
+                            break
+                        handler(earlier, error)
                     full = maps[i]
                     if tuple(size) != tuple(full.shape):
                         full = F.interpolate(
@@ -232,8 +289,19 @@ class Detector:
                         )[0, 0]
                     amap = full.numpy().astype(np.float32, copy=False)
                     score = float(amap.max()) if scores is None else float(scores[i])
-                    yield self._decide(names[id(source)], score, amap)
-                bar.update(len(batch.sources))
+                    name = names[id(source)]
+                    if not (np.isfinite(score) and np.isfinite(amap).all()):
+                        # Never let NaN compare as "good": the image gets an error instead.
+                        problem = ScoringError(
+                            f"{name}: the model produced a non-finite score or map (NaN or "
+                            "infinity); the model or the image is unusable"
+                        )
+                        handler(source, problem)
+                        continue
+                    yield self._decide(name, score, amap)
+                for earlier, error in entries:
+                    handler(earlier, error)
+                bar.update(len(batch.entries))
         finally:
             bar.close()
 
@@ -257,10 +325,12 @@ class Detector:
         return list(self.iter_predict(list(images), progress=progress))
 
     # -- persistence -----------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, protect: Sequence[str | Path] = ()) -> Path:
+        """Write config.json + model.safetensors to `path` atomically. An existing folder is
+        replaced only if it is a defectlens model; `protect` names data folders to refuse."""
         from defectlens.io import save_detector
 
-        return save_detector(self, path)
+        return save_detector(self, path, tuple(protect))
 
     @classmethod
     def load(cls, path: str | Path, weights: str | None = None) -> Detector:

@@ -24,6 +24,10 @@ class WeightsError(DefectLensError):
     """Backbone weights that are not available or do not match the architecture."""
 
 
+class ScoringError(DataError):
+    """An image the model could not score (e.g. a non-finite score): reported and skipped."""
+
+
 class ParameterError(DefectLensError, ValueError):
     """A parameter of the wrong type or out of its range (also a ValueError, as sklearn does)."""
 
@@ -32,5 +36,9 @@ class OutputError(DefectLensError):
     """An output location that cannot or must not be written (checked before any work)."""
 
 
-class DataWarning(UserWarning):
+class DefectLensWarning(UserWarning):
+    """Something the user should know about that does not stop the work."""
+
+
+class DataWarning(DefectLensWarning):
     """Input that is readable but probably not what was meant; the message names the file."""

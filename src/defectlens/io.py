@@ -1,41 +1,68 @@
 """Saving and loading detectors: a directory of `config.json` + `model.safetensors`, no pickle.
 
 config.json holds every parameter, the thresholds, the backbone weights' SHA-256 and the
-SHA-256 of the tensor file; load refuses a directory whose format version it does not know,
-whose tensor file was altered or truncated, or whose backbone weights differ from the ones the
-model was fitted with. Saving writes to a temporary sibling directory and renames it into place,
-so an interrupted save never leaves a half-written model where a good one was.
+SHA-256 of the tensor file. Loading trusts nothing in it: the format marker and version, every
+key (unknown ones are refused by name), every value's type and range (the same checks the
+constructors apply at fit time), the tensors' checksum, names, shapes (against the image size),
+and finiteness. A model that loads therefore scores like the one that was saved, or not at all:
+an edited `sigma: 1e6` or `image_size: 65536` is refused instead of running for minutes.
+
+Saving goes through `defectlens.outputs`: the destination is checked first, the model is written
+into a temporary sibling and swapped in atomically, and a folder that is not a defectlens model
+is never replaced.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
-import tempfile
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from defectlens import __version__
-from defectlens.backbones.registry import file_sha256
+from defectlens.backbones.registry import file_sha256, get_spec
 from defectlens.errors import DefectLensError, ModelFileError
+from defectlens.outputs import (
+    MODEL_CONFIG,
+    MODEL_FORMAT,
+    MODEL_TENSORS,
+    check_model_target,
+    clean_leftovers,
+    interrupted_save_hint,
+    replace_folder,
+    temporary_sibling,
+)
+from defectlens.params import check_float, check_int
 from defectlens.thresholds import Thresholds
 
-FORMAT = "defectlens-model"
-FORMAT_VERSION = 1
-CONFIG = "config.json"
-TENSORS = "model.safetensors"
+FORMAT = MODEL_FORMAT
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: PatchCore also stored a serialised faiss index (now rebuilt)
+CONFIG = MODEL_CONFIG
+TENSORS = MODEL_TENSORS
+_TOP_KEYS = {
+    "format",
+    "format_version",
+    "defectlens_version",
+    "detector",
+    "backbone_weights",
+    "thresholds",
+    "tensors_sha256",
+}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def save_detector(detector, path: str | Path) -> Path:
+def save_detector(detector, path: str | Path, protect: tuple[str | Path, ...] = ()) -> Path:
+    """Write the fitted detector to `path` atomically; never replaces a non-model folder."""
     if not detector.model_.is_fitted or detector.thresholds_ is None:
         raise DefectLensError("nothing to save: the detector is not fitted")
-    path = Path(path)
-    if path.exists() and not (path / CONFIG).is_file() and any(path.iterdir()):
-        raise DefectLensError(f"{path}: exists and is not a defectlens model; not overwriting it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    path = check_model_target(path, protect)
+    clean_leftovers(path)
+    tmp = temporary_sibling(path)
     try:
         save_file(detector.model_.fitted_state(), str(tmp / TENSORS))
         extractor = detector._ensure_extractor()
@@ -51,66 +78,151 @@ def save_detector(detector, path: str | Path) -> Path:
             "thresholds": detector.thresholds_.to_dict(),
             "tensors_sha256": file_sha256(tmp / TENSORS),
         }
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
         for item in [tmp, *tmp.iterdir()]:
-            item.chmod(0o755 if item.is_dir() else 0o644)  # mkdtemp makes them private
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
+            item.chmod(0o755 if item.is_dir() else 0o644)  # mkdir/mkstemp may make them private
+        replace_folder(tmp, path)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise DefectLensError(
+                f"{path}: saving the model failed ({exc.strerror or exc})"
+            ) from None
         raise
     return path
 
 
+def _reject(config_path: Path, problem: str) -> ModelFileError:
+    return ModelFileError(f"{config_path}: {problem}")
+
+
+def _check_keys(config_path: Path, where: str, found: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(found) - allowed)
+    missing = sorted(allowed - set(found))
+    if unknown:
+        raise _reject(config_path, f"unknown key {where}{unknown[0]!r}")
+    if missing:
+        raise _reject(config_path, f"missing key {where}{missing[0]!r}")
+
+
+def _object(config_path: Path, config: dict, key: str) -> dict:
+    value = config[key]
+    if not isinstance(value, dict):
+        raise _reject(config_path, f"{key!r} must be an object, not {type(value).__name__}")
+    return value
+
+
+def _checked_thresholds(config_path: Path, raw: dict) -> Thresholds:
+    _check_keys(config_path, "thresholds.", raw, set(Thresholds.__dataclass_fields__))
+    try:
+        values = {
+            k: check_float(f"thresholds.{k}", raw[k])
+            for k in ("image", "pixel", "validation_max", "validation_median")
+        }
+        values["target_far"] = check_float("thresholds.target_far", raw["target_far"], 0.0, 1.0)
+        values["n_validation"] = check_int("thresholds.n_validation", raw["n_validation"], 1)
+    except DefectLensError as exc:
+        raise _reject(config_path, str(exc)) from None
+    return Thresholds(**values)
+
+
 def read_config(path: str | Path) -> dict:
+    """config.json of a model folder, with its structure and simple values checked."""
     path = Path(path)
     if not path.is_dir():
-        raise ModelFileError(f"{path}: no such model directory")
+        if path.exists():
+            raise ModelFileError(f"{path}: not a model directory (it is a file)")
+        raise ModelFileError(f"{path}: no such model directory{interrupted_save_hint(path)}")
     config_path = path / CONFIG
     if not config_path.is_file():
         raise ModelFileError(f"{path}: not a defectlens model (missing {CONFIG})")
     try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{config_path}: corrupt JSON ({exc})") from None
+        text = config_path.read_text(encoding="utf-8")
+        config = json.loads(text)
+    except OSError as exc:
+        raise ModelFileError(f"{config_path}: cannot read it ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ModelFileError(f"{config_path}: corrupt JSON ({str(exc)[:120]})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ModelFileError(f"{config_path}: not a defectlens model config")
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise ModelFileError(
-            f"{config_path}: model format version {version}, this defectlens "
-            f"({__version__}) reads version {FORMAT_VERSION}"
+            f"{config_path}: model format version {version!r}, this defectlens "
+            f"({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
+    _check_keys(config_path, "", config, _TOP_KEYS)
+    detector = _object(config_path, config, "detector")
+    _object(config_path, config, "thresholds")
+    weights = _object(config_path, config, "backbone_weights")
+    _check_keys(config_path, "backbone_weights.", weights, {"path", "sha256"})
+    for key, value in (
+        ("backbone_weights.sha256", weights["sha256"]),
+        ("tensors_sha256", config["tensors_sha256"]),
+    ):
+        if not isinstance(value, str) or not _SHA256.fullmatch(value):
+            raise _reject(config_path, f"{key} must be a SHA-256 hex digest")
+    if not isinstance(weights["path"], str):
+        raise _reject(config_path, "backbone_weights.path must be a string")
+    if not isinstance(detector.get("method_params"), dict):
+        raise _reject(config_path, "detector.method_params must be an object")
     return config
 
 
+def _migrate(config: dict, tensors: dict[str, Any]) -> None:
+    """Bring an older format's tensors up to date (version 1 -> 2)."""
+    if config["format_version"] == 1 and config["detector"].get("method") == "patchcore":
+        tensors.pop("bank_index", None)  # the index is rebuilt from the vectors, never read
+
+
 def load_detector(path: str | Path, weights: str | None = None):
+    """Load a saved model; every problem is a one-line ModelFileError naming the file."""
     from defectlens.detector import Detector
 
     path = Path(path)
     config = read_config(path)
+    config_path = path / CONFIG
+    thresholds = _checked_thresholds(config_path, config["thresholds"])
+    params = dict(config["detector"])
+    _check_keys(config_path, "detector.", params, set(Detector.param_names()))
+    if weights is not None:
+        params["weights"] = weights
+    try:
+        detector = Detector(**params)
+    except DefectLensError as exc:
+        raise _reject(config_path, str(exc)) from None
+    stored_params = set(params["method_params"])
+    _check_keys(
+        config_path, "detector.method_params.", stored_params, set(detector.model_.params())
+    )
     tensors_path = path / TENSORS
     if not tensors_path.is_file():
         raise ModelFileError(f"{path}: missing {TENSORS}")
-    if file_sha256(tensors_path) != config.get("tensors_sha256"):
+    if file_sha256(tensors_path) != config["tensors_sha256"]:
         raise ModelFileError(f"{tensors_path}: checksum mismatch, the file is corrupt or altered")
     try:
         tensors = load_file(str(tensors_path))
-        params = dict(config["detector"])
-        stored_weights = config["backbone_weights"]
-        thresholds = Thresholds(**config["thresholds"])
-    except (SafetensorError, KeyError, TypeError) as exc:
-        raise ModelFileError(f"{path}: incomplete or corrupt model ({exc})") from None
-    if weights is not None:
-        params["weights"] = weights
-    detector = Detector(**params)
-    detector.model_.load_fitted_state(tensors)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{tensors_path}: corrupt tensor file ({str(exc)[:120]})") from None
+    _migrate(config, tensors)
+    try:
+        detector.model_.load_fitted_state(tensors)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{tensors_path}: {exc}") from None
+    taps = get_spec(detector.backbone).taps
+    missing = sorted(set(detector.model_.strides) - set(taps))
+    if missing:
+        raise _reject(config_path, f"backbone {detector.backbone} has no tap at stride {missing}")
+    try:
+        detector.model_.check_geometry(detector.image_size, taps)
+    except ModelFileError as exc:
+        raise _reject(config_path, f"does not match {TENSORS}: {exc}") from None
     extractor = detector._ensure_extractor()
-    if extractor.weights_sha256 != stored_weights["sha256"]:
+    stored = config["backbone_weights"]
+    if extractor.weights_sha256 != stored["sha256"]:
         raise ModelFileError(
-            f"{path}: fitted with backbone weights {stored_weights['path']} "
-            f"(sha256 {stored_weights['sha256'][:12]}…) but {extractor.weights_path} differs; "
+            f"{path}: fitted with backbone weights {stored['path']} "
+            f"(sha256 {stored['sha256'][:12]}…) but {extractor.weights_path} differs; "
             "pass the original file with --weights"
         )
     detector.thresholds_ = thresholds

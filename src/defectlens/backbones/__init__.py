@@ -9,6 +9,7 @@ from defectlens.backbones.registry import (
     BackboneSpec,
     FeatureExtractor,
     available_backbones,
+    backbone_names,
     build_extractor,
     get_spec,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "BackboneSpec",
     "FeatureExtractor",
     "available_backbones",
+    "backbone_names",
     "build_extractor",
     "get_spec",
 ]

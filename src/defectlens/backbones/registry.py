@@ -52,14 +52,18 @@ def available_backbones() -> list[BackboneSpec]:
     return list(_REGISTRY.values())
 
 
+def backbone_names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
 def get_spec(name: str) -> BackboneSpec:
     _load_builtin()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise WeightsError(
             f"unknown backbone {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+        )
+    return _REGISTRY[name]
 
 
 def _load_builtin() -> None:
@@ -148,7 +152,8 @@ class FeatureExtractor(nn.Module):
                 # Tracer notes about Python-side shape maths, and TorchScript's deprecation
                 # notice: it still runs in the pinned torch, and is the fastest CPU path there.
                 warnings.simplefilter("ignore")
-                traced = torch.jit.trace(_Wrapped(self), example)
+                # check_trace re-runs both versions to compare them: seconds per process start.
+                traced = torch.jit.trace(_Wrapped(self), example, check_trace=False)
                 self._traced = torch.jit.freeze(traced.eval())
         return list(self._traced(images))
 

@@ -10,11 +10,13 @@ MVTec AD layout::
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from defectlens.data.images import IMAGE_SUFFIXES
-from defectlens.errors import DataError
+from defectlens.data.inputs import walk
+from defectlens.errors import DataError, DataWarning
 
 
 @dataclass(frozen=True)
@@ -28,13 +30,27 @@ class Sample:
 
 
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files in a folder, sorted by name, skipping hidden files and masks."""
-    pattern = "**/*" if recursive else "*"
-    return sorted(
-        p
-        for p in folder.glob(pattern)
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
+    """Image files in a folder, sorted by name, skipping hidden files.
+
+    Entries that look like images but cannot be (a broken or looping symbolic link, a named
+    pipe) are not silently dropped: each gets a `DataWarning`. Other files (notes, CSVs) are
+    ignored with one warning that counts them.
+    """
+    images, others = [], []
+    for path, kind, reason in walk(Path(folder), max_depth=None if recursive else 1):
+        if kind == "file" and path.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(path)
+        elif kind == "file":
+            others.append(path)
+        else:
+            warnings.warn(f"{path}: ignored, {reason}", DataWarning, stacklevel=2)
+    if others:
+        warnings.warn(
+            f"{folder}: ignored {len(others)} file(s) that are not images (e.g. {others[0].name})",
+            DataWarning,
+            stacklevel=2,
+        )
+    return sorted(images)
 
 
 def find_normal_images(root: str | Path) -> list[Path]:

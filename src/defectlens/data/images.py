@@ -1,33 +1,369 @@
-"""Decoding images and masks into one consistent form.
+"""Decoding images and masks into one consistent form, safely.
 
 Every image becomes RGB uint8 (H, W, 3), whatever it was on disk: 8- or 16-bit, grey, palette,
 RGB or RGBA (alpha is composited on black, so a transparent background reads as dark, the same
-for fit and score). Masks become boolean (H, W): any non-zero pixel is defective.
+for fit and score). Masks become boolean (H, W): any non-zero pixel (in any colour channel) is
+defective.
+
+Reading is hardened because the files come from the field, and one bad file must not stop a batch:
+
+* Anything wrong with a file raises `DataError` with one line naming the file and the problem
+  (missing, a folder, a named pipe or device, a broken or looping symbolic link, permission
+  denied, empty, too large, corrupt). PIL raises a zoo of exception types for crafted files
+  (OSError, SyntaxError, struct.error, IndexError, ZeroDivisionError, MemoryError, ...); all of
+  them are caught per file. Named pipes and devices are refused from `os.stat` without being
+  opened, because opening a named pipe blocks until someone writes to it.
+* Pixel limit: a 69-byte PNG can claim 50000 x 50000 pixels, and a real 12000 x 12000 JPEG
+  already costs tens of seconds and gigabytes. The size in the file's header is checked right
+  after `Image.open`, before any pixel is decoded, against `get_max_pixels()`:
+  `DEFAULT_MAX_PIXELS` (8192 x 8192), the environment variable `DEFECTLENS_MAX_PIXELS`, or
+  `set_max_pixels(n)` (what the CLI's `--max-pixels N` sets). PIL's own decompression-bomb check
+  (`Image.MAX_IMAGE_PIXELS`) is switched off when an image is read, so that this limit is the
+  only binding one: PIL's check would otherwise refuse images below our limit, or emit a
+  `DecompressionBombWarning` (not an error) for some above it; silencing that warning per call
+  would need `warnings.catch_warnings`, which is not thread-safe, and images are decoded on a
+  background thread. An application that also opens untrusted images with PIL directly should
+  check their size itself. EPS files are never opened (PIL would run Ghostscript on them).
+* EXIF orientation is applied (as image viewers do), so anomaly maps line up with what the
+  operator sees. Only images that carry an orientation other than 1 are transposed (no copy
+  otherwise).
+* Multi-frame files (animated GIF, multi-page TIFF, APNG) use their first frame, with a
+  `DataWarning`: the other pages are never looked at. JPEGs with an MPF preview (MPO) are not
+  warned about: their first image is the photo itself.
+* 16-bit data is scaled by the full 16-bit range (65535 -> 255), as image viewers do; a
+  16-bit file whose brightest pixel is at most 4095 (10- or 12-bit camera data stored in 16 bits)
+  reads as nearly black, so it gets a `DataWarning` (the result is not changed).
+* A mask with more than half of its pixels non-zero gets a `DataWarning`: its background is
+  probably 1 (or 255) instead of 0, which silently ruins pixel-level metrics.
+* Float data: NaN reads as 0 (black), +-inf as the largest / smallest finite value; data that
+  fits [0, 1] is taken as is, anything else is min-max scaled.
+
+Warnings are issued with `warnings.warn(..., DataWarning)` after the file was decoded, naming the
+file; `warnings.warn` is safe to call from a background thread.
 """
 
 from __future__ import annotations
 
+import errno
+import numbers
+import os
+import stat
+import warnings
 from pathlib import Path
+from typing import IO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from defectlens.errors import DataError
+from defectlens.errors import DataError, DataWarning, ParameterError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+IMAGE_SUFFIXES = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".pgm",
+    ".ppm",
+    ".gif",
+)
+
+DEFAULT_MAX_PIXELS = 8192 * 8192
+"""Largest image (width x height, from the file's header) decoded by default."""
+
+MAX_PIXELS_ENV = "DEFECTLENS_MAX_PIXELS"
+"""Environment variable that overrides `DEFAULT_MAX_PIXELS` (a positive whole number)."""
+
+_max_pixels: int | None = None  # set_max_pixels(); None = environment or default
+
+# Formats PIL can identify that are never opened: EPS runs Ghostscript, an external interpreter,
+# on the file's contents, which a crafted file named *.png must not be able to trigger.
+_REFUSED_FORMATS = frozenset({"EPS"})
+
+# A 16-bit file whose brightest pixel is at most this is probably 10- or 12-bit data.
+_LOW_BIT_DEPTH_PEAK = 4095
+
+_ORIENTATION = int(ExifTags.Base.Orientation)
+_MESSAGE_LENGTH = 120
 
 
-def _open(path: Path) -> Image.Image:
+def get_max_pixels() -> int:
+    """The current pixel limit: `set_max_pixels`, else `DEFECTLENS_MAX_PIXELS`, else the default.
+
+    Raises `ParameterError` if the environment variable is set but is not a positive integer.
+    """
+    if _max_pixels is not None:
+        return _max_pixels
+    raw = os.environ.get(MAX_PIXELS_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_MAX_PIXELS
     try:
-        image = Image.open(path)
-        image.load()
+        value = int(raw.strip())
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ParameterError(
+            f"{MAX_PIXELS_ENV}={raw!r} is not a positive whole number of pixels "
+            f"(the default is {DEFAULT_MAX_PIXELS:,})"
+        )
+    return value
+
+
+def set_max_pixels(n: int | None) -> None:
+    """Set the pixel limit for this process; None goes back to `DEFECTLENS_MAX_PIXELS`/default."""
+    global _max_pixels
+    if n is None:
+        _max_pixels = None
+        return
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or int(n) <= 0:
+        raise ParameterError(f"max_pixels must be a positive whole number, got {n!r}")
+    _max_pixels = int(n)
+
+
+def _check_pixels(path: Path, width: int, height: int, limit: int) -> None:
+    pixels = int(width) * int(height)
+    if pixels > limit:
+        raise DataError(
+            f"{path}: {width} x {height} = {pixels:,} pixels is over the limit of {limit:,} "
+            f"(raise it with --max-pixels N or {MAX_PIXELS_ENV})"
+        )
+
+
+def _short(exc: BaseException) -> str:
+    """The first line of an exception's message, shortened, for a one-line error."""
+    text = str(exc).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    if not line:
+        line = type(exc).__name__
+    elif not isinstance(exc, (OSError, SyntaxError, ValueError)):
+        line = f"{type(exc).__name__}: {line}"  # e.g. KeyError: 'x' rather than just 'x'
+    if len(line) > _MESSAGE_LENGTH:
+        line = line[: _MESSAGE_LENGTH - 3] + "..."
+    return line
+
+
+def _corrupt(path: Path, detail: str) -> DataError:
+    return DataError(f"{path}: unreadable or corrupt image ({detail})")
+
+
+def _open_regular_file(path: Path) -> IO[bytes]:
+    """Open `path` for reading after checking, without blocking, that it is a non-empty file."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise DataError(f"{path}: broken symbolic link (its target does not exist)") from None
+        raise DataError(f"{path}: file not found") from None
+    except NotADirectoryError:
+        raise DataError(f"{path}: file not found (a part of the path is not a folder)") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataError(f"{path}: symbolic link loop") from None
+        raise DataError(f"{path}: cannot be read ({exc.strerror or _short(exc)})") from None
+    except ValueError as exc:  # e.g. an embedded NUL character in the path
+        raise DataError(f"{path}: not a valid file name ({_short(exc)})") from None
+    _check_regular(path, info)
+    # O_NONBLOCK: if the file was swapped for a named pipe since the stat, opening it still
+    # returns at once, and the fstat below refuses it.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except PermissionError:
+        raise DataError(f"{path}: permission denied") from None
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable or corrupt image ({exc})") from None
-    if image.width == 0 or image.height == 0:
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataError(f"{path}: symbolic link loop") from None
+        raise DataError(f"{path}: cannot be read ({exc.strerror or _short(exc)})") from None
+    try:
+        _check_regular(path, os.fstat(fd))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_regular(path: Path, info: os.stat_result) -> None:
+    mode = info.st_mode
+    if stat.S_ISDIR(mode):
+        raise DataError(f"{path}: is a folder, not an image")
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a named pipe"
+            if stat.S_ISFIFO(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a special file"
+        )
+        raise DataError(f"{path}: not a regular file ({kind})")
+    if info.st_size == 0:
+        raise DataError(f"{path}: empty file")
+
+
+_formats_cache: tuple[int, list[str]] = (-1, [])
+
+
+def _formats() -> list[str]:
+    """Every format PIL can open except the refused ones (recomputed if plugins are added)."""
+    global _formats_cache
+    Image.init()
+    known, formats = _formats_cache
+    if known != len(Image.ID):
+        formats = [name for name in Image.ID if name not in _REFUSED_FORMATS]
+        _formats_cache = (len(Image.ID), formats)
+    return formats
+
+
+def _rawmode(image: Image.Image) -> str:
+    """How the first tile is stored on disk (e.g. 'RGB;16B'); '' when unknown."""
+    try:
+        args = image.tile[0][3]
+    except (AttributeError, IndexError, TypeError):
+        return ""
+    if isinstance(args, tuple):
+        args = args[0] if args else ""
+    return args if isinstance(args, str) else ""
+
+
+class _Decoded:
+    """A loaded, upright first frame, plus what the readers need to know about the file."""
+
+    __slots__ = ("image", "notes", "sixteen_bit")
+
+    def __init__(self, image: Image.Image, notes: list[str], sixteen_bit: bool) -> None:
+        self.image = image
+        self.notes = notes
+        self.sixteen_bit = sixteen_bit
+
+
+def probe_image(path: str | Path) -> tuple[int, int]:
+    """(height, width) from the file's header, with every check `read_image` makes before it
+    decodes pixels (a regular non-empty file, a format we read, under the pixel limit). Costs
+    a header read: a long fit checks all its images this way before spending any time."""
+    path = Path(path)
+    if Image.MAX_IMAGE_PIXELS is not None:
+        Image.MAX_IMAGE_PIXELS = None
+    limit = get_max_pixels()
+    with _open_regular_file(path) as handle:
+        try:
+            image = Image.open(handle, formats=_formats())
+            width, height = image.size
+        except UnidentifiedImageError:
+            raise _corrupt(path, "not in an image format that can be read") from None
+        except Exception as exc:
+            raise _corrupt(path, _short(exc)) from None
+    if width <= 0 or height <= 0:
         raise DataError(f"{path}: image has zero size")
-    return image
+    _check_pixels(path, width, height, limit)
+    return int(height), int(width)
+
+
+def _open(path: Path) -> _Decoded:
+    """Open, size-check, load and orient the first frame; every failure is a DataError."""
+    # PIL's limit must never be the binding one (see the module docstring).
+    if Image.MAX_IMAGE_PIXELS is not None:
+        Image.MAX_IMAGE_PIXELS = None
+    limit = get_max_pixels()  # before the try: a bad DEFECTLENS_MAX_PIXELS is a ParameterError
+    notes: list[str] = []
+    with _open_regular_file(path) as handle:
+        try:
+            image = Image.open(handle, formats=_formats())
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise DataError(f"{path}: image has zero size")
+            _check_pixels(path, width, height, limit)
+            n_frames = getattr(image, "n_frames", 1)
+            if isinstance(n_frames, int) and n_frames > 1 and image.format != "MPO":
+                notes.append(f"{path}: has {n_frames} frames/pages; only the first is used")
+                if image.tell() != 0:
+                    image.seek(0)
+            rawmode = _rawmode(image)
+            sixteen_bit = image.mode.startswith("I;16") or (
+                image.format in ("PNG", "TIFF") and ";16" in rawmode
+            )
+            image.load()
+            width, height = image.size  # GIF and TIFF can change size while loading
+            if width <= 0 or height <= 0:
+                raise DataError(f"{path}: image has zero size")
+            _check_pixels(path, width, height, limit)
+            try:  # a broken EXIF block is ignored, as viewers do, rather than refusing the image
+                orientation = image.getexif().get(_ORIENTATION, 1)
+            except Exception:
+                orientation = 1
+            if orientation in (2, 3, 4, 5, 6, 7, 8):
+                image = ImageOps.exif_transpose(image)
+        except DataError:
+            raise
+        except Image.DecompressionBombError as exc:  # only if PIL's limit was set back on
+            raise DataError(
+                f"{path}: over the pixel limit of PIL's decompression-bomb check ({_short(exc)})"
+            ) from None
+        except UnidentifiedImageError:
+            raise _corrupt(path, "not in an image format that can be read") from None
+        except Exception as exc:
+            raise _corrupt(path, _short(exc)) from None
+    return _Decoded(image, notes, sixteen_bit)
+
+
+def _bits_guess(peak: int) -> int:
+    return 8 if peak <= 255 else 10 if peak <= 1023 else 12
+
+
+def _low_bit_depth_note(path: Path, peak: int, *, at_most: bool, depth: str = "16-bit") -> str:
+    bound = "at most " if at_most else ""
+    return (
+        f"{path}: {depth} image whose brightest pixel is {bound}{peak} of 65535 "
+        f"({_bits_guess(peak)}-bit data?): it is scaled by the full 16-bit range, as documented, "
+        "and reads as dark"
+    )
+
+
+def _int_to_uint8(array: np.ndarray, peak: int) -> np.ndarray:
+    """16-bit (and 32-bit 'I' mode) data: use the 16-bit range, as image viewers do.
+
+    Data brighter than 65535 uses its type's full range; negative values read as 0.
+    """
+    top = 65535 if peak <= 65535 else np.iinfo(array.dtype).max
+    scaled = array.astype(np.float64) * (255.0 / top) + 0.5
+    if array.dtype.kind == "i" and array.min(initial=0) < 0:
+        np.clip(scaled, 0.0, 255.0, out=scaled)
+    return scaled.astype(np.uint8)
+
+
+def _float_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Float data: [0, 1] if it fits, else min-max; NaN reads as 0, +-inf as the finite extremes."""
+    with np.errstate(all="ignore"):
+        data = array.astype(np.float64)  # a copy: changed in place below
+        finite = np.isfinite(data)
+        if finite.all():
+            lo, hi = float(data.min()), float(data.max())
+        else:
+            if finite.any():
+                lo, hi = float(data[finite].min()), float(data[finite].max())
+            else:
+                lo = hi = 0.0
+            np.clip(data, lo, hi, out=data)  # NaN stays NaN, +-inf -> hi / lo
+        del finite
+        if lo < 0.0 or hi > 1.0:
+            span = hi - lo
+            if not np.isfinite(span):  # e.g. -1e308 .. 1e308: halve everything first
+                data *= 0.5
+                lo *= 0.5
+                span = hi * 0.5 - lo
+            data -= lo
+            data /= max(span, 1e-12)
+        np.nan_to_num(data, copy=False, nan=0.0)
+        data *= 255.0
+        data += 0.5
+        np.clip(data, 0.0, 255.0, out=data)
+        return data.astype(np.uint8)
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -37,20 +373,22 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     if array.dtype == bool:
         return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.integer):
-        # 16-bit (and 32-bit 'I' mode) data: use the type's full range, as image viewers do.
-        top = 65535 if array.max(initial=0) <= 65535 else np.iinfo(array.dtype).max
-        return (array.astype(np.float64) * (255.0 / top) + 0.5).astype(np.uint8)
-    # Float images ('F' mode): assume [0, 1] when they fit, else min-max.
-    array = array.astype(np.float64)
-    lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
-    if lo < 0.0 or hi > 1.0:
-        array = (array - lo) / max(hi - lo, 1e-12)
-    return (np.nan_to_num(array) * 255.0 + 0.5).astype(np.uint8)
+        return _int_to_uint8(array, int(array.max(initial=0)))
+    return _float_to_uint8(array)
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
-    """Accept arrays the way files are accepted: grey (H, W), (H, W, 1|3|4), uint8/uint16/float."""
-    array = np.asarray(image)
+    """Accept arrays the way files are accepted: grey (H, W), (H, W, 1|3|4), uint8/uint16/float.
+
+    Booleans, any integer type and any real float type are accepted; anything else (complex,
+    object, strings, dates), and arrays that are not 2-D or 3-D or are empty, raise DataError.
+    """
+    try:
+        array = np.asarray(image)
+    except Exception as exc:
+        raise DataError(f"input is not an array of pixels ({_short(exc)})") from None
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"array of dtype {array.dtype} is not an image (need bool, int or float)")
     if array.ndim == 3 and array.shape[2] == 4:
         array = array[..., :3]
     if array.ndim == 3 and array.shape[2] == 1:
@@ -63,34 +401,95 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     return array
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read any supported image as RGB uint8 of shape (H, W, 3)."""
-    path = Path(path)
-    image = _open(path)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+def _pixels_to_rgb(path: Path, decoded: _Decoded) -> np.ndarray:
+    image = decoded.image
+    mode = image.mode
+    if decoded.sixteen_bit and mode in ("RGB", "RGBA"):
+        # PIL keeps the high byte of 16-bit colour: a high byte of at most 15 means <= 4095.
+        high = max(band_max for _, band_max in image.getextrema()[:3])
+        if 0 < high <= _LOW_BIT_DEPTH_PEAK >> 8:
+            decoded.notes.append(_low_bit_depth_note(path, high * 256 + 255, at_most=True))
+    if mode == "RGB":
+        rgb = np.asarray(image)  # already RGB: no convert() copy
+    elif mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return np.asarray(Image.alpha_composite(black, rgba).convert("RGB"))
-    if image.mode in ("RGB", "L", "P", "CMYK", "YCbCr", "1"):
-        return np.asarray(image.convert("RGB"))
-    # 16-bit and float modes ('I;16', 'I', 'F'): scale to 8 bit, then replicate to RGB.
-    grey = _to_uint8(np.asarray(image))
-    if grey.ndim == 3:
-        grey = grey[..., :3] if grey.shape[2] >= 3 else grey[..., :1]
-    if grey.ndim == 2:
-        grey = grey[..., None]
-    return np.ascontiguousarray(np.broadcast_to(grey, (*grey.shape[:2], 3)))
+        rgb = np.asarray(Image.alpha_composite(black, rgba).convert("RGB"))
+    elif mode in ("L", "P", "CMYK", "YCbCr", "1"):
+        rgb = np.asarray(image.convert("RGB"))
+    else:
+        # 16-bit and float modes ('I;16', 'I', 'F'): scale to 8 bit, then replicate to RGB.
+        values = np.asarray(image)
+        if values.dtype.kind in "iu":
+            peak = int(values.max(initial=0))
+            if 0 < peak <= _LOW_BIT_DEPTH_PEAK and values.dtype.itemsize >= 2:
+                depth = "16-bit" if decoded.sixteen_bit else f"{8 * values.dtype.itemsize}-bit"
+                decoded.notes.append(_low_bit_depth_note(path, peak, at_most=False, depth=depth))
+            grey = _int_to_uint8(values, peak)
+        else:
+            grey = _to_uint8(values)
+        if grey.ndim == 3:
+            grey = grey[..., :3] if grey.shape[2] >= 3 else grey[..., :1]
+        if grey.ndim == 2:
+            grey = grey[..., None]
+        return np.ascontiguousarray(np.broadcast_to(grey, (*grey.shape[:2], 3)))
+    return rgb
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read any supported image as RGB uint8 of shape (H, W, 3), upright as viewers show it.
+
+    Raises DataError (one line naming the file) for anything unreadable or over the pixel limit;
+    issues a DataWarning for multi-frame files and for 10/12-bit data stored in 16 bits.
+    """
+    path = Path(path)
+    decoded = _open(path)
+    try:
+        rgb = _pixels_to_rgb(path, decoded)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise _corrupt(path, _short(exc)) from None
+    for note in decoded.notes:
+        warnings.warn(note, DataWarning, stacklevel=2)
+    return rgb
+
+
+def _mask_values(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in ("1", "L", "I", "F") or mode.startswith("I;16"):
+        return np.asarray(image)
+    if mode in ("LA", "La"):
+        return np.asarray(image.getchannel(0))
+    # Colour or palette: a pixel is non-zero if any colour channel is (alpha is ignored).
+    return np.asarray(image.convert("RGB")).max(axis=2)
 
 
 def read_mask(path: str | Path, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a ground-truth mask as bool (H, W); check it matches its image's (H, W)."""
+    """Read a ground-truth mask as bool (H, W); check it matches its image's (H, W).
+
+    Any non-zero pixel is defective. A mask that marks more than half of the image gets a
+    DataWarning (its background is probably 1 instead of 0).
+    """
     path = Path(path)
-    image = _open(path)
-    array = np.asarray(image.convert("L") if image.mode not in ("I;16", "I", "F") else image)
-    mask = array > 0
+    decoded = _open(path)
+    try:
+        mask = _mask_values(decoded.image) > 0
+    except Exception as exc:
+        raise _corrupt(path, _short(exc)) from None
     if expected_shape is not None and mask.shape != tuple(expected_shape):
         raise DataError(
             f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
             f"{expected_shape[1]}x{expected_shape[0]} (width x height)"
+        )
+    for note in decoded.notes:
+        warnings.warn(note, DataWarning, stacklevel=2)
+    marked = int(np.count_nonzero(mask))
+    if 2 * marked > mask.size:
+        warnings.warn(
+            f"{path}: mask marks {100.0 * marked / mask.size:.1f} % of the image as defective; "
+            "any non-zero pixel counts as defective — is its background 1 instead of 0?",
+            DataWarning,
+            stacklevel=2,
         )
     return mask

@@ -2,7 +2,8 @@
 
 Images are decoded and resized on a background thread while the model works on the previous
 batch (PIL releases the GIL while it decodes and resizes). A file that cannot be read is reported
-through `on_error` and skipped; the rest of the batch goes on.
+through `on_error` and skipped; the rest of the batch goes on. `on_error` is always called on
+the consumer's thread (the one iterating), so a caller may write its results file from it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class Batch:
     images: torch.Tensor
     sources: list[ImageInput]
     sizes: list[tuple[int, int]]
+    # Every source of the chunk in input order, with its error (None: it is in `images`).
+    entries: list[tuple[ImageInput, DataError | None]]
 
 
 def load_resized(source: ImageInput, size: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -45,26 +48,32 @@ def iter_batches(
     size: int,
     batch_size: int,
     on_error: Callable[[ImageInput, DataError], None] | None = None,
+    yield_errors: bool = False,
 ) -> Iterator[Batch]:
-    """Yield batches in order; unreadable sources go to `on_error` (or raise if it is None)."""
+    """Yield batches in order; unreadable sources go to `on_error` (or raise if it is None).
+
+    With `yield_errors`, errors are left in each batch's `entries` for the caller to report in
+    input order, and batches whose every image failed are yielded too (with no images).
+    """
 
     def load(chunk: Sequence[ImageInput]) -> Batch:
-        arrays, kept, sizes = [], [], []
+        arrays, kept, sizes, entries = [], [], [], []
         for source in chunk:
             try:
                 rgb, original = load_resized(source, size)
             except DataError as exc:
-                if on_error is None:
+                if on_error is None and not yield_errors:
                     raise
-                on_error(source, exc)
+                entries.append((source, exc))
                 continue
             arrays.append(rgb)
             kept.append(source)
             sizes.append(original)
+            entries.append((source, None))
         if not arrays:
-            return Batch(torch.empty(0, 3, size, size), [], [])
+            return Batch(torch.empty(0, 3, size, size), [], [], entries)
         stacked = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-        return Batch(stacked.contiguous(), kept, sizes)
+        return Batch(stacked.contiguous(), kept, sizes, entries)
 
     chunks = [sources[i : i + batch_size] for i in range(0, len(sources), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -72,5 +81,11 @@ def iter_batches(
         for i in range(len(chunks)):
             batch = pending.result()
             pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
+            if yield_errors:
+                yield batch
+                continue
+            for source, exc in batch.entries:
+                if exc is not None:
+                    on_error(source, exc)
             if len(batch.sources):
                 yield batch

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from defectlens.backbones import FeatureExtractor
-from defectlens.errors import DefectLensError, ModelFileError
+from defectlens.errors import ModelFileError, ParameterError
 
 
 @dataclass
@@ -33,12 +33,11 @@ METHODS: dict[str, type[AnomalyMethod]] = {}
 
 
 def get_method(name: str) -> type[AnomalyMethod]:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise DefectLensError(
+    if not isinstance(name, str) or name not in METHODS:
+        raise ParameterError(
             f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}"
-        ) from None
+        )
+    return METHODS[name]
 
 
 class AnomalyMethod(nn.Module):
@@ -59,10 +58,14 @@ class AnomalyMethod(nn.Module):
         for n in self.fitted_buffers:
             self.register_buffer(n, None)
 
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """The constructor's parameters, which `params()` reads back and config.json stores."""
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
     def params(self) -> dict[str, Any]:
         """Constructor arguments, read back from same-named attributes (as scikit-learn does)."""
-        names = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self",)]
-        return {n: _jsonable(getattr(self, n)) for n in names}
+        return {n: _jsonable(getattr(self, n)) for n in self.param_names()}
 
     @property
     def is_fitted(self) -> bool:
@@ -79,11 +82,19 @@ class AnomalyMethod(nn.Module):
                 f"unexpected {sorted(found - expected)}"
             )
         for n in self.fitted_buffers:
-            setattr(self, n, tensors[n])
+            tensor = tensors[n]
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ModelFileError(f"{self.name} tensor {n!r} holds NaN or infinite values")
+            setattr(self, n, tensor)
         self.after_load()
 
     def after_load(self) -> None:
         """Check loaded tensors (raise ModelFileError) and rebuild derived state; optional."""
+
+    def check_geometry(self, image_size: int, taps: dict[int, int]) -> None:
+        """Raise ModelFileError if the loaded tensors cannot score images of `image_size` with a
+        backbone whose taps are `taps` (stride -> channels): catches a config.json whose
+        image_size or backbone was edited, which would otherwise crash on the first image."""
 
     def fit(
         self,

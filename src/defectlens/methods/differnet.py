@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from defectlens.backbones import FeatureExtractor
 from defectlens.components.augment import TransformRanges, apply_transforms, sample_parameters
-from defectlens.errors import ModelFileError
+from defectlens.errors import ModelFileError, ParameterError
 from defectlens.methods.base import AnomalyMethod, MethodOutput
+from defectlens.params import check_float, check_int, check_seed
 
 SCALES = (1.0, 0.5, 0.25)
 
@@ -49,7 +50,7 @@ def build_flow(dim: int, blocks: int, hidden: int, clamp: float, seed: int) -> F
     torch.manual_seed(seed)  # subnet initialisation is part of the seeded model
     flow = Ff.SequenceINN(dim)
     for i in range(blocks):
-        flow.append(Fm.PermuteRandom, seed=seed * 1000 + i)
+        flow.append(Fm.PermuteRandom, seed=(seed * 1000 + i) % 2**32)  # numpy's seed range
         flow.append(
             Fm.GLOWCouplingBlock, subnet_constructor=subnet, clamp=clamp, clamp_activation="ATAN"
         )
@@ -82,19 +83,26 @@ class DifferNet(AnomalyMethod):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if min(n_transforms, n_transforms_test, n_transforms_map) < 1:
-            raise ValueError("n_transforms, n_transforms_test and n_transforms_map must be >= 1")
+        self.stride = check_int("stride", stride, 1, 64)
+        self.strides = (self.stride,)
+        self.blocks = check_int("blocks", blocks, 1, 64)
+        self.hidden = check_int("hidden", hidden, 1, 8192)
+        self.clamp = check_float("clamp", clamp, 0.0, 20.0, low_open=True)
+        self.n_transforms = check_int("n_transforms", n_transforms, 1, 1024)
+        self.n_transforms_test = check_int("n_transforms_test", n_transforms_test, 1, 1024)
+        self.n_transforms_map = check_int("n_transforms_map", n_transforms_map, 1, 1024)
         if n_transforms_map > n_transforms_test:
-            raise ValueError("n_transforms_map cannot exceed n_transforms_test")
-        self.stride = stride
-        self.strides = (stride,)
-        self.blocks, self.hidden, self.clamp = blocks, hidden, clamp
-        self.n_transforms, self.n_transforms_test = n_transforms, n_transforms_test
-        self.n_transforms_map = n_transforms_map
-        self.rotation, self.brightness = rotation, brightness
-        self.contrast, self.sharpness = contrast, sharpness
-        self.max_epochs, self.patience, self.max_minutes = max_epochs, patience, max_minutes
-        self.learning_rate, self.batch_size, self.seed = learning_rate, batch_size, seed
+            raise ParameterError("n_transforms_map cannot exceed n_transforms_test")
+        self.rotation = check_float("rotation", rotation, 0.0, 180.0)
+        self.brightness = check_float("brightness", brightness, 0.0, 1.0)
+        self.contrast = check_float("contrast", contrast, 0.0, 1.0)
+        self.sharpness = check_float("sharpness", sharpness, 0.0, 10.0)
+        self.max_epochs = check_int("max_epochs", max_epochs, 1, 100_000)
+        self.patience = check_int("patience", patience, 1, 100_000)
+        self.max_minutes = check_float("max_minutes", max_minutes, 0.0, 1e6, low_open=True)
+        self.learning_rate = check_float("learning_rate", learning_rate, 0.0, 10.0, low_open=True)
+        self.batch_size = check_int("batch_size", batch_size, 1, 65_536)
+        self.seed = check_seed("seed", seed)
         self.ranges = TransformRanges(rotation, brightness, contrast, sharpness)
         self.flow: Ff.SequenceINN | None = None
         self.history: list[dict[str, float]] = []  # per-epoch losses of the last fit
@@ -204,6 +212,14 @@ class DifferNet(AnomalyMethod):
         self.flow.eval().requires_grad_(False)
 
     # -- persistence -----------------------------------------------------------------------
+    def check_geometry(self, image_size: int, taps: dict[int, int]) -> None:
+        if image_size * min(SCALES) < self.stride:
+            raise ModelFileError(f"differnet needs an image size of at least {4 * self.stride}")
+        if self.feature_mean.shape != (len(SCALES) * taps[self.stride],):
+            raise ModelFileError("differnet feature statistics do not match the backbone")
+        if not bool((self.feature_std > 0).all()):
+            raise ModelFileError("differnet feature_std must be positive")
+
     @property
     def is_fitted(self) -> bool:
         return super().is_fitted and self.flow is not None

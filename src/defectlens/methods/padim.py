@@ -20,8 +20,16 @@ from defectlens.components.gaussian import (
     unpack_lower,
 )
 from defectlens.components.pyramid import position_major
-from defectlens.errors import ModelFileError
+from defectlens.errors import ModelFileError, ParameterError
 from defectlens.methods.base import AnomalyMethod, MethodOutput
+from defectlens.params import (
+    check_choice,
+    check_float,
+    check_int,
+    check_int_list,
+    check_optional,
+    check_seed,
+)
 
 
 class Padim(AnomalyMethod):
@@ -38,14 +46,12 @@ class Padim(AnomalyMethod):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if shrinkage not in ("none", "ledoit_wolf"):
-            raise ValueError(f"shrinkage must be 'none' or 'ledoit_wolf', not {shrinkage!r}")
-        self.strides = tuple(sorted(strides))
-        self.n_channels = n_channels
-        self.epsilon = epsilon
-        self.shrinkage = shrinkage
-        self.upsample = upsample
-        self.seed = seed
+        self.strides = tuple(sorted(check_int_list("strides", strides, 1, 64)))
+        self.n_channels = check_optional(check_int, "n_channels", n_channels, 1)
+        self.epsilon = check_float("epsilon", epsilon, 0.0, 1e6)
+        self.shrinkage = check_choice("shrinkage", shrinkage, ("none", "ledoit_wolf"))
+        self.upsample = check_choice("upsample", upsample, ("nearest", "bilinear"))
+        self.seed = check_seed("seed", seed)
         self._inv_chol: torch.Tensor | None = None  # unpacked cache, not saved
 
     def _embed(self, extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
@@ -56,7 +62,11 @@ class Padim(AnomalyMethod):
         return embedding
 
     def _choose_channels(self, total: int) -> torch.Tensor:
-        if self.n_channels is None or self.n_channels >= total:
+        if self.n_channels is not None and self.n_channels > total:
+            raise ParameterError(
+                f"n_channels is {self.n_channels} but the backbone's taps give {total} channels"
+            )
+        if self.n_channels is None or self.n_channels == total:
             return torch.arange(total)
         generator = torch.Generator().manual_seed(self.seed)
         return torch.randperm(total, generator=generator)[: self.n_channels].sort().values
@@ -78,11 +88,31 @@ class Padim(AnomalyMethod):
         self._inv_chol = None
 
     def after_load(self) -> None:
-        c = self.channel_index.numel()
-        p = self.mean.shape[0]
+        index = self.channel_index
+        if index.dtype != torch.int64 or index.ndim != 1 or index.numel() < 1:
+            raise ModelFileError("padim channel_index must be a non-empty int64 vector")
+        if self.n_channels is not None and index.numel() != self.n_channels:
+            raise ModelFileError(
+                f"padim keeps {index.numel()} channels but n_channels is {self.n_channels}"
+            )
+        if index.min() < 0 or (index.numel() > 1 and not bool((index[1:] > index[:-1]).all())):
+            raise ModelFileError("padim channel_index must be increasing non-negative indices")
+        c = index.numel()
+        p = self.mean.shape[0] if self.mean.ndim == 2 else -1
         if self.mean.shape != (p, c) or self.inv_chol_packed.shape != (p, c * (c + 1) // 2):
             raise ModelFileError("padim tensors have inconsistent shapes")
         self._inv_chol = None
+
+    def check_geometry(self, image_size: int, taps: dict[int, int]) -> None:
+        positions = (image_size // self.strides[0]) ** 2
+        total = sum(taps[s] for s in self.strides)
+        if self.mean.shape[0] != positions:
+            raise ModelFileError(
+                f"padim tensors hold {self.mean.shape[0]} positions; image size {image_size} "
+                f"needs {positions}"
+            )
+        if int(self.channel_index.max()) >= total:
+            raise ModelFileError(f"padim channel_index exceeds the backbone's {total} channels")
 
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
         if self._inv_chol is None:

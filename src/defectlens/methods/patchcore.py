@@ -20,14 +20,27 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from defectlens.backbones import FeatureExtractor
-from defectlens.components.memory_bank import GreedyCoresetSampler, MemoryBank, make_index
-from defectlens.errors import ModelFileError
+from defectlens.components.memory_bank import (
+    GreedyCoresetSampler,
+    MemoryBank,
+    index_names,
+    make_index,
+)
+from defectlens.errors import ModelFileError, ParameterError
 from defectlens.methods.base import AnomalyMethod, MethodOutput
+from defectlens.params import (
+    check_choice,
+    check_float,
+    check_int,
+    check_int_list,
+    check_optional,
+    check_seed,
+)
 
 
 class PatchCore(AnomalyMethod):
     name = "patchcore"
-    fitted_buffers = ("bank", "bank_index")
+    fitted_buffers = ("bank",)
 
     def __init__(
         self,
@@ -41,15 +54,18 @@ class PatchCore(AnomalyMethod):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.strides = tuple(sorted(strides))
-        self.patch_size = patch_size
-        self.embed_dim = embed_dim
-        self.coreset_ratio = coreset_ratio
-        self.projection_dim = projection_dim
-        self.num_neighbors = num_neighbors
-        self.index = index
-        self.seed = seed
-        make_index(index)  # fail early on an unknown name
+        self.strides = tuple(sorted(check_int_list("strides", strides, 1, 64)))
+        self.patch_size = check_int("patch_size", patch_size, 1, 15)
+        if self.patch_size % 2 == 0:
+            raise ParameterError(
+                f"patch_size must be odd (a centred neighbourhood), not {patch_size}"
+            )
+        self.embed_dim = check_optional(check_int, "embed_dim", embed_dim, 1, 8192)
+        self.coreset_ratio = check_float("coreset_ratio", coreset_ratio, 0.0, 1.0, low_open=True)
+        self.projection_dim = check_optional(check_int, "projection_dim", projection_dim, 1, 8192)
+        self.num_neighbors = check_int("num_neighbors", num_neighbors, 1, 1000)
+        self.index = check_choice("index", index, index_names())
+        self.seed = check_seed("seed", seed)
         self.sampler = GreedyCoresetSampler(coreset_ratio, projection_dim, seed)
         self.memory: MemoryBank | None = None
 
@@ -89,12 +105,22 @@ class PatchCore(AnomalyMethod):
         self.bank = patches[keep].contiguous()
         del patches
         self.memory = MemoryBank(self.bank, make_index(self.index))
-        self.bank_index = self.memory.index_blob()
 
     def after_load(self) -> None:
-        if self.bank.ndim != 2 or self.bank_index.dtype != torch.uint8:
-            raise ModelFileError("patchcore tensors have unexpected shapes or types")
-        self.memory = MemoryBank.restore(self.bank, self.bank_index, make_index(self.index))
+        if self.bank.ndim != 2 or self.bank.dtype != torch.float32 or self.bank.shape[0] < 1:
+            raise ModelFileError("patchcore bank must be a non-empty float32 (N, d) tensor")
+        self.memory = MemoryBank(self.bank, make_index(self.index))  # rebuilt, never deserialised
+
+    def feature_dim(self, taps: dict[int, int]) -> int:
+        """Length of a patch feature for a backbone with these taps."""
+        return self.embed_dim or sum(taps[s] for s in self.strides)
+
+    def check_geometry(self, image_size: int, taps: dict[int, int]) -> None:
+        if self.bank.shape[1] != self.feature_dim(taps):
+            raise ModelFileError(
+                f"patchcore bank vectors have {self.bank.shape[1]} values, the backbone's "
+                f"features {self.feature_dim(taps)}"
+            )
 
     @torch.no_grad()
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:

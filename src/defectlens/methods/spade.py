@@ -19,6 +19,7 @@ from defectlens.components.memory_bank import ExactIndex, MemoryBank
 from defectlens.components.pyramid import position_major
 from defectlens.errors import ModelFileError
 from defectlens.methods.base import AnomalyMethod, MethodOutput
+from defectlens.params import check_int, check_int_list
 
 
 class Spade(AnomalyMethod):
@@ -33,12 +34,12 @@ class Spade(AnomalyMethod):
         image_stride: int = 32,
     ) -> None:
         super().__init__()
-        if k_images < 1 or k_pixels < 1:
-            raise ValueError("k_images and k_pixels must be at least 1")
-        self.k_images = k_images
-        self.k_pixels = k_pixels
-        self.pyramid_strides = tuple(sorted(pyramid_strides))
-        self.image_stride = image_stride
+        self.k_images = check_int("k_images", k_images, 1, 10_000)
+        self.k_pixels = check_int("k_pixels", k_pixels, 1, 1_000)
+        self.pyramid_strides = tuple(
+            sorted(check_int_list("pyramid_strides", pyramid_strides, 1, 64))
+        )
+        self.image_stride = check_int("image_stride", image_stride, 1, 64)
         self.strides = tuple(sorted({*self.pyramid_strides, image_stride}))
         self.image_bank: MemoryBank | None = None
 
@@ -73,9 +74,22 @@ class Spade(AnomalyMethod):
     def after_load(self) -> None:
         if self.image_features.ndim != 2 or self.pixel_features.ndim != 3:
             raise ModelFileError("spade tensors have unexpected shapes")
+        if self.image_features.shape[0] < 1:
+            raise ModelFileError("spade model holds no training image")
         if self.image_features.shape[0] != self.pixel_features.shape[0]:
             raise ModelFileError("spade image and pixel features disagree on the image count")
         self.image_bank = MemoryBank(self.image_features, ExactIndex())
+
+    def check_geometry(self, image_size: int, taps: dict[int, int]) -> None:
+        positions = (image_size // self.pyramid_strides[0]) ** 2
+        expected = (positions, sum(taps[s] for s in self.pyramid_strides))
+        if tuple(self.pixel_features.shape[1:]) != expected:
+            raise ModelFileError(
+                f"spade pixel features are {tuple(self.pixel_features.shape[1:])} per image; "
+                f"image size {image_size} with this backbone needs {expected}"
+            )
+        if self.image_features.shape[1] != taps[self.image_stride]:
+            raise ModelFileError("spade image features do not match the backbone's channels")
 
     @torch.no_grad()
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:

@@ -17,6 +17,7 @@ from PIL import Image
 from defectlens import metrics
 from defectlens.data.images import read_image
 from defectlens.report.overlay import panel
+from defectlens.results import safe_text
 
 N_EXAMPLES = 6
 
@@ -33,15 +34,10 @@ def _png(array_or_fig) -> str:
 
 def _roc_figure(evaluation) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(4.5, 4))
-    labels = [s.label for s in evaluation.samples]
-    scores = [p.score for p in evaluation.predictions]
-    fpr, tpr = metrics.roc_curve(scores, labels)
+    fpr, tpr = metrics.roc_curve(evaluation.scores, evaluation.labels)
     ax.plot(fpr, tpr, label=f"image (AUROC {evaluation.metrics['image_auroc']:.3f})")
-    if evaluation.masks is not None:
-        # Every 7th pixel keeps the curve's shape and the plot fast on large test sets.
-        maps = np.concatenate([p.anomaly_map.ravel()[::7] for p in evaluation.predictions])
-        truth = np.concatenate([m.ravel()[::7] for m in evaluation.masks])
-        fpr, tpr = metrics.roc_curve(maps, truth)
+    if evaluation.pixel_roc is not None:
+        fpr, tpr = evaluation.pixel_roc  # from every pixel, thinned to plot points
         ax.plot(fpr, tpr, label=f"pixel (AUROC {evaluation.metrics['pixel_auroc']:.3f})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC")
@@ -51,8 +47,7 @@ def _roc_figure(evaluation) -> plt.Figure:
 
 def _histogram_figure(evaluation, threshold: float) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    scores = np.array([p.score for p in evaluation.predictions])
-    labels = np.array([s.label for s in evaluation.samples])
+    scores, labels = evaluation.scores, evaluation.labels
     bins = np.linspace(scores.min(), max(scores.max(), threshold), 40)
     ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="good", color="tab:green")
     ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label="defective", color="tab:red")
@@ -62,12 +57,10 @@ def _histogram_figure(evaluation, threshold: float) -> plt.Figure:
     return fig
 
 
-def _examples(evaluation, indices, threshold: float) -> str:
+def _examples(views, indices, threshold: float) -> str:
     cells = []
-    for i in indices:
-        s, p = evaluation.samples[i], evaluation.predictions[i]
+    for s, p, truth in views(indices):
         image = read_image(s.path)
-        truth = evaluation.masks[i] if evaluation.masks is not None else None
         strip = panel(image, p.anomaly_map, p.mask, threshold, truth)
         if strip.shape[1] > 900:  # keep the page light
             h = int(strip.shape[0] * 900 / strip.shape[1])
@@ -75,19 +68,19 @@ def _examples(evaluation, indices, threshold: float) -> str:
         elif strip.shape[0] < 200:  # small parts: enlarge, pixels kept sharp
             factor = -(-200 // strip.shape[0])
             strip = strip.repeat(factor, axis=0).repeat(factor, axis=1)
-        caption = f"{html.escape(s.path.parent.name + '/' + s.path.name)} — score {p.score:.4g}"
+        name = safe_text(s.path.parent.name + "/" + s.path.name)
+        caption = f"{html.escape(name)} — score {p.score:.4g}"
         cells.append(
             f'<figure><img src="{_png(strip)}"><figcaption>{caption}</figcaption></figure>'
         )
     return "\n".join(cells) or "<p>none</p>"
 
 
-def write_report(evaluation, root: Path, path: Path, detector) -> None:
+def write_report(evaluation, root: Path, path: Path, detector, views) -> None:
+    """`views(indices)` gives (sample, prediction, true mask or None) for the images shown."""
     m = evaluation.metrics
     t = detector.thresholds_
-    scores = np.array([p.score for p in evaluation.predictions])
-    labels = np.array([s.label for s in evaluation.samples])
-    predicted = np.array([p.is_anomalous for p in evaluation.predictions])
+    scores, labels, predicted = evaluation.scores, evaluation.labels, evaluation.predicted
     misses = [i for i in np.argsort(scores) if labels[i] == 1 and not predicted[i]]
     alarms = [i for i in np.argsort(-scores) if labels[i] == 0 and predicted[i]]
     rows = [
@@ -103,6 +96,7 @@ def write_report(evaluation, root: Path, path: Path, detector) -> None:
         ("false-alarm rate at threshold", f"{m['false_alarm_rate']:.3f}"),
         ("miss rate at threshold", f"{m['miss_rate']:.3f}"),
         ("throughput", f"{m['images_per_second']:.1f} images/s"),
+        ("images skipped (unreadable image or mask)", str(len(evaluation.skipped))),
     ]
     table = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
     per_type = "\n".join(
@@ -111,8 +105,9 @@ def write_report(evaluation, root: Path, path: Path, detector) -> None:
     )
     roc = _png(_roc_figure(evaluation))
     histogram = _png(_histogram_figure(evaluation, t.image))
+    title = html.escape(safe_text(root.name))
     page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>defectlens report — {html.escape(root.name)}</title>
+<html><head><meta charset="utf-8"><title>defectlens report — {title}</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; max-width: 1000px; }}
 table {{ border-collapse: collapse; margin-bottom: 1em; }}
@@ -120,7 +115,7 @@ th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: left; }}
 figure {{ margin: 0 0 1em 0; }} img {{ max-width: 100%; }}
 figcaption {{ font-size: 90%; color: #444; }}
 </style></head><body>
-<h1>defectlens — {html.escape(detector.method)} on {html.escape(str(root))}</h1>
+<h1>defectlens — {html.escape(detector.method)} on {html.escape(safe_text(str(root)))}</h1>
 <p>Backbone {html.escape(detector.backbone)}, image size {detector.image_size}.
 Thresholds come from normal validation images only, never from these test labels.</p>
 <table>{table}</table>
@@ -129,9 +124,9 @@ Thresholds come from normal validation images only, never from these test labels
 <h2>Worst misses (defective, scored below the threshold)</h2>
 <p>Each row: image · heat map (threshold at the middle of the colour scale) ·
 predicted mask in red, true mask in green.</p>
-{_examples(evaluation, misses[:N_EXAMPLES], t.pixel)}
+{_examples(views, misses[:N_EXAMPLES], t.pixel)}
 <h2>Worst false alarms (good, scored above the threshold)</h2>
-{_examples(evaluation, alarms[:N_EXAMPLES], t.pixel)}
+{_examples(views, alarms[:N_EXAMPLES], t.pixel)}
 </body></html>
 """
-    path.write_text(page)
+    path.write_text(page, encoding="utf-8")

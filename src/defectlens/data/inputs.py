@@ -1,0 +1,164 @@
+"""Turning what a user names on the command line into a list of inputs, losing none.
+
+Every input ends up in the list: an image to score, or an entry with the reason it cannot be
+(a broken or looping symbolic link, a FIFO, a file type we do not read, a pattern that matches
+nothing). Callers list those entries in their results with the reason instead of dropping them.
+
+Folders are walked recursively in name order. Symbolic links to folders are followed, but each
+real folder is visited once, so a link loop ends instead of hanging (the standard library's
+recursive glob follows loops to the kernel's 40-level limit, which multiplies with every loop).
+Hidden files and folders (names starting with '.') are not inputs: they are what tools and
+operating systems leave behind (`.DS_Store`, `._x.png`), never images an operator took.
+Patterns (`*`, `?`, `[...]`, `**` for any depth) are matched by the same walker.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import glob
+import os
+import re
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from defectlens.data.images import IMAGE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input: `error` is None for an image to score, else why it cannot be scored."""
+
+    path: Path
+    error: str | None = None
+
+
+def classify(path: Path) -> tuple[str, str | None]:
+    """('dir' | 'file' | 'bad', reason) for a path, following symbolic links safely."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return "bad", "broken symbolic link"
+        return "bad", "no such file or directory"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "bad", "symbolic link loop"
+        return "bad", exc.strerror or str(exc)
+    if stat.S_ISDIR(mode):
+        return "dir", None
+    if stat.S_ISREG(mode):
+        return "file", None
+    return "bad", "not a regular file (a FIFO, socket or device)"
+
+
+def _unsupported(path: Path) -> str | None:
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return None
+    shown = path.suffix or "no suffix"
+    return f"not an image type defectlens reads ({shown}; reads {', '.join(IMAGE_SUFFIXES)})"
+
+
+def walk(
+    folder: Path,
+    skip_folder: Callable[[Path], bool] = lambda p: False,
+    max_depth: int | None = None,
+) -> Iterator[tuple[Path, str, str | None]]:
+    """(path, kind, reason) for everything under `folder`, each real folder visited once;
+    `max_depth` 1 lists the folder's own entries only."""
+    visited: set[tuple[int, int]] = set()
+
+    def visit(directory: Path, depth: int = 0) -> Iterator[tuple[Path, str, str | None]]:
+        info = os.stat(directory)
+        key = (info.st_dev, info.st_ino)
+        if key in visited:
+            yield directory, "bad", "symbolic link loop (folder already visited)"
+            return
+        visited.add(key)
+        if skip_folder(directory):
+            return
+        try:
+            names = sorted(entry.name for entry in os.scandir(directory))
+        except OSError as exc:
+            yield directory, "bad", f"cannot list the folder ({exc.strerror or exc})"
+            return
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = directory / name
+            kind, reason = classify(path)
+            if kind == "dir":
+                if max_depth is None or depth + 1 < max_depth:
+                    yield from visit(path, depth + 1)
+            else:
+                yield path, kind, reason
+
+    yield from visit(folder)
+
+
+@lru_cache(maxsize=256)
+def _segment_regex(segment: str) -> re.Pattern:
+    return re.compile(fnmatch.translate(segment))
+
+
+def _match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Glob semantics on path segments: `**` spans any number of folders, other wildcards one."""
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_match(rest, parts[i:]) for i in range(len(parts) + 1))
+    if not parts or (parts[0].startswith(".") and not head.startswith(".")):
+        return False
+    return bool(_segment_regex(head).match(parts[0])) and _match(rest, parts[1:])
+
+
+def expand_pattern(pattern: str, skip_folder: Callable[[Path], bool]) -> list[InputItem]:
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    wanted = tuple(parts[fixed:])
+    if classify(base)[0] != "dir":
+        return []
+    depth = None if "**" in wanted else len(wanted)
+    found = []
+    for path, kind, reason in walk(base, skip_folder, depth):
+        if _match(wanted, path.relative_to(base).parts):
+            if kind == "file":
+                found.append(InputItem(path, _unsupported(path)))
+            else:
+                found.append(InputItem(path, reason))
+    return found
+
+
+def expand_inputs(
+    names: Sequence[str], skip_folder: Callable[[Path], bool] = lambda p: False
+) -> list[InputItem]:
+    """Files, folders (searched recursively) and glob patterns, in the order given, each once.
+
+    A file named explicitly is always tried, whatever its suffix (the decoder decides); files
+    found in folders or by patterns must have an image suffix, and other files are listed with
+    that reason. `skip_folder` excludes folders such as our own results folders.
+    """
+    items: list[InputItem] = []
+    for name in names:
+        path = Path(name)
+        kind, reason = classify(path)
+        if kind == "file":
+            items.append(InputItem(path))
+        elif kind == "dir":
+            for found, found_kind, found_reason in walk(path, skip_folder):
+                error = _unsupported(found) if found_kind == "file" else found_reason
+                items.append(InputItem(found, error))
+        elif glob.has_magic(name) and reason == "no such file or directory":
+            matches = expand_pattern(name, skip_folder)
+            items.extend(matches or [InputItem(path, "pattern matches no files")])
+        else:
+            items.append(InputItem(path, reason))
+    unique: dict[str, InputItem] = {}
+    for item in items:
+        unique.setdefault(os.path.abspath(item.path), item)
+    return list(unique.values())

@@ -1,0 +1,294 @@
+"""Where results and models are written: checked before any work, never touching what we did not
+create, and replaced atomically.
+
+The rules, the same for every command:
+- An output location is checked before a model is loaded or fitted: it must be a folder (or not
+  exist yet), it must be writable (probed by writing, which also catches read-only mounts and
+  root-owned folders for non-root users), and it must not be the current directory, one of its
+  ancestors, or a folder holding the data being read.
+- A model folder is replaced only if it *is* a defectlens model: its config.json parses and
+  carries our format marker, and it holds nothing but config.json and model.safetensors. A folder
+  with anything else in it (a user's notes, evaluate results) is refused, never deleted. A
+  symbolic link is refused rather than followed or replaced.
+- Replacement is atomic at every instant: the new model is written into a hidden temporary
+  sibling, then swapped with the old one in one `renameat2(RENAME_EXCHANGE)` call where the OS
+  supports it (else: old moved aside, new renamed in, old removed last). Hidden leftovers of a
+  save that was killed (`.NAME.defectlens-tmp-PID-*`, `.NAME.defectlens-old-PID-*`) are removed
+  by the next save to the same place once their process is gone, and named by `load` when a
+  model is missing because of one.
+- A results folder (evaluate, predict) gets a marker file when we first write into it; files we
+  produce are overwritten only in a folder carrying our marker, so a user's own `results.csv`
+  is never replaced.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+from defectlens.errors import DefectLensWarning, OutputError
+
+MODEL_FORMAT = "defectlens-model"
+MODEL_CONFIG = "config.json"
+MODEL_TENSORS = "model.safetensors"
+MODEL_FILES = frozenset({MODEL_CONFIG, MODEL_TENSORS})
+RESULTS_MARKER = ".defectlens-results.json"
+RESULTS_FORMAT = "defectlens-results"
+_TMP_TAG = "defectlens-tmp"
+_OLD_TAG = "defectlens-old"
+
+
+def _describe_os_error(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _is_model_config(config_path: Path) -> bool:
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("format") == MODEL_FORMAT
+
+
+def is_model_folder(path: Path) -> bool:
+    """A real (not linked) folder with only our model files and a config parsing as ours."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        names = {p.name for p in path.iterdir()}
+    except OSError:
+        return False
+    return bool(names) and names <= MODEL_FILES and _is_model_config(path / MODEL_CONFIG)
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies inside it (both resolved)."""
+    return path == folder or folder in path.parents
+
+
+def _refuse_protected(path: Path, protect: Iterable[str | Path], what: str) -> None:
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if _within(cwd, resolved):
+        where = "the current directory" if resolved == cwd else "an ancestor of the current one"
+        raise OutputError(f"{path}: is {where}; give a new folder for the {what}")
+    for item in protect:
+        data = Path(item).resolve()
+        if _within(data, resolved):
+            raise OutputError(
+                f"{path}: holds the data being read ({item}); give a separate folder for the {what}"
+            )
+
+
+def _probe_writable(folder: Path, shown: Path) -> None:
+    """Create and remove a file in `folder`: the only reliable test (root, read-only mounts)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".defectlens-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise OutputError(f"{shown}: cannot write there ({_describe_os_error(exc)})") from None
+
+
+def _nearest_existing(path: Path) -> Path:
+    current = path.absolute()
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    return current
+
+
+def _check_parent_chain(path: Path) -> None:
+    """Every existing ancestor must be a folder (`file.txt/model` is refused) and writable."""
+    existing = _nearest_existing(path.parent)
+    if not existing.is_dir():
+        raise OutputError(f"{path}: {existing} is not a folder")
+    _probe_writable(existing, path)
+
+
+def check_model_target(path: str | Path, protect: Iterable[str | Path] = ()) -> Path:
+    """Refuse, before any work, a model destination we must not or cannot write.
+
+    `protect` lists the data folders the command reads; the model must not replace them.
+    """
+    path = Path(path)
+    if not path.name or path.name in (".", ".."):
+        path = path.absolute()
+    if path.is_symlink():
+        raise OutputError(f"{path}: is a symbolic link; give the model folder's real path")
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: exists and is not a folder")
+    _refuse_protected(path, protect, "model")
+    if path.exists():
+        try:
+            entries = sorted(p.name for p in path.iterdir())
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot read it ({_describe_os_error(exc)})") from None
+        if entries and not is_model_folder(path):
+            extra = [n for n in entries if n not in MODEL_FILES]
+            shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
+            reason = f"holds {shown}" if extra else "its config.json is not a defectlens model's"
+            raise OutputError(
+                f"{path}: exists and is not a defectlens model ({reason}); not replacing it"
+            )
+        _probe_writable(path.parent.absolute(), path)
+    else:
+        _check_parent_chain(path)
+    return path
+
+
+# -- atomic replacement ------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def leftovers(path: Path) -> list[Path]:
+    """Hidden siblings left by saves to `path` that were killed (their process is gone)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    found = []
+    try:
+        siblings = list(parent.iterdir())
+    except OSError:
+        return []
+    prefix = f".{path.name}."
+    for sibling in siblings:
+        rest = sibling.name[len(prefix) :] if sibling.name.startswith(prefix) else ""
+        for tag in (_TMP_TAG, _OLD_TAG):
+            if rest.startswith(tag + "-"):
+                pid_text = rest[len(tag) + 1 :].split("-", 1)[0]
+                if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+                    found.append(sibling)
+    return sorted(found)
+
+
+def clean_leftovers(path: Path) -> list[Path]:
+    """Remove what killed saves left next to `path` (only our own tagged folders)."""
+    removed = []
+    for item in leftovers(path):
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
+            removed.append(item)
+    if removed:
+        warnings.warn(
+            f"removed {len(removed)} leftover folder(s) of an interrupted save next to {path}: "
+            + ", ".join(p.name for p in removed),
+            DefectLensWarning,
+            stacklevel=2,
+        )
+    return removed
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A new hidden folder next to `path`, tagged with our pid so a later save can clean it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{_TMP_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the OS cannot."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    path_arg = ctypes.c_char_p
+    renameat2.argtypes = [ctypes.c_int, path_arg, ctypes.c_int, path_arg, ctypes.c_uint]
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def replace_folder(new: Path, path: Path) -> None:
+    """Put the finished folder `new` at `path`; the old content of `path` goes last."""
+    if not path.exists():
+        os.rename(new, path)
+        return
+    if _exchange(new, path):
+        shutil.rmtree(new)  # `new` now holds the old model
+        return
+    aside = path.parent / f".{path.name}.{_OLD_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.rename(path, aside)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(aside, path)
+        raise
+    shutil.rmtree(aside)
+
+
+def interrupted_save_hint(path: Path) -> str:
+    """Where the previous model went if a save to `path` was killed mid-swap ('' if nowhere)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        old = sorted(parent.glob(f".{path.name}.{_OLD_TAG}-*"))
+    except OSError:
+        old = []
+    if not old:
+        return ""
+    return f"; an interrupted save left the previous model in {old[-1]}: rename it back to {path}"
+
+
+# -- results folders ---------------------------------------------------------------------------
+def prepare_results_dir(
+    path: str | Path, produces: Iterable[str], command: str, protect: Iterable[str | Path] = ()
+) -> Path:
+    """Create (or reuse) a folder for results and mark it as ours, before any work.
+
+    A folder without our marker may be used when none of the files we would write exists in it.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: exists and is not a folder")
+    for item in protect:
+        if path.exists() and path.resolve() == Path(item).resolve():
+            raise OutputError(f"{path}: is an input folder; give a separate folder for results")
+    marker = path / RESULTS_MARKER
+    if path.is_dir() and not marker.is_file():
+        taken = [n for n in produces if (path / n).exists() or (path / n).is_symlink()]
+        if taken:
+            raise OutputError(
+                f"{path}: already holds {', '.join(taken)} that defectlens did not write; "
+                "choose an empty or new folder"
+            )
+    if not path.exists():
+        _check_parent_chain(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot create it ({_describe_os_error(exc)})") from None
+    try:
+        marker.write_text(json.dumps({"format": RESULTS_FORMAT, "command": command}) + "\n")
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write there ({_describe_os_error(exc)})") from None
+    return path
+
+
+def is_results_folder(path: Path) -> bool:
+    return (path / RESULTS_MARKER).is_file()
