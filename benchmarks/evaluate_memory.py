@@ -3,7 +3,8 @@
 Generates (once, seeded) an MVTec-layout set of 800 x 1600 images: 30 normal training images and
 N test images (half defective, with exact masks), all from the scikit-image brick texture so that
 nothing from the research datasets is used. Fits PaDiM at 256 px, then runs the CLI's evaluate
-in a child process and reports its wall time and peak RSS (ru_maxrss of the child).
+in a child process and reports its wall time and peak RSS (the child's own ru_maxrss, printed
+by the child at exit, so the model fit before it does not count).
 
     PATH=.venv/bin:$PATH python benchmarks/evaluate_memory.py --images 200 --work /tmp/evalmem
     # compare another checkout: --src ../old/src (run with that tree's package on PYTHONPATH)
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -70,25 +70,31 @@ def main() -> None:
     args = parser.parse_args()
     data = args.work / f"data-{args.images}"
     make_dataset(data, args.images)
-    model = args.work / "model"
-    if not (model / "config.json").exists():
-        from defectlens import Detector
-
-        Detector(image_size=256).fit(data).save(model)
     env = dict(os.environ)
     if args.src is not None:
         env["PYTHONPATH"] = str(args.src.resolve())
+    cli = [sys.executable, "-c", "from defectlens.cli import main; main()"]
+    measured = [
+        sys.executable,
+        "-c",
+        "import atexit, resource, sys; atexit.register(lambda: print('PEAK_KIB', "
+        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
+        "from defectlens.cli import main; main()",
+    ]
+    # Each checkout fits its own model (model formats differ between versions).
+    model = args.work / ("model" if args.src is None else f"model-{args.src.resolve().parent.name}")
+    if not (model / "config.json").exists():
+        fit = [*cli, "fit", str(data), "--out", str(model), "-q"]
+        subprocess.run(fit, env=env, check=True)
     out = args.work / f"eval-{args.images}-{int(time.time())}"
-    command = [
-        sys.executable, "-c", "from defectlens.cli import main; main()",
-        "evaluate", str(model), str(data), "--out", str(out), "-q",
-    ]  # fmt: skip
+    command = [*measured, "evaluate", str(model), str(data), "--out", str(out), "-q"]
     if not args.no_save_maps:
         command.append("--save-maps")
     start = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    peak_lines = [line for line in result.stderr.splitlines() if line.startswith("PEAK_KIB")]
+    peak_kib = int(peak_lines[-1].split()[1]) if peak_lines else -1
     print(result.stdout.strip(), result.stderr.strip()[-500:], sep="\n")
     report = {
         "images": args.images,

@@ -83,6 +83,9 @@ FIT_CASES = [
     (["--out", "file.txt"], ["exists and is not a folder"]),
     (["--out", "file.txt/model"], ["is not a folder"]),
     (["--out", "link-to-notes"], ["symbolic link"]),
+    (["--out", ""], ["path is empty"]),
+    (["--out", "x" * 250], ["too long for the file system"]),
+    (["--out", "deep/" + "y" * 300 + "/m"], ["too long for the file system"]),
     # parameters that used to give a silent wrong answer or a traceback
     (["--out", "m", "--n-channels", "0"], ["n_channels must be at least 1"]),
     (["--out", "m", "--n-channels", "-5"], ["n_channels must be at least 1"]),
@@ -497,6 +500,39 @@ def test_internal_errors_exit_3_with_one_line_and_debug_shows_the_traceback(
     )
     code, _, err = run_cli(monkeypatch, capsys, "--debug", *args)
     assert code == 3 and "Traceback" in err
+
+
+def test_out_of_memory_is_a_user_error_with_advice(
+    model_dir, brick_root, tmp_path, monkeypatch, capsys
+):
+    import defectlens.evaluation
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+            "allocate memory: you tried to allocate 68719476736 bytes"
+        )
+
+    monkeypatch.setattr(defectlens.evaluation, "evaluate", exhausted)
+    code, _, err = run_cli(
+        monkeypatch, capsys, "evaluate", model_dir, brick_root, "--out", tmp_path / "e", "-q"
+    )
+    _ok_error(code, err, "out of memory", "--batch-size")
+
+
+def test_bare_command_shows_help_and_usage_errors_are_one_line(monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys)
+    assert code == 2 and "Usage:" in err and "Commands:" in err
+    code, _, err = run_cli(monkeypatch, capsys, "nonsense")
+    _ok_error(code, err, "No such command 'nonsense'", "--help")
+    code, _, err = run_cli(monkeypatch, capsys, "predict")
+    _ok_error(code, err, "Missing argument 'MODEL'", "predict --help")
+
+
+def test_validation_images_that_are_training_images_are_warned_about(sandbox, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, *FIT, "--out", "m", "--val", "data/train/good")
+    assert code == 0, err
+    assert "validation images are also training images" in err
 
 
 def test_interrupted_fit_saves_nothing_and_keeps_the_old_model(

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import defectlens.io as model_io
-from defectlens import load
+from defectlens import Detector, load
 from defectlens.data import find_test_samples
 from defectlens.errors import DefectLensError, ModelFileError, OutputError
 from defectlens.outputs import (
@@ -28,7 +28,7 @@ from defectlens.outputs import (
 )
 from defectlens.results import ResultsTable, one_line, safe_text
 
-from .conftest import read_csv, run_cli, snapshot
+from .conftest import IMAGE_SIZE, read_csv, run_cli, snapshot
 
 DEAD_PID = 2**22 + 12345  # above the default pid_max: never a live process
 
@@ -192,6 +192,28 @@ def test_predict_refuses_to_overwrite_an_earlier_run_without_being_told(
     assert code == 2 and "--resume" in err and "--overwrite" in err
     assert run_cli(monkeypatch, capsys, *args, "--overwrite")[0] == 0
     assert len(read_csv(out / "results.csv")) == 1
+
+
+def test_resume_refuses_rows_of_another_model_and_a_concurrent_run(
+    model_dir, brick_root, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "o"
+    image = brick_root / "test" / "good" / "000.png"
+    args = [image, "--out", out, "--no-images", "-q"]
+    assert run_cli(monkeypatch, capsys, "predict", model_dir, *args)[0] == 0
+    other = Detector(image_size=IMAGE_SIZE, batch_size=8, seed=1).fit(brick_root)
+    other = other.save(tmp_path / "other-model")
+    code, _, err = run_cli(monkeypatch, capsys, "predict", other, *args, "--resume")
+    assert code == 2 and "written by another model" in err
+    from defectlens.cli import RESULT_COLUMNS
+
+    table = ResultsTable(out / "results.csv", RESULT_COLUMNS, resume=True)  # a run in progress
+    try:
+        code, _, err = run_cli(monkeypatch, capsys, "predict", model_dir, *args, "--resume")
+        assert code == 2 and "another defectlens run is writing" in err
+    finally:
+        table.close()
+    assert run_cli(monkeypatch, capsys, "predict", model_dir, *args, "--resume")[0] == 0
 
 
 # -- config loading: any edit is either harmless or a one-line ModelFileError -----------------

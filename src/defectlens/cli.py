@@ -383,6 +383,8 @@ def predict(
     items = expand_inputs(inputs, skip_folder=is_results_folder)
     # Without anything to score, the model is not needed: say so before loading it.
     detector = None if all(i.error for i in items) else load_detector(model, weights=weights)
+    if out_dir is not None and detector is not None:
+        _check_same_model(out_dir, model, resume)
     table = None
     if out_dir is not None:
         table = ResultsTable(
@@ -398,6 +400,21 @@ def predict(
             table.close()
     if outcome["skipped"]:
         sys.exit(EXIT_SKIPPED)
+
+
+def _check_same_model(out_dir: Path, model: str, resume: bool) -> None:
+    """--resume must continue with the model that wrote the earlier rows, never mix two."""
+    from defectlens.io import read_config
+    from defectlens.outputs import read_results_marker, write_results_marker
+
+    identity = read_config(model)["tensors_sha256"]
+    marker = read_results_marker(out_dir)
+    if resume and marker.get("model_sha256") not in (None, identity):
+        raise DefectLensError(
+            f"{out_dir}: its results.csv was written by another model ({marker.get('model')}); "
+            "resume with that model, or use --overwrite or another --out to start again"
+        )
+    write_results_marker(out_dir, {**marker, "model": str(model), "model_sha256": identity})
 
 
 def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet) -> dict:
@@ -568,12 +585,22 @@ def main() -> None:
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        cli(standalone_mode=False)
+        # click's own main() turns a broken pipe into a silent exit 1 ("some inputs skipped"
+        # here) and prints usage errors over several lines: run the command directly instead.
+        with cli.make_context("defectlens", sys.argv[1:]) as context:
+            cli.invoke(context)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except BrokenPipeError:  # e.g. `defectlens predict ... --json | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
     except (click.exceptions.Abort, KeyboardInterrupt):
         echo("defectlens: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:  # bare `defectlens`
+        click.echo(exc.format_message(), err=True)
+        sys.exit(EXIT_USER)
     except click.UsageError as exc:  # one line too, pointing at the right --help
         command = exc.ctx.command_path if exc.ctx is not None else "defectlens"
         message = f"defectlens: error: {exc.format_message()} (see '{command} --help')"
@@ -589,20 +616,32 @@ def main() -> None:
         where = f"{exc.filename}: " if exc.filename else ""
         click.echo(one_line(f"defectlens: error: {where}{exc.strerror or exc}"), err=True)
         sys.exit(EXIT_USER)
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc) and "not enough memory" not in str(exc):
+            _internal_error(exc)
+        _out_of_memory()
     except MemoryError:
-        echo(
-            "defectlens: error: out of memory; try a smaller --batch-size or --image-size, "
-            "or lower --max-pixels",
-            err=True,
-        )
-        sys.exit(EXIT_USER)
+        _out_of_memory()
     except Exception as exc:
-        if _STATE["debug"]:
-            traceback.print_exc()
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        echo(
-            f"defectlens: internal error: {type(exc).__name__}: {first[:300]} "
-            "(a bug: rerun with --debug for the traceback and please report it)",
-            err=True,
-        )
-        sys.exit(EXIT_INTERNAL)
+        _internal_error(exc)
+
+
+def _out_of_memory() -> None:
+    echo(
+        "defectlens: error: out of memory; try a smaller --batch-size or --image-size, "
+        "or lower --max-pixels",
+        err=True,
+    )
+    sys.exit(EXIT_USER)
+
+
+def _internal_error(exc: BaseException) -> None:
+    if _STATE["debug"]:
+        traceback.print_exception(exc)
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    echo(
+        f"defectlens: internal error: {type(exc).__name__}: {first[:300]} "
+        "(a bug: rerun with --debug for the traceback and please report it)",
+        err=True,
+    )
+    sys.exit(EXIT_INTERNAL)

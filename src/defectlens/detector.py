@@ -8,6 +8,8 @@ smoothing, resize to the image's own resolution. Images may be paths or numpy ar
 from __future__ import annotations
 
 import inspect
+import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,13 @@ from defectlens.components.blur import gaussian_blur
 from defectlens.data.dataset import find_normal_images
 from defectlens.data.images import probe_image
 from defectlens.data.loader import ImageInput, iter_batches
-from defectlens.errors import DataError, DefectLensError, ParameterError, ScoringError
+from defectlens.errors import (
+    DataError,
+    DataWarning,
+    DefectLensError,
+    ParameterError,
+    ScoringError,
+)
 from defectlens.methods import AnomalyMethod, get_method
 from defectlens.params import check_float, check_int, check_seed
 from defectlens.thresholds import Thresholds, from_normal_scores
@@ -78,6 +86,20 @@ def check_readable(images: Sequence[ImageInput]) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise DataError(problems[0] + more)
+
+
+def _warn_if_overlapping(fit_images: Sequence[ImageInput], val: Sequence[ImageInput]) -> None:
+    """Validation images the model also fits on make the threshold too low (more false alarms
+    than `target_far` promises): say so, with the count."""
+    fitted = {os.path.realpath(p) for p in fit_images if not isinstance(p, np.ndarray)}
+    shared = sum(os.path.realpath(p) in fitted for p in val if not isinstance(p, np.ndarray))
+    if shared:
+        warnings.warn(
+            f"{shared} of {len(val)} validation images are also training images: the threshold "
+            "will be set too low and flag more good parts than the target false-alarm rate",
+            DataWarning,
+            stacklevel=3,
+        )
 
 
 def source_name(source: ImageInput, index: int) -> str:
@@ -192,6 +214,7 @@ class Detector:
             fit_images, val = images, resolve_images(val_images)
             if not fit_images or not val:
                 raise DataError("need at least one fit image and one validation image")
+            _warn_if_overlapping(fit_images, val)
         torch.manual_seed(self.seed)
         extractor = self._ensure_extractor()  # missing weights: said before image problems
         check_readable([*fit_images, *val])

@@ -114,14 +114,37 @@ def _check_parent_chain(path: Path) -> None:
     _probe_writable(existing, path)
 
 
+def _check_name_lengths(path: Path, extra: int = 0) -> None:
+    """Refuse names the file system cannot hold, before any work (not at the final save).
+
+    `extra` is what a temporary sibling adds to the last name (`.NAME.defectlens-tmp-PID-xxxx`).
+    """
+    existing = _nearest_existing(path.parent if str(path.parent) else Path("."))
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    parts = path.absolute().parts[len(existing.absolute().parts) :] or (path.name,)
+    for i, part in enumerate(parts):
+        size = len(os.fsencode(part)) + (extra if i == len(parts) - 1 else 0)
+        if size > name_max:
+            raise OutputError(
+                f"{path}: the name {part[:40]!r}... is too long for the file system "
+                f"({name_max} bytes at most{', with room for a temporary copy' if extra else ''})"
+            )
+
+
 def check_model_target(path: str | Path, protect: Iterable[str | Path] = ()) -> Path:
     """Refuse, before any work, a model destination we must not or cannot write.
 
     `protect` lists the data folders the command reads; the model must not replace them.
     """
+    if not str(path):
+        raise OutputError("the model folder's path is empty")
     path = Path(path)
     if not path.name or path.name in (".", ".."):
         path = path.absolute()
+    _check_name_lengths(path, extra=len(f"..{_TMP_TAG}-{os.getpid()}-12345678"))
     if path.is_symlink():
         raise OutputError(f"{path}: is a symbolic link; give the model folder's real path")
     if path.exists() and not path.is_dir():
@@ -263,13 +286,17 @@ def prepare_results_dir(
 
     A folder without our marker may be used when none of the files we would write exists in it.
     """
+    if not str(path):
+        raise OutputError("the results folder's path is empty")
     path = Path(path)
+    _check_name_lengths(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path}: exists and is not a folder")
     for item in protect:
         if path.exists() and path.resolve() == Path(item).resolve():
             raise OutputError(f"{path}: is an input folder; give a separate folder for results")
     marker = path / RESULTS_MARKER
+    previous = read_results_marker(path)
     if path.is_dir() and not marker.is_file():
         taken = [n for n in produces if (path / n).exists() or (path / n).is_symlink()]
         if taken:
@@ -283,11 +310,25 @@ def prepare_results_dir(
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"{path}: cannot create it ({_describe_os_error(exc)})") from None
+    write_results_marker(path, {**previous, "command": command})
+    return path
+
+
+def read_results_marker(path: Path) -> dict:
+    """What an earlier run recorded about a results folder ({} if none or unreadable)."""
     try:
-        marker.write_text(json.dumps({"format": RESULTS_FORMAT, "command": command}) + "\n")
+        marker = json.loads((path / RESULTS_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) and marker.get("format") == RESULTS_FORMAT else {}
+
+
+def write_results_marker(path: Path, info: dict) -> None:
+    try:
+        text = json.dumps({**info, "format": RESULTS_FORMAT}) + "\n"
+        (path / RESULTS_MARKER).write_text(text, encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"{path}: cannot write there ({_describe_os_error(exc)})") from None
-    return path
 
 
 def is_results_folder(path: Path) -> bool:

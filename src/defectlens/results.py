@@ -10,6 +10,7 @@ UTF-8 and one odd name cannot stop the run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -33,6 +34,28 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _exclusive_lock(path: Path):
+    """Hold a lock beside `path` for the table's life: two runs writing the same results
+    folder would interleave their rows, so the second one is refused instead."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no protection against concurrent runs
+        return None
+    try:
+        handle = open(path.with_name(f".{path.name}.lock"), "w")  # noqa: SIM115
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write it ({exc.strerror or exc})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise OutputError(
+            f"{path}: another defectlens run is writing this folder; wait for it or choose "
+            "another --out"
+        ) from None
+    return handle
+
+
 class ResultsTable:
     """A CSV table opened for appending rows one by one, optionally resuming an earlier run.
 
@@ -50,6 +73,18 @@ class ResultsTable:
         self.path = path
         self.columns = list(columns)
         self.done: dict[str, dict[str, str]] = {}
+        self._lock = _exclusive_lock(path)
+        try:
+            self._open(resume, is_done)
+        except BaseException:
+            self.close()
+            raise
+        self._writer = csv.writer(self._fh)
+        self.rows_written = 0
+
+    def _open(self, resume: bool, is_done) -> None:
+        """Keep the finished rows of an earlier run (rewritten atomically), then append."""
+        path = self.path
         kept: list[dict[str, str]] = []
         if resume and path.exists():
             kept = self._read_previous(is_done)
@@ -65,8 +100,6 @@ class ResultsTable:
             self._fh = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
             raise OutputError(f"{path}: cannot write it ({exc.strerror or exc})") from None
-        self._writer = csv.writer(self._fh)
-        self.rows_written = 0
 
     def _read_previous(self, is_done) -> list[dict[str, str]]:
         try:
@@ -95,8 +128,13 @@ class ResultsTable:
         self.rows_written += 1
 
     def close(self) -> None:
-        if not self._fh.closed:
+        if hasattr(self, "_fh") and not self._fh.closed:
             self._fh.close()
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._lock.name)
+            self._lock.close()
+            self._lock = None
 
     def __enter__(self) -> ResultsTable:
         return self

@@ -36,7 +36,12 @@ class Batch:
 
 def load_resized(source: ImageInput, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode one image and resize it to size x size (bilinear, antialiased). Returns HWC uint8."""
-    rgb = as_rgb(source) if isinstance(source, np.ndarray) else read_image(source)
+    if isinstance(source, np.ndarray):
+        rgb = as_rgb(source)
+    elif isinstance(source, str | Path):
+        rgb = read_image(source)
+    else:
+        raise DataError(f"{type(source).__name__} is not an image: give a file path or an array")
     original = rgb.shape[:2]
     if original != (size, size):
         rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR))
