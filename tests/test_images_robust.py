@@ -574,16 +574,19 @@ def test_folder_empty_file_and_missing_file(tmp_path):
         read_image(not_a_folder / "inner.png")
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads all")
-def test_permission_denied(tmp_path):
+def test_permission_denied(tmp_path, monkeypatch):
+    """Root reads every file whatever its mode bits, so the refusal is simulated at os.open."""
+    import defectlens.data.images as images
+
     path = tmp_path / "locked.png"
     Image.new("L", (2, 2)).save(path)
-    path.chmod(0)
-    try:
-        with pytest.raises(DataError, match=r"locked\.png: permission denied$"):
-            read_image(path)
-    finally:
-        path.chmod(0o644)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(images.os, "open", refuse)
+    with pytest.raises(DataError, match=r"locked\.png: permission denied$"):
+        read_image(path)
 
 
 def test_corrupt_messages_are_one_short_line(tmp_path):

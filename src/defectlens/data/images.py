@@ -148,38 +148,37 @@ def _corrupt(path: Path, detail: str) -> DataError:
     return DataError(f"{path}: unreadable or corrupt image ({detail})")
 
 
+def describe_os_error(path: Path, exc: OSError | ValueError) -> str:
+    """What went wrong reaching `path`, in words (used for every file the tool touches)."""
+    if isinstance(exc, ValueError):  # e.g. an embedded NUL character in the path
+        return f"not a valid file name ({_short(exc)})"
+    if isinstance(exc, FileNotFoundError):
+        if os.path.islink(path):
+            return "broken symbolic link (its target does not exist)"
+        return "file not found"
+    if isinstance(exc, NotADirectoryError):
+        return "file not found (a part of the path is not a folder)"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop"
+    return f"cannot be read ({exc.strerror or _short(exc)})"
+
+
 def _open_regular_file(path: Path) -> IO[bytes]:
     """Open `path` for reading after checking, without blocking, that it is a non-empty file."""
     try:
         info = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise DataError(f"{path}: broken symbolic link (its target does not exist)") from None
-        raise DataError(f"{path}: file not found") from None
-    except NotADirectoryError:
-        raise DataError(f"{path}: file not found (a part of the path is not a folder)") from None
-    except PermissionError:
-        raise DataError(f"{path}: permission denied") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise DataError(f"{path}: symbolic link loop") from None
-        raise DataError(f"{path}: cannot be read ({exc.strerror or _short(exc)})") from None
-    except ValueError as exc:  # e.g. an embedded NUL character in the path
-        raise DataError(f"{path}: not a valid file name ({_short(exc)})") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: {describe_os_error(path, exc)}") from None
     _check_regular(path, info)
     # O_NONBLOCK: if the file was swapped for a named pipe since the stat, opening it still
     # returns at once, and the fstat below refuses it.
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags)
-    except PermissionError:
-        raise DataError(f"{path}: permission denied") from None
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise DataError(f"{path}: symbolic link loop") from None
-        raise DataError(f"{path}: cannot be read ({exc.strerror or _short(exc)})") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: {describe_os_error(path, exc)}") from None
     try:
         _check_regular(path, os.fstat(fd))
         return os.fdopen(fd, "rb")

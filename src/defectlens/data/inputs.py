@@ -14,7 +14,6 @@ Patterns (`*`, `?`, `[...]`, `**` for any depth) are matched by the same walker.
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import glob
 import os
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from defectlens.data.images import IMAGE_SUFFIXES
+from defectlens.data.images import IMAGE_SUFFIXES, describe_os_error
 
 
 @dataclass(frozen=True)
@@ -40,14 +39,10 @@ def classify(path: Path) -> tuple[str, str | None]:
     """('dir' | 'file' | 'bad', reason) for a path, following symbolic links safely."""
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        if os.path.islink(path):
-            return "bad", "broken symbolic link"
-        return "bad", "no such file or directory"
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return "bad", "symbolic link loop"
-        return "bad", exc.strerror or str(exc)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, FileNotFoundError) and not os.path.islink(path):
+            return "bad", "no such file or directory"
+        return "bad", describe_os_error(path, exc)
     if stat.S_ISDIR(mode):
         return "dir", None
     if stat.S_ISREG(mode):
