@@ -46,6 +46,8 @@ def sandbox(tmp_path, brick_root, monkeypatch):
     (root / "photos" / "holiday.jpg").write_bytes(b"\xff\xd8 not really")
     shutil.copytree(brick_root / "train" / "good", root / "data" / "train" / "good")
     (root / "file.txt").write_text("a file, not a folder")
+    (root / "deep").mkdir()
+    (root / "deep" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     (root / "corrupt").mkdir()
     for name in ("a.png", "b.png", "c.png"):
         (root / "corrupt" / name).write_bytes(b"\x89PNG\r\n\x1a\n\x00garbage")
@@ -80,6 +82,7 @@ FIT_CASES = [
     (["--out", "data"], ["holds the data being read"]),
     (["--out", "notes"], ["not a defectlens model", "todo.txt"]),
     (["--out", "photos"], ["not a defectlens model"]),
+    (["--out", "deep"], ["not a defectlens model's"]),
     (["--out", "file.txt"], ["exists and is not a folder"]),
     (["--out", "file.txt/model"], ["is not a folder"]),
     (["--out", "link-to-notes"], ["symbolic link"]),

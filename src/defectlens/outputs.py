@@ -54,7 +54,7 @@ def _describe_os_error(exc: OSError) -> str:
 def _is_model_config(config_path: Path) -> bool:
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(config, dict) and config.get("format") == MODEL_FORMAT
 
@@ -101,7 +101,8 @@ def _probe_writable(folder: Path, shown: Path) -> None:
 
 def _nearest_existing(path: Path) -> Path:
     current = path.absolute()
-    while not current.exists() and current != current.parent:
+    # os.path.exists, not Path.exists: a name too long for the file system raises in the latter
+    while not os.path.exists(current) and current != current.parent:
         current = current.parent
     return current
 
@@ -318,7 +319,7 @@ def read_results_marker(path: Path) -> dict:
     """What an earlier run recorded about a results folder ({} if none or unreadable)."""
     try:
         marker = json.loads((path / RESULTS_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return marker if isinstance(marker, dict) and marker.get("format") == RESULTS_FORMAT else {}
 
