@@ -55,7 +55,7 @@ def main() -> None:
     batch = next(iter_batches(images[:32], args.image_size, 32)).images
     rates = {}
     if not args.fit_only:  # the bare backbone, measured first, on a quiet process
-        extractor = detector._ensure_extractor()
+        extractor = detector.ensure_extractor()
         with torch.no_grad():
             rates["backbone_eager_img_s"] = round(rate(extractor, batch, args.repeats), 1)
             rates["backbone_traced_img_s"] = round(rate(extractor.fast, batch, args.repeats), 1)

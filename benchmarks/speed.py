@@ -26,7 +26,7 @@ def main(model: str, data: str) -> None:
     torch.set_num_threads(2)
     detector = load(model)
     batch = next(iter_batches(find_normal_images(data)[:32], detector.image_size, 32)).images
-    extractor = detector._ensure_extractor()
+    extractor = detector.ensure_extractor()
     with torch.no_grad():
         print(f"backbone eager  {rate(extractor, batch):6.1f} img/s")
         print(f"backbone traced {rate(extractor.fast, batch):6.1f} img/s")

@@ -176,7 +176,8 @@ class Detector:
             "method_params": self.model_.params(),
         }
 
-    def _ensure_extractor(self) -> FeatureExtractor:
+    def ensure_extractor(self) -> FeatureExtractor:
+        """The frozen backbone, built (and its weights file checked) on first use."""
         if self.extractor_ is None:
             self.extractor_ = build_extractor(
                 self.backbone, self.model_.strides, self.image_size, self.weights
@@ -216,7 +217,7 @@ class Detector:
                 raise DataError("need at least one fit image and one validation image")
             _warn_if_overlapping(fit_images, val)
         torch.manual_seed(self.seed)
-        extractor = self._ensure_extractor()  # missing weights: said before image problems
+        extractor = self.ensure_extractor()  # missing weights: said before image problems
         check_readable([*fit_images, *val])
         bar = tqdm(
             total=len(fit_images), desc=f"fit {self.method}", disable=not progress, unit="img"
@@ -267,7 +268,7 @@ class Detector:
         """
         if not self.model_.is_fitted:
             raise DefectLensError("the detector is not fitted: call fit() or load a model")
-        output = self.model_(self._ensure_extractor(), images)
+        output = self.model_(self.ensure_extractor(), images)
         with torch.no_grad():
             return self._postprocess(output.maps.detach(), images.shape[-2:]), output.scores
 

@@ -29,7 +29,7 @@ from defectlens.data.dataset import Sample, find_test_samples
 from defectlens.data.images import read_mask
 from defectlens.detector import Detector, Prediction
 from defectlens.errors import DataError
-from defectlens.outputs import prepare_results_dir
+from defectlens.outputs import prepare_results_dir, write_text_atomic
 from defectlens.results import ResultsTable, safe_text
 
 SCORE_COLUMNS = ("path", "score", "label", "predicted", "error")
@@ -85,6 +85,11 @@ def evaluate(
     root = Path(root)
     samples = find_test_samples(root)
     out_dir = None if out is None else prepare_results_dir(out, PRODUCES, "evaluate")
+    if out_dir is not None:
+        # An earlier run's summary (ours: the folder carries our marker) must not sit beside
+        # this run's scores if this one is interrupted.
+        for name in ("metrics.json", "report.html"):
+            (out_dir / name).unlink(missing_ok=True)
     by_path = {str(s.path): s for s in samples}
     with_masks = all(s.mask is not None for s in samples if s.label == 1)
     pixel = metrics.PixelMetrics(fpr_limit=0.3) if with_masks else None
@@ -155,7 +160,7 @@ def evaluate(
         if pixel is not None:
             pixel.close()
     if out_dir is not None:
-        (out_dir / "metrics.json").write_text(_json(evaluation.metrics) + "\n")
+        write_text_atomic(out_dir / "metrics.json", _json(evaluation.metrics) + "\n")
         if report:
             from defectlens.report.html import write_report
 

@@ -65,7 +65,7 @@ def save_detector(detector, path: str | Path, protect: tuple[str | Path, ...] = 
     tmp = temporary_sibling(path)
     try:
         save_file(detector.model_.fitted_state(), str(tmp / TENSORS))
-        extractor = detector._ensure_extractor()
+        extractor = detector.ensure_extractor()
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -217,7 +217,7 @@ def load_detector(path: str | Path, weights: str | None = None):
         detector.model_.check_geometry(detector.image_size, taps)
     except ModelFileError as exc:
         raise _reject(config_path, f"does not match {TENSORS}: {exc}") from None
-    extractor = detector._ensure_extractor()
+    extractor = detector.ensure_extractor()
     stored = config["backbone_weights"]
     if extractor.weights_sha256 != stored["sha256"]:
         raise ModelFileError(

@@ -332,5 +332,12 @@ def write_results_marker(path: Path, info: dict) -> None:
         raise OutputError(f"{path}: cannot write there ({_describe_os_error(exc)})") from None
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a reader never sees half a metrics.json."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def is_results_folder(path: Path) -> bool:
     return (path / RESULTS_MARKER).is_file()

@@ -16,6 +16,7 @@ from PIL import Image
 
 from defectlens import metrics
 from defectlens.data.images import read_image
+from defectlens.outputs import write_text_atomic
 from defectlens.report.overlay import panel
 from defectlens.results import safe_text
 
@@ -129,4 +130,4 @@ predicted mask in red, true mask in green.</p>
 {_examples(views, alarms[:N_EXAMPLES], t.pixel)}
 </body></html>
 """
-    path.write_text(page, encoding="utf-8")
+    write_text_atomic(path, page)
