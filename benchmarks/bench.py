@@ -3,8 +3,8 @@
     python benchmarks/bench.py ../shared/data/magnetic_tile --method padim --image-size 256
 
 Prints one JSON object (and a Markdown table row). Speeds are measured with 2 torch threads:
-- backbone img/s: the bare feature extractor (eager and traced) on a batch of 32 real images,
-  measured before fitting,
+- backbone img/s: the bare feature extractor (eager torch, and `fast` on the chosen backend)
+  on a batch of 32 real images, measured before fitting,
 - model img/s: the fitted detector on the same preloaded batch (no decoding),
 - end-to-end img/s: `evaluate`'s scoring loop (decode, resize, score, maps at full resolution).
 Peak RSS is the process's maximum resident memory (fit and evaluate included).
@@ -45,12 +45,14 @@ def main() -> None:
     parser.add_argument("--param", action="append", default=[], help="method parameter k=v (JSON)")
     parser.add_argument("--fit-only", action="store_true", help="skip evaluation (memory runs)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per speed figure")
+    parser.add_argument("--backend", default="onnxruntime", help="onnxruntime or torch")
     args = parser.parse_args()
     torch.set_num_threads(2)
     params = {k: json.loads(v) for k, v in (p.split("=", 1) for p in args.param)}
 
     images = find_normal_images(args.data)[: args.max_train]
     detector = Detector(method=args.method, image_size=args.image_size, method_params=params)
+    detector.use_backend(args.backend)
     # A real batch of 32 training images, for the speed measurements below.
     batch = next(iter_batches(images[:32], args.image_size, 32)).images
     rates = {}
@@ -58,7 +60,7 @@ def main() -> None:
         extractor = detector.ensure_extractor()
         with torch.no_grad():
             rates["backbone_eager_img_s"] = round(rate(extractor, batch, args.repeats), 1)
-            rates["backbone_traced_img_s"] = round(rate(extractor.fast, batch, args.repeats), 1)
+            rates["backbone_fast_img_s"] = round(rate(extractor.fast, batch, args.repeats), 1)
     start = time.perf_counter()
     detector.fit(images)
     fit_seconds = time.perf_counter() - start
@@ -69,6 +71,7 @@ def main() -> None:
         "method": args.method,
         "params": params,
         "image_size": args.image_size,
+        "backend": args.backend,
         "n_train": len(images),
         "fit_seconds": round(fit_seconds, 1),
         "fit_peak_rss_gb": round(fit_rss, 2),

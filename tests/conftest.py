@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,20 @@ from defectlens.data.synthetic import make_category
 IMAGE_SIZE = 64  # small images keep the suite fast; the maths is size-independent
 
 torch.set_num_threads(2)  # the thread setting we ship and benchmark with
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory):
+    """One backbone export per test session (it takes seconds), never in the user's ~/.cache;
+    subprocesses the tests start inherit it."""
+    folder = tmp_path_factory.mktemp("cache")
+    previous = os.environ.get("DEFECTLENS_CACHE_DIR")
+    os.environ["DEFECTLENS_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("DEFECTLENS_CACHE_DIR", None)
+    else:
+        os.environ["DEFECTLENS_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -47,6 +47,13 @@ class Interrupted(KeyboardInterrupt):
 
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+backend_option = click.option(
+    "--backend",
+    type=click.Choice(["onnxruntime", "torch"]),
+    default=None,
+    help="Where the backbone runs: onnxruntime (default, or $DEFECTLENS_BACKEND; about 4x "
+    "faster on a CPU) or eager torch. Both give the same scores to float32 precision.",
+)
 weights_option = click.option(
     "--weights",
     type=click.Path(dir_okay=False),
@@ -173,6 +180,7 @@ def cli(debug: bool) -> None:
 )
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@backend_option
 @max_pixels_option
 @quiet_option
 def fit(
@@ -193,6 +201,7 @@ def fit(
     params,
     batch_size,
     seed,
+    backend,
     max_pixels,
     quiet,
 ) -> None:
@@ -230,6 +239,8 @@ def fit(
         seed=seed,
         method_params=method_params,
     )
+    if backend is not None:
+        detector.use_backend(backend)
     try:
         detector.fit(data, val_images=val, progress=not quiet)
     except KeyboardInterrupt:
@@ -261,9 +272,10 @@ def _parse_params(items: tuple[str, ...]) -> dict:
 @click.option("--save-maps", is_flag=True, help="Also write maps/<path>.npy (float32 raw maps).")
 @click.option("--no-report", is_flag=True, help="Skip report.html.")
 @weights_option
+@backend_option
 @max_pixels_option
 @quiet_option
-def evaluate(model, data, out, save_maps, no_report, weights, max_pixels, quiet) -> None:
+def evaluate(model, data, out, save_maps, no_report, weights, backend, max_pixels, quiet) -> None:
     """Score the test images of DATA (MVTec layout) and write metrics, scores and a report.
 
     Unreadable images or masks are listed in scores.csv and metrics.json with their error and
@@ -276,7 +288,7 @@ def evaluate(model, data, out, save_maps, no_report, weights, max_pixels, quiet)
 
     _apply_max_pixels(max_pixels)
     out_dir = prepare_results_dir(out, PRODUCES, "evaluate")
-    detector = load_detector(model, weights=weights)
+    detector = load_detector(model, weights=weights, backend=backend)
 
     def on_skip(path: str, error: str) -> None:
         _warn(f"skipped {path}: {error}")
@@ -348,10 +360,11 @@ RESULT_COLUMNS = ("path", "score", "predicted", "defect_pixels", "error")
     help="Start again in an --out that holds the results of an earlier run.",
 )
 @weights_option
+@backend_option
 @max_pixels_option
 @quiet_option
 def predict(
-    model, inputs, out, no_images, as_json, resume, overwrite, weights, max_pixels, quiet
+    model, inputs, out, no_images, as_json, resume, overwrite, weights, backend, max_pixels, quiet
 ) -> None:
     """Score images: INPUTS are files, folders (searched recursively) or glob patterns.
 
@@ -382,7 +395,9 @@ def predict(
             )
     items = expand_inputs(inputs, skip_folder=is_results_folder)
     # Without anything to score, the model is not needed: say so before loading it.
-    detector = None if all(i.error for i in items) else load_detector(model, weights=weights)
+    detector = None
+    if not all(i.error for i in items):
+        detector = load_detector(model, weights=weights, backend=backend)
     if out_dir is not None and detector is not None:
         _check_same_model(out_dir, model, resume)
     table = None

@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from defectlens.backbones import FeatureExtractor, build_extractor, get_spec
-from defectlens.components.blur import gaussian_blur
+from defectlens.components.resample import resample
 from defectlens.data.dataset import find_normal_images
 from defectlens.data.images import probe_image
 from defectlens.data.loader import ImageInput, iter_batches
@@ -34,6 +33,7 @@ from defectlens.errors import (
 )
 from defectlens.methods import AnomalyMethod, get_method
 from defectlens.params import check_float, check_int, check_seed
+from defectlens.runtime import check_backend_name, default_backend_name, make_backend
 from defectlens.thresholds import Thresholds, from_normal_scores
 
 MAX_IMAGE_SIZE = 2048  # the models' input side; larger would need tens of GB for PaDiM
@@ -155,6 +155,9 @@ class Detector:
             raise ParameterError(f"{method}: {exc}") from None
         self.extractor_: FeatureExtractor | None = None
         self.thresholds_: Thresholds | None = None
+        # Where the backbone runs: not a model parameter (every backend gives the same scores
+        # to float32 precision), so not saved; see `use_backend`.
+        self.backend = default_backend_name()
 
     # -- configuration -------------------------------------------------------------------
     @classmethod
@@ -177,12 +180,22 @@ class Detector:
         }
 
     def ensure_extractor(self) -> FeatureExtractor:
-        """The frozen backbone, built (and its weights file checked) on first use."""
+        """The frozen backbone, built (and its weights file checked) on first use, running on
+        the chosen backend."""
         if self.extractor_ is None:
-            self.extractor_ = build_extractor(
+            extractor = build_extractor(
                 self.backbone, self.model_.strides, self.image_size, self.weights
             )
+            extractor.use_backend(make_backend(self.backend, extractor))
+            self.extractor_ = extractor
         return self.extractor_
+
+    def use_backend(self, name: str) -> Detector:
+        """Run the backbone on `name` ('onnxruntime' or 'torch') from now on."""
+        self.backend = check_backend_name(name)
+        if self.extractor_ is not None:
+            self.extractor_.use_backend(make_backend(name, self.extractor_))
+        return self
 
     # -- fitting ---------------------------------------------------------------------------
     def split_validation(self, images: list[ImageInput]) -> tuple[list, list]:
@@ -261,23 +274,19 @@ class Detector:
 
     # -- inference -------------------------------------------------------------------------
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Smoothed maps (B, S, S) and the method's own image scores (or None) for a batch.
+        """Smoothed maps (B, S, S) and the method's own image scores (or None) for a batch."""
+        raw, scores = self._raw_maps(images)
+        size = (self.image_size, self.image_size)
+        return resample(raw, size, self.image_size, self.sigma), scores
 
-        Not under no_grad: a method may need autograd (DifferNet's gradient maps); the others
-        disable it themselves.
-        """
+    def _raw_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The method's raw maps (B, h, w) and own scores. Not under no_grad: a method may
+        need autograd (DifferNet's gradient maps); the others disable it themselves."""
         if not self.model_.is_fitted:
             raise DefectLensError("the detector is not fitted: call fit() or load a model")
         output = self.model_(self.ensure_extractor(), images)
-        with torch.no_grad():
-            return self._postprocess(output.maps.detach(), images.shape[-2:]), output.scores
-
-    def _postprocess(self, raw: torch.Tensor, size: torch.Size) -> torch.Tensor:
-        """Raw maps (B, h, w) -> upsampled to the input size (bilinear) and smoothed."""
-        maps = F.interpolate(
-            raw.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False
-        ).squeeze(1)
-        return gaussian_blur(maps, self.sigma)
+        scores = None if output.scores is None else output.scores.detach()
+        return output.maps.detach().float(), scores
 
     def iter_predict(
         self,
@@ -298,7 +307,7 @@ class Detector:
         try:
             for batch in iter_batches(images, self.image_size, self.batch_size, yield_errors=True):
                 if batch.sources:
-                    maps, scores = self.score_batch(batch.images)
+                    raw, scores = self._raw_maps(batch.images)
                 entries = iter(batch.entries)
                 for i, (source, size) in enumerate(zip(batch.sources, batch.sizes, strict=True)):
                     # Report the unreadable inputs that came before this one, in input order.
@@ -306,12 +315,9 @@ class Detector:
                         if error is None:
                             break
                         handler(earlier, error)
-                    full = maps[i]
-                    if tuple(size) != tuple(full.shape):
-                        full = F.interpolate(
-                            full[None, None], size=size, mode="bilinear", align_corners=False
-                        )[0, 0]
-                    amap = full.numpy().astype(np.float32, copy=False)
+                    # Upsampled, smoothed and resized to the image's own size in one step.
+                    full = resample(raw[i : i + 1], tuple(size), self.image_size, self.sigma)
+                    amap = full[0].numpy()
                     score = float(amap.max()) if scores is None else float(scores[i])
                     name = names[id(source)]
                     if not (np.isfinite(score) and np.isfinite(amap).all()):
@@ -357,7 +363,9 @@ class Detector:
         return save_detector(self, path, tuple(protect))
 
     @classmethod
-    def load(cls, path: str | Path, weights: str | None = None) -> Detector:
+    def load(
+        cls, path: str | Path, weights: str | None = None, backend: str | None = None
+    ) -> Detector:
         from defectlens.io import load_detector
 
-        return load_detector(path, weights=weights)
+        return load_detector(path, weights=weights, backend=backend)

@@ -175,8 +175,10 @@ def _migrate(config: dict, tensors: dict[str, Any]) -> None:
         tensors.pop("bank_index", None)  # the index is rebuilt from the vectors, never read
 
 
-def load_detector(path: str | Path, weights: str | None = None):
-    """Load a saved model; every problem is a one-line ModelFileError naming the file."""
+def load_detector(path: str | Path, weights: str | None = None, backend: str | None = None):
+    """Load a saved model; every problem is a one-line ModelFileError naming the file.
+
+    `backend` chooses where the backbone runs (default: `runtime.default_backend_name()`)."""
     from defectlens.detector import Detector
 
     path = Path(path)
@@ -191,6 +193,8 @@ def load_detector(path: str | Path, weights: str | None = None):
         detector = Detector(**params)
     except DefectLensError as exc:
         raise _reject(config_path, str(exc)) from None
+    if backend is not None:
+        detector.use_backend(backend)
     stored_params = set(params["method_params"])
     _check_keys(
         config_path, "detector.method_params.", stored_params, set(detector.model_.params())

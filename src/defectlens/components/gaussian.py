@@ -121,18 +121,30 @@ def unpack_lower(packed: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def mahalanobis(
-    features: torch.Tensor, mean: torch.Tensor, inv_chol: torch.Tensor, chunk: int = 512
+    features: torch.Tensor,
+    mean: torch.Tensor,
+    inv_chol: torch.Tensor,
+    chunk: int = 512,
+    projected_mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Distances (B, P) of embeddings (P, C, B) to per-position Gaussians (P, C), (P, C, C).
 
     |W (x - m)| is computed as |W x - W m|: one batched product on the embeddings as they are,
-    no centred copy. Chunked over positions to bound the temporary memory.
+    no centred copy. `projected_mean` (P, C, 1) = W m may be given precomputed (it does not
+    depend on the images). Chunked over positions to bound the temporary memory.
     """
+    if projected_mean is None:
+        projected_mean = project_mean(mean, inv_chol)
     p, _, b = features.shape
     out = features.new_empty(p, b)
     for start in range(0, p, chunk):
         sl = slice(start, start + chunk)
         projected = torch.bmm(inv_chol[sl], features[sl])
-        projected.sub_(torch.bmm(inv_chol[sl], mean[sl].unsqueeze(2)))
+        projected.sub_(projected_mean[sl])
         out[sl] = projected.square_().sum(dim=1)
     return out.clamp_min_(0).sqrt_().T
+
+
+def project_mean(mean: torch.Tensor, inv_chol: torch.Tensor) -> torch.Tensor:
+    """W m per position: (P, C, 1)."""
+    return torch.bmm(inv_chol, mean.unsqueeze(2))

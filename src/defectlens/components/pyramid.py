@@ -1,8 +1,9 @@
 """Multi-stride feature maps -> one embedding per position, laid out position-major.
 
 Per-position statistics (PaDiM's Gaussians) work on (P, C, B) tensors: positions as the batch
-of small matrix products. Writing the upsampled taps straight into that layout is one pass over
-memory, about 3x faster than interpolate + concatenate + permute.
+of small matrix products. Each tap is first transposed to (h, w, C, B) at its own resolution (one
+cache-friendly pass), then replicated into the finest grid; gathering the batch axis innermost
+straight from (B, C, h, w) strides across the whole tensor and took 1.6x as long.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def position_major(features: Sequence[torch.Tensor], mode: str = "nearest") -> t
     for f in features:
         c, fh, fw = f.shape[1:]
         ky, kx = h // fh, w // fw
-        source = f.permute(2, 3, 1, 0)[:, None, :, None].expand(fh, ky, fw, kx, c, b)
+        source = f.permute(2, 3, 1, 0).contiguous()[:, None, :, None].expand(fh, ky, fw, kx, c, b)
         out.view(fh, ky, fw, kx, total, b)[..., start : start + c, :].copy_(source)
         start += c
     return out.view(h * w, total, b)

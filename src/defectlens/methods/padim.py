@@ -17,6 +17,7 @@ from defectlens.backbones import FeatureExtractor
 from defectlens.components.gaussian import (
     GaussianAccumulator,
     mahalanobis,
+    project_mean,
     unpack_lower,
 )
 from defectlens.components.pyramid import position_major
@@ -53,6 +54,7 @@ class Padim(AnomalyMethod):
         self.upsample = check_choice("upsample", upsample, ("nearest", "bilinear"))
         self.seed = check_seed("seed", seed)
         self._inv_chol: torch.Tensor | None = None  # unpacked cache, not saved
+        self._projected_mean: torch.Tensor | None = None  # W m, likewise
 
     def _embed(self, extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
         """Embeddings (P, C, B) of a batch, through the traced backbone."""
@@ -117,8 +119,11 @@ class Padim(AnomalyMethod):
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
         if self._inv_chol is None:
             self._inv_chol = unpack_lower(self.inv_chol_packed, self.channel_index.numel())
+            self._projected_mean = project_mean(self.mean, self._inv_chol)
         with torch.no_grad():
             embedding = self._embed(extractor, images)
-            distances = mahalanobis(embedding, self.mean, self._inv_chol)
+            distances = mahalanobis(
+                embedding, self.mean, self._inv_chol, projected_mean=self._projected_mean
+            )
         side = images.shape[-1] // self.strides[0]
         return MethodOutput(maps=distances.view(images.shape[0], -1, side))

@@ -1,0 +1,102 @@
+"""The backbone as an ONNX graph: exported from the local weights once, then cached on disk.
+
+The graph is exported with torch's dynamo-based exporter (cleaner and faster to run than the
+legacy tracer's graph: 0.29 s against 0.56 s for 32 images at 256 px on 2 cores), with every tap
+of the backbone as an output and free batch, height and width, so one graph serves every
+method, image size and DifferNet's three scales. Exporting takes 5-15 s, so the file is cached
+under `cache_dir()`, named by a hash of everything that determines it (backbone, its weights'
+SHA-256, torch version, this module's export version): a cached graph is only ever one that
+this machine exported itself from weights it checked. Each session then keeps only the outputs
+it needs, so unused stages are not computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from defectlens.backbones import FeatureExtractor
+
+EXPORT_VERSION = 1
+INPUT = "images"
+
+
+def cache_dir() -> Path:
+    """$DEFECTLENS_CACHE_DIR, else $XDG_CACHE_HOME/defectlens, else ~/.cache/defectlens."""
+    if os.environ.get("DEFECTLENS_CACHE_DIR"):
+        return Path(os.environ["DEFECTLENS_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "defectlens"
+
+
+def output_name(stride: int) -> str:
+    return f"stride{stride}"
+
+
+def graph_key(extractor: FeatureExtractor) -> str:
+    identity = {
+        "backbone": extractor.spec.name,
+        "weights_sha256": extractor.weights_sha256,
+        "taps": sorted(extractor.spec.taps),
+        "torch": torch.__version__,
+        "export_version": EXPORT_VERSION,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def export_backbone(extractor: FeatureExtractor, path: Path) -> None:
+    """Write the backbone (all taps, free batch/height/width) as an ONNX file at `path`."""
+    module = extractor.all_taps().eval()
+    taps = sorted(extractor.spec.taps)
+    example = torch.rand(2, 3, 256, 256)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    height = torch.export.Dim("height", min=16, max=16384)
+    width = torch.export.Dim("width", min=16, max=16384)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notices
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT],
+                output_names=[output_name(s) for s in taps],
+                dynamic_shapes={"images": {0: batch, 2: height, 3: width}},
+                verbose=False,
+            )
+        program.save(str(path))
+    finally:
+        exporter_log.setLevel(level)
+
+
+def backbone_graph(extractor: FeatureExtractor) -> Path:
+    """The cached graph for this backbone and weights, exported first if needed."""
+    folder = cache_dir() / "onnx"
+    path = folder / f"{extractor.spec.name}-{graph_key(extractor)[:24]}.onnx"
+    if path.is_file():
+        return path
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        target_folder = folder
+    except OSError:  # no writable cache: export for this process only
+        target_folder = Path(tempfile.mkdtemp(prefix="defectlens-onnx-"))
+        path = target_folder / path.name
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=target_folder)
+    os.close(fd)
+    try:
+        export_backbone(extractor, Path(tmp))
+        os.replace(tmp, path)  # whole file or nothing: a concurrent exporter just replaces it
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
