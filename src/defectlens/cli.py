@@ -51,7 +51,7 @@ backend_option = click.option(
     "--backend",
     type=click.Choice(["onnxruntime", "torch"]),
     default=None,
-    help="Where the backbone runs: onnxruntime (default, or $DEFECTLENS_BACKEND; about 4x "
+    help="Where the backbone runs: onnxruntime (default, or $DEFECTLENS_BACKEND; about 5x "
     "faster on a CPU) or eager torch. Both give the same scores to float32 precision.",
 )
 weights_option = click.option(

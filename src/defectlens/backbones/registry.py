@@ -102,7 +102,7 @@ class FeatureExtractor(nn.Module):
 
     `forward` is eager torch with autograd available (DifferNet differentiates through it).
     `fast` is inference without autograd, on the backend set with `use_backend` (an object from
-    `defectlens.runtime`, e.g. onnxruntime, about 4x faster than eager torch on a CPU); without
+    `defectlens.runtime`, e.g. onnxruntime, about 5x faster than eager torch on a CPU); without
     one it runs eager torch in channels-last memory format (about 1.5x faster than the default
     layout for these convolution stacks).
     """
