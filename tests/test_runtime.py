@@ -91,3 +91,15 @@ def test_a_backbone_that_cannot_be_exported_falls_back_to_torch(monkeypatch, tmp
 def test_backend_names_are_checked():
     with pytest.raises(ParameterError, match="unknown backend 'tensorrt'"):
         Detector().use_backend("tensorrt")
+
+
+def test_without_a_writable_cache_the_graph_is_temporary(monkeypatch, tmp_path):
+    extractor = build_extractor("efficientnet_lite0", (8,), 64)
+    good = onnx_graph.backbone_graph(extractor).read_bytes()  # from the session's cache
+    (tmp_path / "file").write_text("a file: no cache folder can be made below it")
+    monkeypatch.setenv("DEFECTLENS_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    monkeypatch.setattr(onnx_graph.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(onnx_graph, "export_backbone", lambda e, target: target.write_bytes(good))
+    backend = OnnxRuntimeBackend(extractor)
+    assert backend(torch.rand(1, 3, 64, 64))[0].shape == (1, 40, 8, 8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the temporary graph is gone

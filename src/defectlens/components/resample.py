@@ -60,7 +60,7 @@ def gaussian_matrix(size: int, sigma: float) -> torch.Tensor:
     return matrix
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=64)
 def axis_matrix(out_size: int, raw_size: int, image_size: int, sigma: float) -> torch.Tensor:
     """raw -> upsample to image_size -> smooth -> resize to out_size, along one axis (float32)."""
     composed = (

@@ -16,6 +16,7 @@ changes a decision by more than that.
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from typing import ClassVar
@@ -24,7 +25,7 @@ import torch
 
 from defectlens.backbones import FeatureExtractor
 from defectlens.errors import DefectLensWarning, ParameterError
-from defectlens.runtime.onnx_graph import INPUT, backbone_graph, output_name
+from defectlens.runtime.onnx_graph import INPUT, backbone_graph, is_temporary, output_name
 
 DEFAULT_BACKEND = "onnxruntime"
 
@@ -80,7 +81,10 @@ def _graph_for(extractor: FeatureExtractor, outputs: list[str]) -> bytes:
         model = onnx.load(str(path))
     except Exception:  # a damaged cache file: export again, once
         path.unlink(missing_ok=True)
-        model = onnx.load(str(backbone_graph(extractor)))
+        path = backbone_graph(extractor)
+        model = onnx.load(str(path))
+    if is_temporary(path):  # no writable cache: nothing to keep once loaded
+        shutil.rmtree(path.parent, ignore_errors=True)
     if len(outputs) < len(model.graph.output):
         model = onnx.utils.Extractor(model).extract_model([INPUT], outputs)
     return model.SerializeToString()

@@ -26,6 +26,12 @@ from defectlens.backbones import FeatureExtractor
 
 EXPORT_VERSION = 1
 INPUT = "images"
+TEMPORARY_PREFIX = "defectlens-onnx-"
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether `path` was exported outside the cache, for this process only."""
+    return path.parent.name.startswith(TEMPORARY_PREFIX) and path.parent != cache_dir() / "onnx"
 
 
 def cache_dir() -> Path:
@@ -80,7 +86,9 @@ def export_backbone(extractor: FeatureExtractor, path: Path) -> None:
 
 
 def backbone_graph(extractor: FeatureExtractor) -> Path:
-    """The cached graph for this backbone and weights, exported first if needed."""
+    """The cached graph for this backbone and weights, exported first if needed. Without a
+    writable cache the graph goes to a temporary folder (see `is_temporary`) that the caller
+    removes once the graph is loaded."""
     folder = cache_dir() / "onnx"
     path = folder / f"{extractor.spec.name}-{graph_key(extractor)[:24]}.onnx"
     if path.is_file():
@@ -89,7 +97,7 @@ def backbone_graph(extractor: FeatureExtractor) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         target_folder = folder
     except OSError:  # no writable cache: export for this process only
-        target_folder = Path(tempfile.mkdtemp(prefix="defectlens-onnx-"))
+        target_folder = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX))
         path = target_folder / path.name
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=target_folder)
     os.close(fd)
