@@ -145,7 +145,7 @@ def check_model_target(path: str | Path, protect: Iterable[str | Path] = ()) -> 
     path = Path(path)
     if not path.name or path.name in (".", ".."):
         path = path.absolute()
-    _check_name_lengths(path, extra=len(f"..{_TMP_TAG}-{os.getpid()}-12345678"))
+    _check_name_lengths(path, extra=len(_tagged_name(path, _TMP_TAG)) - len(path.name))
     if path.is_symlink():
         raise OutputError(f"{path}: is a symbolic link; give the model folder's real path")
     if path.exists() and not path.is_dir():
@@ -180,23 +180,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def leftovers(path: Path) -> list[Path]:
-    """Hidden siblings left by saves to `path` that were killed (their process is gone)."""
+def _tagged_name(path: Path, tag: str) -> str:
+    """`.NAME.TAG-PID-RANDOM`: hidden, tied to `path`, and to this process."""
+    return f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _tagged_siblings(path: Path) -> list[tuple[Path, str, int]]:
+    """(sibling, tag, pid) for every `_tagged_name` folder next to `path`."""
     parent = path.parent if str(path.parent) else Path(".")
-    found = []
     try:
-        siblings = list(parent.iterdir())
+        siblings = sorted(parent.iterdir())
     except OSError:
         return []
     prefix = f".{path.name}."
+    found = []
     for sibling in siblings:
         rest = sibling.name[len(prefix) :] if sibling.name.startswith(prefix) else ""
         for tag in (_TMP_TAG, _OLD_TAG):
-            if rest.startswith(tag + "-"):
-                pid_text = rest[len(tag) + 1 :].split("-", 1)[0]
-                if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-                    found.append(sibling)
-    return sorted(found)
+            pid_text = rest[len(tag) + 1 :].split("-", 1)[0]
+            if rest.startswith(tag + "-") and pid_text.isdigit():
+                found.append((sibling, tag, int(pid_text)))
+    return found
+
+
+def leftovers(path: Path) -> list[Path]:
+    """Hidden siblings left by saves to `path` that were killed (their process is gone)."""
+    return [sibling for sibling, _, pid in _tagged_siblings(path) if not _pid_alive(pid)]
 
 
 def clean_leftovers(path: Path) -> list[Path]:
@@ -219,7 +228,7 @@ def clean_leftovers(path: Path) -> list[Path]:
 def temporary_sibling(path: Path) -> Path:
     """A new hidden folder next to `path`, tagged with our pid so a later save can clean it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{_TMP_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / _tagged_name(path, _TMP_TAG)
     tmp.mkdir()
     return tmp
 
@@ -257,7 +266,7 @@ def replace_folder(new: Path, path: Path) -> None:
     if _exchange(new, path):
         shutil.rmtree(new)  # `new` now holds the old model
         return
-    aside = path.parent / f".{path.name}.{_OLD_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    aside = path.parent / _tagged_name(path, _OLD_TAG)
     os.rename(path, aside)
     try:
         os.rename(new, path)
@@ -269,11 +278,7 @@ def replace_folder(new: Path, path: Path) -> None:
 
 def interrupted_save_hint(path: Path) -> str:
     """Where the previous model went if a save to `path` was killed mid-swap ('' if nowhere)."""
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        old = sorted(parent.glob(f".{path.name}.{_OLD_TAG}-*"))
-    except OSError:
-        old = []
+    old = [sibling for sibling, tag, _ in _tagged_siblings(path) if tag == _OLD_TAG]
     if not old:
         return ""
     return f"; an interrupted save left the previous model in {old[-1]}: rename it back to {path}"
@@ -296,9 +301,8 @@ def prepare_results_dir(
     for item in protect:
         if path.exists() and path.resolve() == Path(item).resolve():
             raise OutputError(f"{path}: is an input folder; give a separate folder for results")
-    marker = path / RESULTS_MARKER
     previous = read_results_marker(path)
-    if path.is_dir() and not marker.is_file():
+    if path.is_dir() and not is_results_folder(path):
         taken = [n for n in produces if (path / n).exists() or (path / n).is_symlink()]
         if taken:
             raise OutputError(

@@ -80,12 +80,6 @@ def check_int_list(
     return items
 
 
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ParameterError(f"{name} must be true or false, not {_describe(value)}")
-    return value
-
-
 def check_optional(check, name: str, value: Any, *args, **kwargs):
     """`check(name, value, ...)` unless value is None."""
     return None if value is None else check(name, value, *args, **kwargs)

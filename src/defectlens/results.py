@@ -80,7 +80,6 @@ class ResultsTable:
             self.close()
             raise
         self._writer = csv.writer(self._fh)
-        self.rows_written = 0
 
     def _open(self, resume: bool, is_done) -> None:
         """Keep the finished rows of an earlier run (rewritten atomically), then append."""
@@ -125,7 +124,6 @@ class ResultsTable:
         """Append one row and push it to the OS, so a crash or a kill cannot lose it."""
         self._writer.writerow([safe_text(str(v)) for v in values])
         self._fh.flush()
-        self.rows_written += 1
 
     def close(self) -> None:
         if hasattr(self, "_fh") and not self._fh.closed:

@@ -9,7 +9,6 @@ from defectlens.backbones.registry import (
     BackboneSpec,
     FeatureExtractor,
     available_backbones,
-    backbone_names,
     build_extractor,
     get_spec,
 )
@@ -18,7 +17,6 @@ __all__ = [
     "BackboneSpec",
     "FeatureExtractor",
     "available_backbones",
-    "backbone_names",
     "build_extractor",
     "get_spec",
 ]

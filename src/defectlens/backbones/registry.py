@@ -51,11 +51,6 @@ def available_backbones() -> list[BackboneSpec]:
     return list(_REGISTRY.values())
 
 
-def backbone_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
 def get_spec(name: str) -> BackboneSpec:
     _load_builtin()
     if not isinstance(name, str) or name not in _REGISTRY:

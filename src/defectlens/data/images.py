@@ -187,21 +187,25 @@ def _open_regular_file(path: Path) -> IO[bytes]:
         raise
 
 
+def describe_special_file(mode: int) -> str:
+    """Why a path that is neither a folder nor a regular file cannot be read as an image."""
+    if stat.S_ISFIFO(mode):
+        kind = "a named pipe"
+    elif stat.S_ISSOCK(mode):
+        kind = "a socket"
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        kind = "a device"
+    else:
+        kind = "a special file"
+    return f"not a regular file ({kind})"
+
+
 def _check_regular(path: Path, info: os.stat_result) -> None:
     mode = info.st_mode
     if stat.S_ISDIR(mode):
         raise DataError(f"{path}: is a folder, not an image")
     if not stat.S_ISREG(mode):
-        kind = (
-            "a named pipe"
-            if stat.S_ISFIFO(mode)
-            else "a socket"
-            if stat.S_ISSOCK(mode)
-            else "a device"
-            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "a special file"
-        )
-        raise DataError(f"{path}: not a regular file ({kind})")
+        raise DataError(f"{path}: {describe_special_file(mode)}")
     if info.st_size == 0:
         raise DataError(f"{path}: empty file")
 

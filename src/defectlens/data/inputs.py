@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from defectlens.data.images import IMAGE_SUFFIXES, describe_os_error
+from defectlens.data.images import IMAGE_SUFFIXES, describe_os_error, describe_special_file
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,19 @@ def classify(path: Path) -> tuple[str, str | None]:
         return "dir", None
     if stat.S_ISREG(mode):
         return "file", None
-    return "bad", "not a regular file (a FIFO, socket or device)"
+    return "bad", describe_special_file(mode)
 
 
-def _unsupported(path: Path) -> str | None:
+def _found(path: Path, kind: str, reason: str | None) -> InputItem:
+    """An entry found in a folder or by a pattern: files must have an image suffix."""
+    if kind != "file":
+        return InputItem(path, reason)
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return None
+        return InputItem(path)
     shown = path.suffix or "no suffix"
-    return f"not an image type defectlens reads ({shown}; reads {', '.join(IMAGE_SUFFIXES)})"
+    return InputItem(
+        path, f"not an image type defectlens reads ({shown}; reads {', '.join(IMAGE_SUFFIXES)})"
+    )
 
 
 def walk(
@@ -119,14 +124,11 @@ def expand_pattern(pattern: str, skip_folder: Callable[[Path], bool]) -> list[In
     if classify(base)[0] != "dir":
         return []
     depth = None if "**" in wanted else len(wanted)
-    found = []
-    for path, kind, reason in walk(base, skip_folder, depth):
-        if _match(wanted, path.relative_to(base).parts):
-            if kind == "file":
-                found.append(InputItem(path, _unsupported(path)))
-            else:
-                found.append(InputItem(path, reason))
-    return found
+    return [
+        _found(path, kind, reason)
+        for path, kind, reason in walk(base, skip_folder, depth)
+        if _match(wanted, path.relative_to(base).parts)
+    ]
 
 
 def expand_inputs(
@@ -145,9 +147,7 @@ def expand_inputs(
         if kind == "file":
             items.append(InputItem(path))
         elif kind == "dir":
-            for found, found_kind, found_reason in walk(path, skip_folder):
-                error = _unsupported(found) if found_kind == "file" else found_reason
-                items.append(InputItem(found, error))
+            items.extend(_found(*entry) for entry in walk(path, skip_folder))
         elif glob.has_magic(name) and reason == "no such file or directory":
             matches = expand_pattern(name, skip_folder)
             items.extend(matches or [InputItem(path, "pattern matches no files")])
