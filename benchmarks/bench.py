@@ -54,7 +54,8 @@ def main() -> None:
     detector = Detector(method=args.method, image_size=args.image_size, method_params=params)
     detector.use_backend(args.backend)
     # A real batch of 32 training images, for the speed measurements below.
-    batch = next(iter_batches(images[:32], args.image_size, 32)).images
+    batch_np = next(iter_batches(images[:32], args.image_size, 32)).images
+    batch = torch.from_numpy(batch_np)
     rates = {}
     if not args.fit_only:  # the bare backbone, measured first, on a quiet process
         extractor = detector.ensure_extractor()
@@ -95,7 +96,7 @@ def main() -> None:
                 false_alarm_rate=round(m["false_alarm_rate"], 4),
                 miss_rate=round(m["miss_rate"], 4),
                 end_to_end_img_s=round(m["images_per_second"], 1),
-                model_img_s=round(rate(detector.score_batch, batch, args.repeats), 1),
+                model_img_s=round(rate(detector.score_batch, batch_np, args.repeats), 1),
                 **rates,
             )
     result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)

@@ -17,7 +17,8 @@ import faiss
 import numpy as np
 import torch
 
-from defectlens.components.memory_bank import MemoryBank, make_index
+from defectlens.components.knn import make_index
+from defectlens.components.memory_bank import MemoryBank
 
 
 def main() -> None:

@@ -30,9 +30,12 @@ def main(root: str) -> None:
     labels = np.array([s.label for s in test])
 
     def image_auroc(embed) -> float:
-        bank = torch.cat([embed(b.images) for b in iter_batches(train, 256, 32)])
+        bank = torch.cat([embed(torch.from_numpy(b.images)) for b in iter_batches(train, 256, 32)])
         queries = torch.cat(
-            [embed(b.images) for b in iter_batches([s.path for s in test], 256, 32)]
+            [
+                embed(torch.from_numpy(b.images))
+                for b in iter_batches([s.path for s in test], 256, 32)
+            ]
         )
         d = bank.shape[-1]
         index = faiss.IndexFlatL2(d)

@@ -48,7 +48,8 @@ def main() -> None:
     torch.set_num_threads(2)
     detector = load(args.model, backend="torch")
     images = find_normal_images(args.data)[:32]
-    batch = next(iter_batches(images, detector.image_size, 32)).images
+    batch_np = next(iter_batches(images, detector.image_size, 32)).images
+    batch = torch.from_numpy(batch_np)
     extractor = detector.ensure_extractor()
     reference = copy.deepcopy(extractor).eval()
     reference.net.to(memory_format=torch.contiguous_format)  # the layout torch gives by default
@@ -58,7 +59,7 @@ def main() -> None:
         for backend in BACKENDS:
             detector.use_backend(backend)
             result[f"backbone_{backend}"] = round(rate(extractor.fast, batch), 1)
-            result[f"model_{backend}"] = round(rate(detector.score_batch, batch), 1)
+            result[f"model_{backend}"] = round(rate(detector.score_batch, batch_np), 1)
     for backend in BACKENDS:
         out = Path(args.out) / backend
         printed = _cli(

@@ -3,14 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from defectlens.components.memory_bank import (
-    ExactIndex,
-    GreedyCoresetSampler,
-    HNSWIndex,
-    IVFIndex,
-    MemoryBank,
-    make_index,
-)
+from defectlens.components.knn import ExactIndex, HNSWIndex, IVFIndex, make_index
+from defectlens.components.memory_bank import GreedyCoresetSampler, MemoryBank
 
 
 def _naive_greedy(points: np.ndarray, k: int, first: int) -> list[int]:

@@ -10,7 +10,8 @@ from defectlens import Detector, load
 from defectlens.backbones import build_extractor
 from defectlens.data import find_test_samples
 from defectlens.errors import DefectLensWarning, ParameterError
-from defectlens.runtime import OnnxRuntimeBackend, TorchBackend, make_backend, onnx_graph
+from defectlens.runtime import onnx_graph
+from defectlens.runtime.backends import OnnxRuntimeBackend, TorchBackend, make_backend
 
 from .conftest import IMAGE_SIZE
 

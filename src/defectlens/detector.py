@@ -11,7 +11,6 @@ import inspect
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,41 +23,15 @@ from defectlens.components.resample import resample
 from defectlens.data.dataset import find_normal_images
 from defectlens.data.images import probe_image
 from defectlens.data.loader import ImageInput, iter_batches
-from defectlens.errors import (
-    DataError,
-    DataWarning,
-    DefectLensError,
-    ParameterError,
-    ScoringError,
-)
+from defectlens.errors import DataError, DataWarning, DefectLensError, ParameterError
 from defectlens.methods import AnomalyMethod, get_method
 from defectlens.params import check_float, check_int, check_seed
-from defectlens.runtime import check_backend_name, default_backend_name, make_backend
+from defectlens.prediction import Prediction, iter_predictions
+from defectlens.runtime.backends import check_backend_name, default_backend_name, make_backend
 from defectlens.thresholds import Thresholds, from_normal_scores
 
 MAX_IMAGE_SIZE = 2048  # the models' input side; larger would need tens of GB for PaDiM
 MAX_SIGMA = 64.0  # smoothing radius 4 sigma = 256 px of the S x S map at most
-
-
-@dataclass
-class Prediction:
-    """One scored image. `anomaly_map` and `mask` have the image's own (H, W)."""
-
-    source: str
-    score: float
-    is_anomalous: bool
-    anomaly_map: np.ndarray
-    mask: np.ndarray
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "path": self.source,
-            "score": self.score,
-            "predicted": "defective" if self.is_anomalous else "good",
-            "defect_pixels": int(self.mask.sum()),
-            "height": int(self.anomaly_map.shape[0]),
-            "width": int(self.anomaly_map.shape[1]),
-        }
 
 
 def resolve_images(images: str | Path | Sequence[ImageInput]) -> list[ImageInput]:
@@ -100,10 +73,6 @@ def _warn_if_overlapping(fit_images: Sequence[ImageInput], val: Sequence[ImageIn
             DataWarning,
             stacklevel=3,
         )
-
-
-def source_name(source: ImageInput, index: int) -> str:
-    return f"<array {index}>" if isinstance(source, np.ndarray) else str(source)
 
 
 class Detector:
@@ -238,7 +207,7 @@ class Detector:
 
         def batches() -> Iterator[torch.Tensor]:
             for batch in iter_batches(fit_images, self.image_size, self.batch_size):
-                yield batch.images
+                yield torch.from_numpy(batch.images)
                 bar.update(len(batch.sources))
 
         try:
@@ -247,7 +216,8 @@ class Detector:
                 batches(),
                 progress=progress,
                 val_batches=lambda: (
-                    b.images for b in iter_batches(val, self.image_size, self.batch_size)
+                    torch.from_numpy(b.images)
+                    for b in iter_batches(val, self.image_size, self.batch_size)
                 ),
             )
         except ValueError as exc:
@@ -273,9 +243,10 @@ class Detector:
         return Thresholds(**{**image.to_dict(), "pixel": pixel})
 
     # -- inference -------------------------------------------------------------------------
-    def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Smoothed maps (B, S, S) and the method's own image scores (or None) for a batch."""
-        raw, scores = self._raw_maps(images)
+    def score_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Smoothed maps (B, S, S) and the method's own image scores (or None) for a batch of
+        preprocessed images (B, 3, S, S) float32 in [0, 1], as `data.loader` makes them."""
+        raw, scores = self._scorer(images)
         size = (self.image_size, self.image_size)
         return resample(raw, size, self.image_size, self.sigma), scores
 
@@ -296,55 +267,22 @@ class Detector:
         desc: str = "score",
     ) -> Iterator[Prediction]:
         """Score images in order, streaming. Unreadable ones go to `on_error` (default: raise)."""
-        names = {id(s): source_name(s, i) for i, s in enumerate(images)}
-        bar = tqdm(total=len(images), desc=desc, disable=not progress, unit="img")
-
-        def handler(source: ImageInput, error: DataError) -> None:
-            if on_error is None:
-                raise error
-            on_error(names[id(source)], error)
-
-        try:
-            for batch in iter_batches(images, self.image_size, self.batch_size, yield_errors=True):
-                if batch.sources:
-                    raw, scores = self._raw_maps(batch.images)
-                entries = iter(batch.entries)
-                for i, (source, size) in enumerate(zip(batch.sources, batch.sizes, strict=True)):
-                    # Report the unreadable inputs that came before this one, in input order.
-                    for earlier, error in entries:
-                        if error is None:
-                            break
-                        handler(earlier, error)
-                    # Upsampled, smoothed and resized to the image's own size in one step.
-                    full = resample(raw[i : i + 1], tuple(size), self.image_size, self.sigma)
-                    amap = full[0].numpy()
-                    score = float(amap.max()) if scores is None else float(scores[i])
-                    name = names[id(source)]
-                    if not (np.isfinite(score) and np.isfinite(amap).all()):
-                        # Never let NaN compare as "good": the image gets an error instead.
-                        problem = ScoringError(
-                            f"{name}: the model produced a non-finite score or map (NaN or "
-                            "infinity); the model or the image is unusable"
-                        )
-                        handler(source, problem)
-                        continue
-                    yield self._decide(name, score, amap)
-                for earlier, error in entries:
-                    handler(earlier, error)
-                bar.update(len(batch.entries))
-        finally:
-            bar.close()
-
-    def _decide(self, name: str, score: float, amap: np.ndarray) -> Prediction:
-        if self.thresholds_ is None:  # during fit's validation pass
-            return Prediction(name, score, False, amap, np.zeros(amap.shape, bool))
-        return Prediction(
-            source=name,
-            score=score,
-            is_anomalous=bool(score > self.thresholds_.image),
-            anomaly_map=amap,
-            mask=amap > self.thresholds_.pixel,
+        return iter_predictions(
+            images,
+            self._scorer,
+            self.image_size,
+            self.batch_size,
+            self.sigma,
+            self.thresholds_,
+            progress=progress,
+            on_error=on_error,
+            desc=desc,
         )
+
+    def _scorer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The raw scorer `prediction.iter_predictions` drives: numpy in, numpy out."""
+        raw, scores = self._raw_maps(torch.from_numpy(images))
+        return raw.numpy(), None if scores is None else scores.float().numpy()
 
     def predict(
         self, images: str | Path | ImageInput | Sequence[ImageInput], progress: bool = False

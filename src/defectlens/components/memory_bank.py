@@ -1,117 +1,19 @@
-"""A bank of feature vectors with nearest-neighbour search: the part SPADE and PatchCore share.
+"""A bank of feature vectors: the coreset sampler that chooses them (PatchCore) and a torch-side
+wrapper that searches them with an index from `components.knn`.
 
 Strategies are injected objects, so a variant is a new small class, not an `if`:
 - a *sampler* chooses which vectors to keep (`GreedyCoresetSampler`; ratio 1 keeps all),
-- an *index* answers nearest-neighbour queries (`ExactIndex`, `IVFIndex`, `HNSWIndex`; all
-  faiss). Exact search is the default; the approximate ones trade a little recall for speed on
-  large banks.
-
-Saving: only the vectors are saved (safetensors); every index is rebuilt from them at load.
-Deserialising faiss's own index bytes would hand a parser written in C++ whatever a model file
-contains: a checksum beside them catches corruption, not a crafted file. Rebuilding costs seconds
-(about 5 s for a 64k x 152 bank on 2 cores) and gives the same answers, because every build is
-deterministic: IVF trains its k-means on a seeded sample with a fixed seed, and the HNSW graph
-is built on one thread (faiss inserts in parallel otherwise, and the graph then depends on thread
-timing). Nothing is pickled.
+- an *index* answers nearest-neighbour queries (`components.knn`: exact, IVF, HNSW).
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
-import faiss
 import numpy as np
 import torch
 
-
-class NearestNeighbourIndex:
-    """Base: `build` on vectors (N, d), `search` queries (Q, d) -> (distances, indices)."""
-
-    name: ClassVar[str]
-    REGISTRY: ClassVar[dict[str, type[NearestNeighbourIndex]]] = {}
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        NearestNeighbourIndex.REGISTRY[cls.name] = cls
-
-    def __init__(self) -> None:
-        self.index: faiss.Index | None = None
-
-    def build(self, vectors: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Euclidean distances (not squared) and indices of the k nearest vectors."""
-        distances, indices = self.index.search(np.ascontiguousarray(queries, np.float32), k)
-        return np.sqrt(np.maximum(distances, 0.0)), indices
-
-
-class ExactIndex(NearestNeighbourIndex):
-    """Brute-force L2 search: exact, and fast enough for banks up to ~10^5 vectors on a CPU."""
-
-    name = "exact"
-
-    def build(self, vectors: np.ndarray) -> None:
-        self.index = faiss.IndexFlatL2(vectors.shape[1])
-        self.index.add(np.ascontiguousarray(vectors, np.float32))
-
-
-class IVFIndex(NearestNeighbourIndex):
-    """Inverted file: k-means cells, only `nprobe` cells are searched per query."""
-
-    name = "ivf"
-
-    def __init__(self, nprobe: int = 8) -> None:
-        super().__init__()
-        self.nprobe = nprobe
-
-    def build(self, vectors: np.ndarray) -> None:
-        n, d = vectors.shape
-        # ~4 sqrt(N) cells (faiss wants >= 39 training points per cell), at most 1024, trained
-        # on a seeded sample of <= 64 points per cell so that building stays in seconds.
-        cells = max(1, min(int(4 * math.sqrt(n)), n // 39, 1024))
-        quantizer = faiss.IndexFlatL2(d)
-        self.index = faiss.IndexIVFFlat(quantizer, d, cells)
-        self.index.cp.seed = 0
-        data = np.ascontiguousarray(vectors, np.float32)
-        sample = np.random.default_rng(0).permutation(n)[: 64 * cells]
-        self.index.train(data[np.sort(sample)])
-        self.index.add(data)
-        self.index.nprobe = self.nprobe
-
-
-class HNSWIndex(NearestNeighbourIndex):
-    """Hierarchical navigable small-world graph: sub-linear query time, no training."""
-
-    name = "hnsw"
-
-    def __init__(self, neighbours: int = 32, ef_search: int = 64) -> None:
-        super().__init__()
-        self.neighbours = neighbours
-        self.ef_search = ef_search
-
-    def build(self, vectors: np.ndarray) -> None:
-        self.index = faiss.IndexHNSWFlat(vectors.shape[1], self.neighbours)
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)  # a parallel insertion order makes the graph vary
-        try:
-            self.index.add(np.ascontiguousarray(vectors, np.float32))
-        finally:
-            faiss.omp_set_num_threads(threads)
-        self.index.hnsw.efSearch = self.ef_search
-
-
-def index_names() -> list[str]:
-    return sorted(NearestNeighbourIndex.REGISTRY)
-
-
-def make_index(name: str) -> NearestNeighbourIndex:
-    try:
-        return NearestNeighbourIndex.REGISTRY[name]()
-    except KeyError:
-        choices = ", ".join(sorted(NearestNeighbourIndex.REGISTRY))
-        raise ValueError(f"unknown index {name!r}; choose one of: {choices}") from None
+from defectlens.components.knn import ExactIndex, NearestNeighbourIndex
 
 
 class GreedyCoresetSampler:

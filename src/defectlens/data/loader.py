@@ -4,6 +4,8 @@ Images are decoded and resized on a background thread while the model works on t
 batch (PIL releases the GIL while it decodes and resizes). A file that cannot be read is reported
 through `on_error` and skipped; the rest of the batch goes on. `on_error` is always called on
 the consumer's thread (the one iterating), so a caller may write its results file from it.
+Batches are numpy arrays (no torch), so the torch-free deployment runtime reads images with this
+same code; `torch.from_numpy` turns one into a tensor without a copy.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from defectlens.data.images import as_rgb, read_image
@@ -27,7 +28,7 @@ ImageInput = str | Path | np.ndarray
 class Batch:
     """Resized images (B, 3, S, S) in [0, 1], where they came from and their original (H, W)."""
 
-    images: torch.Tensor
+    images: np.ndarray  # float32
     sources: list[ImageInput]
     sizes: list[tuple[int, int]]
     # Every source of the chunk in input order, with its error (None: it is in `images`).
@@ -76,9 +77,10 @@ def iter_batches(
             sizes.append(original)
             entries.append((source, None))
         if not arrays:
-            return Batch(torch.empty(0, 3, size, size), [], [], entries)
-        stacked = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-        return Batch(stacked.contiguous(), kept, sizes, entries)
+            return Batch(np.empty((0, 3, size, size), np.float32), [], [], entries)
+        stacked = np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2), np.float32)
+        stacked /= 255.0  # a division, as torch's div_ did: bit-identical inputs
+        return Batch(stacked, kept, sizes, entries)
 
     chunks = [sources[i : i + batch_size] for i in range(0, len(sources), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:

@@ -20,12 +20,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from defectlens.backbones import FeatureExtractor
-from defectlens.components.memory_bank import (
-    GreedyCoresetSampler,
-    MemoryBank,
-    index_names,
-    make_index,
-)
+from defectlens.components.knn import NearestNeighbourIndex, index_names, make_index, patch_scores
+from defectlens.components.memory_bank import GreedyCoresetSampler
 from defectlens.errors import ModelFileError, ParameterError
 from defectlens.methods.base import AnomalyMethod, MethodOutput
 from defectlens.params import (
@@ -67,7 +63,7 @@ class PatchCore(AnomalyMethod):
         self.index = check_choice("index", index, index_names())
         self.seed = check_seed("seed", seed)
         self.sampler = GreedyCoresetSampler(coreset_ratio, projection_dim, seed)
-        self.memory: MemoryBank | None = None
+        self.search_index: NearestNeighbourIndex | None = None  # rebuilt from `bank`
 
     def embed(self, extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
         """Patch features (B, h, w, d) on the finest requested tap's grid."""
@@ -104,12 +100,13 @@ class PatchCore(AnomalyMethod):
             keep = self.sampler.select(patches, progress=bar.update)
         self.bank = patches[keep].contiguous()
         del patches
-        self.memory = MemoryBank(self.bank, make_index(self.index))
+        self.after_load()
 
     def after_load(self) -> None:
         if self.bank.ndim != 2 or self.bank.dtype != torch.float32 or self.bank.shape[0] < 1:
             raise ModelFileError("patchcore bank must be a non-empty float32 (N, d) tensor")
-        self.memory = MemoryBank(self.bank, make_index(self.index))  # rebuilt, never deserialised
+        self.search_index = make_index(self.index)  # rebuilt, never deserialised
+        self.search_index.build(self.bank.numpy())
 
     def feature_dim(self, taps: dict[int, int]) -> int:
         """Length of a patch feature for a backbone with these taps."""
@@ -126,26 +123,12 @@ class PatchCore(AnomalyMethod):
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
         embedding = self.embed(extractor, images)
         b, h, w, d = embedding.shape
-        flat = embedding.reshape(b, h * w, d)
-        distances, nearest = self.memory.search(flat.reshape(-1, d), 1)
-        patch_scores = distances.view(b, h * w)
-        nearest = nearest.view(b, h * w)
-        return MethodOutput(
-            maps=patch_scores.view(b, h, w), scores=self._reweight(flat, patch_scores, nearest)
+        maps, scores = patch_scores(
+            self.search_index,
+            self.bank.numpy(),
+            embedding.reshape(b, h * w, d).numpy(),
+            self.num_neighbors,
         )
-
-    def _reweight(
-        self, flat: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor
-    ) -> torch.Tensor:
-        """s = (1 - softmax over the bank neighbourhood of m*) * s*  (the paper's Eq. 7)."""
-        rows = torch.arange(flat.shape[0])
-        worst = patch_scores.argmax(dim=1)
-        s_star = patch_scores[rows, worst]
-        if self.num_neighbors <= 1:
-            return s_star
-        m_star = self.bank[nearest[rows, worst]]
-        _, support = self.memory.search(m_star, self.num_neighbors)  # includes m* itself
-        test_patch = flat[rows, worst].unsqueeze(1)
-        d = torch.linalg.vector_norm(test_patch - self.bank[support], dim=-1)
-        weight = 1.0 - torch.softmax(d, dim=1)[:, 0]
-        return weight * s_star
+        return MethodOutput(
+            maps=torch.from_numpy(maps).view(b, h, w), scores=torch.from_numpy(scores)
+        )

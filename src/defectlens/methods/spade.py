@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from defectlens.backbones import FeatureExtractor
-from defectlens.components.memory_bank import ExactIndex, MemoryBank
+from defectlens.components.knn import ExactIndex, gallery_scores
 from defectlens.components.pyramid import position_major
 from defectlens.errors import ModelFileError
 from defectlens.methods.base import AnomalyMethod, MethodOutput
@@ -41,7 +41,7 @@ class Spade(AnomalyMethod):
         )
         self.image_stride = check_int("image_stride", image_stride, 1, 64)
         self.strides = tuple(sorted({*self.pyramid_strides, image_stride}))
-        self.image_bank: MemoryBank | None = None
+        self.image_index: ExactIndex | None = None  # rebuilt from `image_features`
 
     def _features(self, extractor: FeatureExtractor, images: torch.Tensor):
         by_stride = dict(zip(self.strides, extractor.fast(images), strict=True))
@@ -78,7 +78,8 @@ class Spade(AnomalyMethod):
             raise ModelFileError("spade model holds no training image")
         if self.image_features.shape[0] != self.pixel_features.shape[0]:
             raise ModelFileError("spade image and pixel features disagree on the image count")
-        self.image_bank = MemoryBank(self.image_features, ExactIndex())
+        self.image_index = ExactIndex()
+        self.image_index.build(self.image_features.float().numpy())
 
     def check_geometry(self, image_size: int, taps: dict[int, int]) -> None:
         positions = (image_size // self.pyramid_strides[0]) ** 2
@@ -94,11 +95,14 @@ class Spade(AnomalyMethod):
     @torch.no_grad()
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
         pooled, pyramid, (h, w) = self._features(extractor, images)
-        distances, neighbours = self.image_bank.search(pooled, self.effective_k)
-        maps = torch.empty(images.shape[0], h * w)
-        for i in range(images.shape[0]):
-            gallery = self.pixel_features[neighbours[i]].flatten(0, 1)
-            bank = MemoryBank(gallery, ExactIndex())
-            pixel_distances, _ = bank.search(pyramid[i], self.k_pixels)
-            maps[i] = pixel_distances.mean(dim=1)
-        return MethodOutput(maps=maps.view(-1, h, w), scores=distances.mean(dim=1))
+        maps, scores = gallery_scores(
+            self.image_index,
+            self.pixel_features.numpy(),
+            pooled.numpy(),
+            pyramid.numpy(),
+            self.k_images,
+            self.k_pixels,
+        )
+        return MethodOutput(
+            maps=torch.from_numpy(maps).view(-1, h, w), scores=torch.from_numpy(scores)
+        )

@@ -1,0 +1,135 @@
+"""Scored images, and the scoring loop every model shares, in numpy (no torch).
+
+A model, whether a `Detector` (torch methods) or an exported deployment folder (onnxruntime or
+OpenVINO, no torch), is reduced to a *raw scorer*: a batch of preprocessed images
+(B, 3, S, S) float32 in [0, 1] -> raw anomaly maps (B, h, w) and the method's own image scores
+(or None). Everything around it is here, once: decoding and resizing (overlapped with scoring,
+`data.loader`), upsampling and smoothing each map to the image's own size (`components.resample`),
+the image score (the method's own or the map's maximum), non-finite output turned into an error,
+and the decision at the thresholds. An exported model therefore differs from the model it came
+from only by what its graphs compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from defectlens.components.resample import resample
+from defectlens.data.loader import ImageInput, iter_batches
+from defectlens.errors import DataError, ScoringError
+from defectlens.thresholds import Thresholds
+
+RawScorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+
+
+class ScoringModel(Protocol):
+    """What evaluation, prediction and serving need of a model: a `Detector` or an exported
+    folder loaded by `runtime.deployed` (which has no torch)."""
+
+    thresholds_: Thresholds | None
+    image_size: int
+
+    def iter_predict(
+        self,
+        images: Sequence[ImageInput],
+        progress: bool = False,
+        on_error: Callable[[str, DataError], None] | None = None,
+        desc: str = "score",
+    ) -> Iterator[Prediction]: ...
+
+    def predict(self, images: Any, progress: bool = False) -> list[Prediction]: ...
+
+
+@dataclass
+class Prediction:
+    """One scored image. `anomaly_map` and `mask` have the image's own (H, W)."""
+
+    source: str
+    score: float
+    is_anomalous: bool
+    anomaly_map: np.ndarray
+    mask: np.ndarray
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "path": self.source,
+            "score": self.score,
+            "predicted": "defective" if self.is_anomalous else "good",
+            "defect_pixels": int(self.mask.sum()),
+            "height": int(self.anomaly_map.shape[0]),
+            "width": int(self.anomaly_map.shape[1]),
+        }
+
+
+def source_name(source: ImageInput, index: int) -> str:
+    return f"<array {index}>" if isinstance(source, np.ndarray) else str(source)
+
+
+def decide(name: str, score: float, amap: np.ndarray, thresholds: Thresholds | None) -> Prediction:
+    """The decision at the thresholds; without thresholds (fit's validation pass) nothing is
+    flagged."""
+    if thresholds is None:
+        return Prediction(name, score, False, amap, np.zeros(amap.shape, bool))
+    return Prediction(
+        source=name,
+        score=score,
+        is_anomalous=bool(score > thresholds.image),
+        anomaly_map=amap,
+        mask=amap > thresholds.pixel,
+    )
+
+
+def iter_predictions(
+    images: Sequence[ImageInput],
+    scorer: RawScorer,
+    image_size: int,
+    batch_size: int,
+    sigma: float,
+    thresholds: Thresholds | None,
+    progress: bool = False,
+    on_error: Callable[[str, DataError], None] | None = None,
+    desc: str = "score",
+) -> Iterator[Prediction]:
+    """Score images in order, streaming. Unreadable ones go to `on_error` (default: raise)."""
+    names = {id(s): source_name(s, i) for i, s in enumerate(images)}
+    bar = tqdm(total=len(images), desc=desc, disable=not progress, unit="img")
+
+    def handler(source: ImageInput, error: DataError) -> None:
+        if on_error is None:
+            raise error
+        on_error(names[id(source)], error)
+
+    try:
+        for batch in iter_batches(images, image_size, batch_size, yield_errors=True):
+            if batch.sources:
+                raw, scores = scorer(batch.images)
+            entries = iter(batch.entries)
+            for i, (source, size) in enumerate(zip(batch.sources, batch.sizes, strict=True)):
+                # Report the unreadable inputs that came before this one, in input order.
+                for earlier, error in entries:
+                    if error is None:
+                        break
+                    handler(earlier, error)
+                # Upsampled, smoothed and resized to the image's own size in one step.
+                amap = resample(raw[i : i + 1], tuple(size), image_size, sigma)[0]
+                score = float(amap.max()) if scores is None else float(scores[i])
+                name = names[id(source)]
+                if not (np.isfinite(score) and np.isfinite(amap).all()):
+                    # Never let NaN compare as "good": the image gets an error instead.
+                    problem = ScoringError(
+                        f"{name}: the model produced a non-finite score or map (NaN or "
+                        "infinity); the model or the image is unusable"
+                    )
+                    handler(source, problem)
+                    continue
+                yield decide(name, score, amap, thresholds)
+            for earlier, error in entries:
+                handler(earlier, error)
+            bar.update(len(batch.entries))
+    finally:
+        bar.close()
