@@ -284,8 +284,8 @@ def test_tampered_tensors_with_a_matching_checksum_are_refused(model_dir, tmp_pa
     from safetensors.torch import load_file, save_file
 
     from defectlens import load
-    from defectlens.backbones.registry import file_sha256
     from defectlens.errors import ModelFileError
+    from defectlens.outputs import file_sha256
 
     model = tmp_path / "m"
     shutil.copytree(model_dir, model)

@@ -25,6 +25,8 @@ from defectlens.errors import DefectLensError, DefectLensWarning
 from defectlens.results import one_line, safe_text
 
 EXIT_OK, EXIT_SKIPPED, EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# What `pip install defectlens` (the deployment runtime) leaves out and `[full]` brings.
+FULL_INSTALL_MODULES = {"torch", "efficientnet_lite_pytorch", "FrEIA", "onnx", "onnxscript"}
 
 EXAMPLES = """
 \b
@@ -32,6 +34,7 @@ Typical use:
   defectlens fit data/bottle --method padim --out models/bottle
   defectlens evaluate models/bottle data/bottle --out results/bottle
   defectlens predict models/bottle line-camera/*.png --out flagged/
+  defectlens export models/bottle --out deploy/bottle   # scores without torch
   defectlens demo                        # everything on built-in synthetic data
 \b
 Exit status: 0 ok, 1 some inputs skipped (listed with their error), 2 user error,
@@ -49,10 +52,12 @@ class Interrupted(KeyboardInterrupt):
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 backend_option = click.option(
     "--backend",
-    type=click.Choice(["onnxruntime", "torch"]),
+    type=click.Choice(["onnxruntime", "openvino", "torch"]),
     default=None,
     help="Where the backbone runs: onnxruntime (default, or $DEFECTLENS_BACKEND; about 5x "
-    "faster on a CPU) or eager torch. Both give the same scores to float32 precision.",
+    "faster than torch on a CPU), openvino (if installed) or eager torch. All compute in fp32 "
+    "and give the same scores to float32 precision. An exported model runs on onnxruntime or "
+    "openvino.",
 )
 weights_option = click.option(
     "--weights",
@@ -283,12 +288,11 @@ def evaluate(model, data, out, save_maps, no_report, weights, backend, max_pixel
     """
     from defectlens.evaluation import PRODUCES
     from defectlens.evaluation import evaluate as run_evaluation
-    from defectlens.io import load_detector
     from defectlens.outputs import prepare_results_dir
 
     _apply_max_pixels(max_pixels)
     out_dir = prepare_results_dir(out, PRODUCES, "evaluate")
-    detector = load_detector(model, weights=weights, backend=backend)
+    detector = load_model(model, weights=weights, backend=backend)
 
     def on_skip(path: str, error: str) -> None:
         _warn(f"skipped {path}: {error}")
@@ -374,7 +378,6 @@ def predict(
     input's path (a.png -> overlays/a.png.png), so a.png and a.jpg do not collide.
     """
     from defectlens.data.inputs import expand_inputs
-    from defectlens.io import load_detector
     from defectlens.outputs import is_results_folder, prepare_results_dir
     from defectlens.results import ResultsTable
 
@@ -397,7 +400,7 @@ def predict(
     # Without anything to score, the model is not needed: say so before loading it.
     detector = None
     if not all(i.error for i in items):
-        detector = load_detector(model, weights=weights, backend=backend)
+        detector = load_model(model, weights=weights, backend=backend)
     if out_dir is not None and detector is not None:
         _check_same_model(out_dir, model, resume)
     table = None
@@ -417,12 +420,101 @@ def predict(
         sys.exit(EXIT_SKIPPED)
 
 
+def load_model(model: str, weights: str | None = None, backend: str | None = None):
+    """A saved model (a `Detector`, needs torch) or an exported folder (no torch)."""
+    from defectlens.runtime.deployed import ExportedModel, is_export
+
+    if is_export(model):
+        if weights is not None:
+            raise DefectLensError(
+                "--weights does not apply to an exported model: its backbone is in its graphs"
+            )
+        if backend == "torch":
+            raise DefectLensError(
+                f"{model}: an exported model runs on onnxruntime or openvino, not torch"
+            )
+        return ExportedModel(model, engine=backend)
+    from defectlens.io import load_detector
+
+    return load_detector(model, weights=weights, backend=backend)
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--out", "out", required=True, type=click.Path(), help="Folder to write.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx", "openvino"]),
+    default="onnx",
+    show_default=True,
+    help="onnx (runs on onnxruntime, or OpenVINO) or openvino (OpenVINO IR, fp32 weights).",
+)
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Quantise the backbone to int8 (static, calibrated on --calibration), refit the "
+    "method's statistics and thresholds on int8 features, and report the score drift. Opt-in: "
+    "faster, but scores differ from the fp32 model's.",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(),
+    default=None,
+    help="Normal images for --int8 (an MVTec root or a folder of good images; usually the "
+    "training data). With an MVTec root, the AUROC change on its test set is reported.",
+)
+@weights_option
+@quiet_option
+def export(model, out, fmt, int8, calibration, weights, quiet) -> None:
+    """Write MODEL as a deployment folder that scores without torch.
+
+    The folder holds the backbone and head graphs, what the method needs beside them (e.g.
+    PatchCore's bank), and config.json with preprocessing, thresholds and every file's SHA-256.
+    Score it with `defectlens predict OUT ...` or `defectlens evaluate OUT ...` on a machine
+    with only `pip install defectlens` (onnxruntime, numpy, pillow, faiss). Before it is
+    written, the export is checked against the model: maps and scores within 1e-4 relative.
+    """
+    from defectlens.io import load_detector
+    from defectlens.runtime.export import export_detector
+
+    if calibration is not None and not int8:
+        raise DefectLensError("--calibration is for --int8")
+    if int8 and calibration is None:
+        raise DefectLensError("--int8 needs --calibration DATA (normal images)")
+    detector = load_detector(model, weights=weights)
+    if int8:
+        from defectlens.runtime.quantize import export_int8
+
+        report = export_int8(detector, out, calibration, fmt, protect=[model], progress=not quiet)
+    else:
+        report = export_detector(detector, out, fmt, protect=[model])
+    total = sum(report.files.values())
+    echo(
+        f"wrote {report.path} ({len(report.files)} files, {total / 1e6:.1f} MB) in "
+        f"{report.seconds:.1f} s"
+    )
+    if int8:
+        for line in report.extra.get("summary", []):
+            echo(line)
+    else:
+        echo(
+            f"checked against the model: largest relative difference of maps and scores "
+            f"{report.max_relative_difference:.1e}"
+        )
+
+
 def _check_same_model(out_dir: Path, model: str, resume: bool) -> None:
     """--resume must continue with the model that wrote the earlier rows, never mix two."""
-    from defectlens.io import read_config
     from defectlens.outputs import read_results_marker, write_results_marker
+    from defectlens.runtime.deployed import export_identity, is_export
 
-    identity = read_config(model)["tensors_sha256"]
+    if is_export(model):
+        identity = export_identity(model)
+    else:
+        from defectlens.io import read_config
+
+        identity = read_config(model)["tensors_sha256"]
     marker = read_results_marker(out_dir)
     if resume and marker.get("model_sha256") not in (None, identity):
         raise DefectLensError(
@@ -637,6 +729,15 @@ def main() -> None:
         _out_of_memory()
     except MemoryError:
         _out_of_memory()
+    except ModuleNotFoundError as exc:
+        if exc.name not in FULL_INSTALL_MODULES:
+            _internal_error(exc)
+        echo(
+            f"defectlens: error: this needs {exc.name}, which the deployment-only install "
+            "leaves out: pip install 'defectlens[full]' (an exported model scores without it)",
+            err=True,
+        )
+        sys.exit(EXIT_USER)
     except Exception as exc:
         _internal_error(exc)
 

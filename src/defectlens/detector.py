@@ -246,7 +246,7 @@ class Detector:
     def score_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Smoothed maps (B, S, S) and the method's own image scores (or None) for a batch of
         preprocessed images (B, 3, S, S) float32 in [0, 1], as `data.loader` makes them."""
-        raw, scores = self._scorer(images)
+        raw, scores = self.raw_scores(images)
         size = (self.image_size, self.image_size)
         return resample(raw, size, self.image_size, self.sigma), scores
 
@@ -269,7 +269,7 @@ class Detector:
         """Score images in order, streaming. Unreadable ones go to `on_error` (default: raise)."""
         return iter_predictions(
             images,
-            self._scorer,
+            self.raw_scores,
             self.image_size,
             self.batch_size,
             self.sigma,
@@ -279,7 +279,7 @@ class Detector:
             desc=desc,
         )
 
-    def _scorer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def raw_scores(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The raw scorer `prediction.iter_predictions` drives: numpy in, numpy out."""
         raw, scores = self._raw_maps(torch.from_numpy(images))
         return raw.numpy(), None if scores is None else scores.float().numpy()

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from defectlens import __version__
-from defectlens.backbones.registry import file_sha256, get_spec
+from defectlens.backbones.registry import get_spec
 from defectlens.errors import DefectLensError, ModelFileError
 from defectlens.outputs import (
     MODEL_CONFIG,
@@ -32,11 +32,11 @@ from defectlens.outputs import (
     MODEL_TENSORS,
     check_model_target,
     clean_leftovers,
+    file_sha256,
     interrupted_save_hint,
     replace_folder,
     temporary_sibling,
 )
-from defectlens.params import check_float, check_int
 from defectlens.thresholds import Thresholds
 
 FORMAT = MODEL_FORMAT
@@ -113,17 +113,10 @@ def _object(config_path: Path, config: dict, key: str) -> dict:
 
 
 def _checked_thresholds(config_path: Path, raw: dict) -> Thresholds:
-    _check_keys(config_path, "thresholds.", raw, set(Thresholds.__dataclass_fields__))
     try:
-        values = {
-            k: check_float(f"thresholds.{k}", raw[k])
-            for k in ("image", "pixel", "validation_max", "validation_median")
-        }
-        values["target_far"] = check_float("thresholds.target_far", raw["target_far"], 0.0, 1.0)
-        values["n_validation"] = check_int("thresholds.n_validation", raw["n_validation"], 1)
+        return Thresholds.from_dict(raw)
     except DefectLensError as exc:
         raise _reject(config_path, str(exc)) from None
-    return Thresholds(**values)
 
 
 def read_config(path: str | Path) -> dict:

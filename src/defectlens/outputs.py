@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -41,33 +42,60 @@ MODEL_FORMAT = "defectlens-model"
 MODEL_CONFIG = "config.json"
 MODEL_TENSORS = "model.safetensors"
 MODEL_FILES = frozenset({MODEL_CONFIG, MODEL_TENSORS})
+EXPORT_FORMAT = "defectlens-export"
 RESULTS_MARKER = ".defectlens-results.json"
 RESULTS_FORMAT = "defectlens-results"
 _TMP_TAG = "defectlens-tmp"
 _OLD_TAG = "defectlens-old"
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (model files reach gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _describe_os_error(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _is_model_config(config_path: Path) -> bool:
+def _read_config(config_path: Path, fmt: str) -> dict | None:
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(config, dict) and config.get("format") == MODEL_FORMAT
+        return None
+    return config if isinstance(config, dict) and config.get("format") == fmt else None
+
+
+def _entries(path: Path) -> set[str] | None:
+    if path.is_symlink() or not path.is_dir():
+        return None
+    try:
+        return {p.name for p in path.iterdir()}
+    except OSError:
+        return None
 
 
 def is_model_folder(path: Path) -> bool:
     """A real (not linked) folder with only our model files and a config parsing as ours."""
-    if path.is_symlink() or not path.is_dir():
+    names = _entries(path)
+    return (
+        bool(names)
+        and names <= MODEL_FILES
+        and _read_config(path / MODEL_CONFIG, MODEL_FORMAT) is not None
+    )
+
+
+def is_export_folder(path: Path) -> bool:
+    """A real folder holding a deployment export's config and only the files it lists."""
+    names = _entries(path)
+    config = _read_config(path / MODEL_CONFIG, EXPORT_FORMAT) if names else None
+    if config is None or not isinstance(config.get("files"), dict):
         return False
-    try:
-        names = {p.name for p in path.iterdir()}
-    except OSError:
-        return False
-    return bool(names) and names <= MODEL_FILES and _is_model_config(path / MODEL_CONFIG)
+    return names <= {MODEL_CONFIG, *map(str, config["files"])}
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -135,34 +163,39 @@ def _check_name_lengths(path: Path, extra: int = 0) -> None:
             )
 
 
-def check_model_target(path: str | Path, protect: Iterable[str | Path] = ()) -> Path:
+def check_model_target(
+    path: str | Path, protect: Iterable[str | Path] = (), kind: str = "model"
+) -> Path:
     """Refuse, before any work, a model destination we must not or cannot write.
 
-    `protect` lists the data folders the command reads; the model must not replace them.
+    `protect` lists the folders the command reads; the model must not replace them. `kind` is
+    "model" (a saved model may be replaced) or "export" (a deployment export may be).
     """
+    replaceable, what = {
+        "model": (is_model_folder, "a defectlens model"),
+        "export": (is_export_folder, "a defectlens export"),
+    }[kind]
     if not str(path):
-        raise OutputError("the model folder's path is empty")
+        raise OutputError(f"the {kind} folder's path is empty")
     path = Path(path)
     if not path.name or path.name in (".", ".."):
         path = path.absolute()
     _check_name_lengths(path, extra=len(_tagged_name(path, _TMP_TAG)) - len(path.name))
     if path.is_symlink():
-        raise OutputError(f"{path}: is a symbolic link; give the model folder's real path")
+        raise OutputError(f"{path}: is a symbolic link; give the {kind} folder's real path")
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path}: exists and is not a folder")
-    _refuse_protected(path, protect, "model")
+    _refuse_protected(path, protect, kind)
     if path.exists():
         try:
             entries = sorted(p.name for p in path.iterdir())
         except OSError as exc:
             raise OutputError(f"{path}: cannot read it ({_describe_os_error(exc)})") from None
-        if entries and not is_model_folder(path):
+        if entries and not replaceable(path):
             extra = [n for n in entries if n not in MODEL_FILES]
             shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
-            reason = f"holds {shown}" if extra else "its config.json is not a defectlens model's"
-            raise OutputError(
-                f"{path}: exists and is not a defectlens model ({reason}); not replacing it"
-            )
+            reason = f"holds {shown}" if extra else f"its config.json is not {what}'s"
+            raise OutputError(f"{path}: exists and is not {what} ({reason}); not replacing it")
         _probe_writable(path.parent.absolute(), path)
     else:
         _check_parent_chain(path)

@@ -33,6 +33,8 @@ class ScoringModel(Protocol):
 
     thresholds_: Thresholds | None
     image_size: int
+    method: str
+    backbone: str
 
     def iter_predict(
         self,

@@ -17,6 +17,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from defectlens.errors import ParameterError
+from defectlens.params import check_float, check_int
+
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -29,6 +32,24 @@ class Thresholds:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: object) -> Thresholds:
+        """Thresholds read back from a model's or an export's config.json, every key and value
+        checked (ParameterError naming the first problem)."""
+        if not isinstance(raw, dict):
+            raise ParameterError("thresholds must be an object")
+        fields = set(cls.__dataclass_fields__)
+        for problem, keys in (("unknown", set(raw) - fields), ("missing", fields - set(raw))):
+            if keys:
+                raise ParameterError(f"{problem} key thresholds.{sorted(keys)[0]!r}")
+        values = {
+            k: check_float(f"thresholds.{k}", raw[k])
+            for k in ("image", "pixel", "validation_max", "validation_median")
+        }
+        values["target_far"] = check_float("thresholds.target_far", raw["target_far"], 0.0, 1.0)
+        values["n_validation"] = check_int("thresholds.n_validation", raw["n_validation"], 1)
+        return cls(**values)
 
 
 def from_normal_scores(scores: np.ndarray, target_far: float) -> Thresholds:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from defectlens.errors import WeightsError
+from defectlens.outputs import file_sha256
 
 
 @dataclass(frozen=True)
@@ -63,14 +63,6 @@ def get_spec(name: str) -> BackboneSpec:
 def _load_builtin() -> None:
     # Imported lazily so that the registry module has no import cycle with the architectures.
     from defectlens.backbones import efficientnet, resnet  # noqa: F401
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_state_dict_strict(net: nn.Module, path: Path, backbone: str) -> None:

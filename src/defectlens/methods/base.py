@@ -5,6 +5,13 @@ its own resolution, optionally with its own image scores. The Detector owns ever
 that: reading and resizing images, validation split, thresholds, upsampling and smoothing, saving.
 Constructor arguments are the method's parameters (saved in config.json); fitted tensors are
 registered buffers (saved in safetensors) and nothing else, so a save/load round trip is exact.
+
+Export contract (`runtime.export`): a method that can be deployed without torch splits its
+scoring into a *head*, a torch module from the backbone's feature maps to plain tensors that is
+exported as a graph, and a *finish* from `runtime.finish` (numpy, and faiss for nearest
+neighbours) that turns the head's outputs into raw maps and scores. The exported model must
+give the same maps and scores as `forward` within 1e-4 relative, and the same decisions; the
+parity tests in tests/test_export.py hold every exportable method to that.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -112,6 +120,18 @@ class AnomalyMethod(nn.Module):
 
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
         raise NotImplementedError
+
+    def export_head(self) -> nn.Module:
+        """A module taking the backbone's feature maps at `strides` (one tensor each, batch
+        first) to the tensors the finish reads, computed as `forward` computes them. A method
+        that cannot be deployed without torch raises ParameterError saying why."""
+        raise ParameterError(f"{self.name} cannot be exported")
+
+    def export_finish(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """How `runtime.finish` turns the head's outputs into raw maps and scores: a JSON
+        spec (`kind` names the finish; its outputs and parameters) and the arrays it needs
+        (saved beside the graphs, e.g. PatchCore's bank)."""
+        raise ParameterError(f"{self.name} cannot be exported")
 
 
 def _jsonable(value: Any) -> Any:

@@ -247,6 +247,12 @@ class DifferNet(AnomalyMethod):
         z, _ = self.flow((features - self.feature_mean) / self.feature_std)
         return z.pow(2).mean(dim=1)
 
+    def export_head(self) -> nn.Module:
+        raise ParameterError(
+            "differnet cannot be exported yet: its anomaly maps are gradients through the "
+            "backbone, which need torch (export padim, spade or patchcore)"
+        )
+
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
         params = self._test_parameters()
         with torch.no_grad():  # scores: all copies, traced backbone, 32 copies at a time

@@ -3,24 +3,28 @@
 Embeddings are the backbone's stride 4/8/16 maps, upsampled to stride 4 and concatenated
 (optionally a random channel subset, seeded and stored). Fitting streams: per-position sums are
 accumulated batch by batch, so memory does not grow with the number of training images (anomalib
-keeps every embedding). The inverse covariance is stored as its packed Cholesky factor, half the
-size of a full inverse, and unpacked once on load.
+keeps every embedding). The inverse covariance's Cholesky factor is saved packed (its lower
+triangle only, half the size of a full inverse) and unpacked once on load; in memory only the
+unpacked factor is kept (a loaded model holding both took 1.5x the memory).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
+from torch import nn
 
 from defectlens.backbones import FeatureExtractor
 from defectlens.components.gaussian import (
     GaussianAccumulator,
     mahalanobis,
+    pack_lower,
     project_mean,
     unpack_lower,
 )
-from defectlens.components.pyramid import position_major
+from defectlens.components.pyramid import concat_pyramid, position_major
 from defectlens.errors import ModelFileError, ParameterError
 from defectlens.methods.base import AnomalyMethod, MethodOutput
 from defectlens.params import (
@@ -35,7 +39,7 @@ from defectlens.params import (
 
 class Padim(AnomalyMethod):
     name = "padim"
-    fitted_buffers = ("channel_index", "mean", "inv_chol_packed")
+    fitted_buffers = ("channel_index", "mean", "inv_chol")  # saved: inv_chol_packed
 
     def __init__(
         self,
@@ -53,8 +57,7 @@ class Padim(AnomalyMethod):
         self.shrinkage = check_choice("shrinkage", shrinkage, ("none", "ledoit_wolf"))
         self.upsample = check_choice("upsample", upsample, ("nearest", "bilinear"))
         self.seed = check_seed("seed", seed)
-        self._inv_chol: torch.Tensor | None = None  # unpacked cache, not saved
-        self._projected_mean: torch.Tensor | None = None  # W m, likewise
+        self._projected_mean: torch.Tensor | None = None  # W m, derived, not saved
 
     def _embed(self, extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
         """Embeddings (P, C, B) of a batch, through the traced backbone."""
@@ -86,8 +89,27 @@ class Padim(AnomalyMethod):
         for images in batches:
             accumulator.update(self._embed(extractor, images))
         self.mean = accumulator.mean().float()
-        self.inv_chol_packed = accumulator.precision_factors(self.shrinkage, self.epsilon)
-        self._inv_chol = None
+        packed = accumulator.precision_factors(self.shrinkage, self.epsilon)
+        del accumulator
+        self.inv_chol = unpack_lower(packed, self.channel_index.numel())
+        self._projected_mean = project_mean(self.mean, self.inv_chol)
+
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        state = super().fitted_state()
+        state["inv_chol_packed"] = pack_lower(state.pop("inv_chol"))
+        return state
+
+    def load_fitted_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = dict(tensors)
+        packed, index = tensors.pop("inv_chol_packed", None), tensors.get("channel_index")
+        if packed is not None and index is not None:
+            c = index.numel()
+            if index.ndim != 1 or packed.ndim != 2 or packed.shape[1] != c * (c + 1) // 2:
+                raise ModelFileError("padim tensors have inconsistent shapes")
+            tensors["inv_chol"] = unpack_lower(packed, c)
+        elif packed is not None:
+            tensors["inv_chol_packed"] = packed  # reported as unexpected, channel_index missing
+        super().load_fitted_state(tensors)
 
     def after_load(self) -> None:
         index = self.channel_index
@@ -101,9 +123,9 @@ class Padim(AnomalyMethod):
             raise ModelFileError("padim channel_index must be increasing non-negative indices")
         c = index.numel()
         p = self.mean.shape[0] if self.mean.ndim == 2 else -1
-        if self.mean.shape != (p, c) or self.inv_chol_packed.shape != (p, c * (c + 1) // 2):
+        if self.mean.shape != (p, c) or self.inv_chol.shape != (p, c, c):
             raise ModelFileError("padim tensors have inconsistent shapes")
-        self._inv_chol = None
+        self._projected_mean = project_mean(self.mean, self.inv_chol)
 
     def check_geometry(self, image_size: int, taps: dict[int, int]) -> None:
         positions = (image_size // self.strides[0]) ** 2
@@ -117,13 +139,41 @@ class Padim(AnomalyMethod):
             raise ModelFileError(f"padim channel_index exceeds the backbone's {total} channels")
 
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
-        if self._inv_chol is None:
-            self._inv_chol = unpack_lower(self.inv_chol_packed, self.channel_index.numel())
-            self._projected_mean = project_mean(self.mean, self._inv_chol)
         with torch.no_grad():
             embedding = self._embed(extractor, images)
             distances = mahalanobis(
-                embedding, self.mean, self._inv_chol, projected_mean=self._projected_mean
+                embedding, self.mean, self.inv_chol, projected_mean=self._projected_mean
             )
         side = images.shape[-1] // self.strides[0]
         return MethodOutput(maps=distances.view(images.shape[0], -1, side))
+
+    def export_head(self) -> nn.Module:
+        return _PadimHead(self)
+
+    def export_finish(self) -> tuple[dict, dict[str, np.ndarray]]:
+        return {"kind": "map"}, {}
+
+
+class _PadimHead(nn.Module):
+    """Embedding and Mahalanobis distance as one graph: feature maps -> raw maps (B, h, w).
+
+    The same maths as `Padim.forward` in an exporter-friendly form: the pyramid through
+    `concat_pyramid` (equal to `position_major`'s copy-based layout) and one batched product
+    over all positions instead of position chunks.
+    """
+
+    def __init__(self, padim: Padim) -> None:
+        super().__init__()
+        self.upsample = padim.upsample
+        self.register_buffer("channel_index", padim.channel_index)
+        self.register_buffer("inv_chol", padim.inv_chol)
+        self.register_buffer("projected_mean", padim._projected_mean)
+
+    def forward(self, *features: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = features[0].shape
+        embedding = concat_pyramid(features, self.upsample)
+        if self.channel_index.numel() < embedding.shape[1]:  # static once exported
+            embedding = embedding.index_select(1, self.channel_index)
+        embedding = embedding.flatten(2).permute(2, 1, 0)  # (P, C, B)
+        projected = torch.bmm(self.inv_chol, embedding) - self.projected_mean
+        return projected.square().sum(dim=1).clamp_min(0).sqrt().T.reshape(b, h, w)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from defectlens.backbones import FeatureExtractor
@@ -67,7 +69,10 @@ class PatchCore(AnomalyMethod):
 
     def embed(self, extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
         """Patch features (B, h, w, d) on the finest requested tap's grid."""
-        features = extractor.fast(images)
+        return self.patch_features(extractor.fast(images))
+
+    def patch_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Feature maps at `strides` -> patch features (B, h, w, d)."""
         size = features[0].shape[-2:]
         pad = self.patch_size // 2
         parts = []
@@ -119,6 +124,13 @@ class PatchCore(AnomalyMethod):
                 f"features {self.feature_dim(taps)}"
             )
 
+    def export_head(self) -> nn.Module:
+        return _PatchCoreHead(self)
+
+    def export_finish(self) -> tuple[dict, dict[str, np.ndarray]]:
+        spec = {"kind": "patch_knn", "index": self.index, "num_neighbors": self.num_neighbors}
+        return spec, {"bank": self.bank.numpy()}
+
     @torch.no_grad()
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
         embedding = self.embed(extractor, images)
@@ -132,3 +144,14 @@ class PatchCore(AnomalyMethod):
         return MethodOutput(
             maps=torch.from_numpy(maps).view(b, h, w), scores=torch.from_numpy(scores)
         )
+
+
+class _PatchCoreHead(nn.Module):
+    """Patch features as a graph (the bank search stays outside it, in `runtime.finish`)."""
+
+    def __init__(self, patchcore: PatchCore) -> None:
+        super().__init__()
+        self.owner = (patchcore,)  # not a submodule: its bank must stay out of the graph
+
+    def forward(self, *features: torch.Tensor) -> torch.Tensor:
+        return self.owner[0].patch_features(list(features))

@@ -10,9 +10,12 @@ Pyramids are stored in float16 to halve the model; distances are computed in flo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
+from torch import nn
 
 from defectlens.backbones import FeatureExtractor
 from defectlens.components.knn import ExactIndex, gallery_scores
@@ -44,7 +47,11 @@ class Spade(AnomalyMethod):
         self.image_index: ExactIndex | None = None  # rebuilt from `image_features`
 
     def _features(self, extractor: FeatureExtractor, images: torch.Tensor):
-        by_stride = dict(zip(self.strides, extractor.fast(images), strict=True))
+        return self.pooled_and_pyramid(extractor.fast(images))
+
+    def pooled_and_pyramid(self, features: list[torch.Tensor]):
+        """Feature maps at `strides` -> pooled (B, C_img), pyramid (B, P, C), grid (h, w)."""
+        by_stride = dict(zip(self.strides, features, strict=True))
         pooled = by_stride[self.image_stride].mean(dim=(2, 3))  # (B, C_img)
         pyramid = position_major([by_stride[s] for s in self.pyramid_strides])  # (P, C, B)
         return pooled, pyramid.permute(2, 0, 1), by_stride[self.pyramid_strides[0]].shape[-2:]
@@ -92,6 +99,23 @@ class Spade(AnomalyMethod):
         if self.image_features.shape[1] != taps[self.image_stride]:
             raise ModelFileError("spade image features do not match the backbone's channels")
 
+    def export_head(self) -> nn.Module:
+        return _SpadeHead(self)
+
+    def export_finish(self) -> tuple[dict, dict[str, np.ndarray]]:
+        side = math.isqrt(self.pixel_features.shape[1])  # images are square: S x S
+        spec = {
+            "kind": "gallery_knn",
+            "k_images": self.k_images,
+            "k_pixels": self.k_pixels,
+            "grid": [side, side],
+        }
+        arrays = {
+            "image_features": self.image_features.float().numpy(),
+            "pixel_features": self.pixel_features.numpy(),
+        }
+        return spec, arrays
+
     @torch.no_grad()
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
         pooled, pyramid, (h, w) = self._features(extractor, images)
@@ -106,3 +130,16 @@ class Spade(AnomalyMethod):
         return MethodOutput(
             maps=torch.from_numpy(maps).view(-1, h, w), scores=torch.from_numpy(scores)
         )
+
+
+class _SpadeHead(nn.Module):
+    """Pooled features and the feature pyramid as a graph (the nearest-neighbour searches stay
+    outside it, in `runtime.finish`)."""
+
+    def __init__(self, spade: Spade) -> None:
+        super().__init__()
+        self.owner = (spade,)  # not a submodule: its feature banks must stay out of the graph
+
+    def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, pyramid, _ = self.owner[0].pooled_and_pyramid(list(features))
+        return pooled, pyramid

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -83,6 +84,26 @@ def export_backbone(extractor: FeatureExtractor, path: Path) -> None:
         program.save(str(path))
     finally:
         exporter_log.setLevel(level)
+
+
+def backbone_model(extractor: FeatureExtractor, outputs: list[str]):
+    """The cached graph as an `onnx.ModelProto` cut down to `outputs` (stages no output needs
+    are dropped)."""
+    import onnx
+    import onnx.utils
+
+    path = backbone_graph(extractor)
+    try:
+        model = onnx.load(str(path))
+    except Exception:  # a damaged cache file: export again, once
+        path.unlink(missing_ok=True)
+        path = backbone_graph(extractor)
+        model = onnx.load(str(path))
+    if is_temporary(path):  # no writable cache: nothing to keep once loaded
+        shutil.rmtree(path.parent, ignore_errors=True)
+    if len(outputs) < len(model.graph.output):
+        model = onnx.utils.Extractor(model).extract_model([INPUT], outputs)
+    return model
 
 
 def backbone_graph(extractor: FeatureExtractor) -> Path:

@@ -1,0 +1,297 @@
+"""Exported deployment folders: the same scores, maps and decisions as the model they came
+from (the export parity contract every exportable method keeps), scored without torch, and
+refused with one line when tampered with or misused."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from defectlens import Detector
+from defectlens.data import find_test_samples
+from defectlens.errors import DefectLensError, ModelFileError
+from defectlens.runtime.deployed import ExportedModel
+from defectlens.runtime.export import export_detector
+
+from .conftest import IMAGE_SIZE, read_csv, run_cli, snapshot
+
+EXPORTABLE = {
+    "padim": {},
+    "spade": {"k_images": 3},
+    "patchcore": {"coreset_ratio": 0.2},
+}
+
+
+@pytest.fixture(scope="module")
+def onnx_export(fitted, tmp_path_factory):
+    return export_detector(fitted, tmp_path_factory.mktemp("exports") / "padim").path
+
+
+def assert_same_predictions(expected, got) -> None:
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got, strict=True):
+        assert a.source == b.source
+        assert abs(a.score - b.score) <= 1e-4 * max(abs(a.score), 1e-12)
+        scale = float(np.abs(a.anomaly_map).max()) or 1.0
+        assert float(np.abs(a.anomaly_map - b.anomaly_map).max()) <= 1e-4 * scale
+        assert a.is_anomalous == b.is_anomalous
+        assert (a.mask != b.mask).mean() < 1e-3  # only pixels within rounding of the threshold
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+@pytest.mark.parametrize("method", sorted(EXPORTABLE))
+def test_export_scores_like_the_model(method, fmt, brick_root, tmp_path):
+    detector = Detector(
+        method=method, image_size=IMAGE_SIZE, batch_size=8, method_params=EXPORTABLE[method]
+    ).fit(brick_root)
+    report = export_detector(detector, tmp_path / "export", fmt)
+    assert report.max_relative_difference < 1e-4
+    config = json.loads((report.path / "config.json").read_text())
+    assert config["engine"] == ("onnxruntime" if fmt == "onnx" else "openvino")
+    assert set(config["files"]) | {"config.json"} == {p.name for p in report.path.iterdir()}
+    paths = [s.path for s in find_test_samples(brick_root)]
+    exported = ExportedModel(report.path)
+    assert exported.thresholds_ == detector.thresholds_
+    assert_same_predictions(detector.predict(paths), exported.predict(paths))
+
+
+def test_onnx_export_also_runs_on_openvino(fitted, onnx_export, brick_root):
+    paths = [s.path for s in find_test_samples(brick_root)][:6]
+    on_openvino = ExportedModel(onnx_export, engine="openvino").predict(paths)
+    assert_same_predictions(fitted.predict(paths), on_openvino)
+
+
+def test_large_graphs_keep_their_weights_in_a_data_file(fitted, brick_root, tmp_path):
+    report = export_detector(fitted, tmp_path / "big", external_data_bytes=1)
+    names = set(report.files)
+    assert {"backbone.onnx.data", "head.onnx.data"} <= names
+    assert report.files["head.onnx"] < 100_000  # the weights are in the .data file
+    paths = [s.path for s in find_test_samples(brick_root)][:4]
+    assert_same_predictions(fitted.predict(paths), ExportedModel(report.path).predict(paths))
+
+
+def test_differnet_cannot_export_and_says_why(monkeypatch, capsys, brick_root, tmp_path):
+    params = ["hidden=16", "blocks=1", "max_epochs=1", "n_transforms=1", "n_transforms_test=1"]
+    params.append("n_transforms_map=1")
+    model = tmp_path / "dn"
+    args = ["fit", brick_root, "--method", "differnet", "--image-size", 128, "--out", model, "-q"]
+    for p in params:
+        args += ["--param", p]
+    assert run_cli(monkeypatch, capsys, *args)[0] == 0
+    code, _, err = run_cli(monkeypatch, capsys, "export", model, "--out", tmp_path / "x")
+    assert code == 2
+    assert "differnet cannot be exported" in err and "need torch" in err
+    assert not (tmp_path / "x").exists()
+
+
+NO_TORCH = """
+import sys
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "onnx", "onnxscript", "FrEIA", "sklearn", "skimage"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Blocked())
+try:
+    import torch
+except ImportError:
+    pass
+else:
+    raise SystemExit("torch was importable")
+from defectlens.cli import main
+sys.argv = ["defectlens", *sys.argv[1:]]
+main()
+"""
+
+
+def run_without_torch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The CLI in a fresh interpreter where importing torch (and the other packages of the
+    full install) fails, as on a machine with only `pip install defectlens`."""
+    return subprocess.run(
+        [sys.executable, "-c", NO_TORCH, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
+    )
+
+
+def test_an_export_scores_without_torch_exactly_as_the_model(
+    monkeypatch, capsys, model_dir, onnx_export, brick_root, tmp_path
+):
+    test = brick_root / "test"
+    done = run_without_torch("predict", onnx_export, test, "--out", "bare", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    code, _, err = run_cli(
+        monkeypatch, capsys, "predict", model_dir, test, "--out", tmp_path / "full", "-q"
+    )
+    assert code == 0, err
+    bare, full = read_csv(tmp_path / "bare/results.csv"), read_csv(tmp_path / "full/results.csv")
+    assert [r["path"] for r in bare] == [r["path"] for r in full]
+    for a, b in zip(bare, full, strict=True):
+        assert a["predicted"] == b["predicted"]
+        assert abs(float(a["score"]) - float(b["score"])) <= 1e-4 * abs(float(b["score"]))
+    for folder in ("overlays", "masks"):
+        assert sorted(os.listdir(tmp_path / "bare" / folder)) == sorted(
+            os.listdir(tmp_path / "full" / folder)
+        )
+    done = run_without_torch("evaluate", onnx_export, brick_root, "--out", "ev", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "image AUROC" in done.stdout
+    # A saved (unexported) model needs torch: one line saying which install brings it.
+    done = run_without_torch("predict", model_dir, test, "--out", "x", "-q", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("defectlens: error: this needs torch")
+    assert "Traceback" not in done.stderr
+
+
+def test_predict_resume_refuses_rows_of_another_export(
+    monkeypatch, capsys, onnx_export, model_dir, brick_root, tmp_path
+):
+    test = brick_root / "test" / "good"
+    out = tmp_path / "out"
+    assert run_cli(monkeypatch, capsys, "predict", onnx_export, test, "--out", out, "-q")[0] == 0
+    code, _, err = run_cli(
+        monkeypatch, capsys, "predict", model_dir, test, "--out", out, "--resume", "-q"
+    )
+    assert code == 2 and "written by another model" in err
+
+
+def tamper(folder: Path, name: str, change) -> None:
+    path = folder / name
+    data = bytearray(path.read_bytes())
+    change(data)
+    path.write_bytes(bytes(data))
+
+
+def copy_export(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for item in source.iterdir():
+        (target / item.name).write_bytes(item.read_bytes())
+    return target
+
+
+def flip_byte(data: bytearray) -> None:
+    data[len(data) // 2] ^= 0xFF
+
+
+def test_tampered_truncated_or_incomplete_exports_are_refused(onnx_export, tmp_path):
+    broken = copy_export(onnx_export, tmp_path / "flipped")
+    tamper(broken, "head.onnx", flip_byte)
+    with pytest.raises(ModelFileError, match=r"head\.onnx: checksum mismatch"):
+        ExportedModel(broken)
+
+    # Truncated, with config.json's checksum updated to match: the engine cannot read it.
+    from defectlens.outputs import file_sha256
+
+    truncated = copy_export(onnx_export, tmp_path / "truncated")
+    tamper(truncated, "backbone.onnx", lambda d: d.__delitem__(slice(len(d) // 3, None)))
+    config = json.loads((truncated / "config.json").read_text())
+    config["files"]["backbone.onnx"] = file_sha256(truncated / "backbone.onnx")
+    (truncated / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileError, match=r"backbone\.onnx: onnxruntime cannot load this graph"):
+        ExportedModel(truncated)
+
+    missing = copy_export(onnx_export, tmp_path / "missing")
+    (missing / "head.onnx").unlink()
+    with pytest.raises(ModelFileError, match=r"head\.onnx: missing"):
+        ExportedModel(missing)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.update(format_version=99), "export format version 99"),
+        (lambda c: c.update(surprise=1), "unknown key 'surprise'"),
+        (lambda c: c["files"].update({"../escape": "0" * 64}), "is not allowed"),
+        (lambda c: c.update(sigma=1e9), "sigma"),
+        (lambda c: c["thresholds"].update(image="high"), "thresholds.image"),
+        (lambda c: c["finish"].update(kind="telepathy"), "finish.kind"),
+        (lambda c: c["preprocessing"].update(image_size=65536), "image_size"),
+        (lambda c: c["graphs"]["head"].update(file="nope.onnx"), "graphs.head.file"),
+    ],
+)
+def test_edited_configs_are_refused_by_name(onnx_export, tmp_path, edit, message):
+    folder = copy_export(onnx_export, tmp_path / "edited")
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileError, match=re.escape(message)):
+        ExportedModel(folder)
+
+
+def test_export_targets_are_checked_and_nothing_is_half_written(
+    monkeypatch, capsys, model_dir, onnx_export, fitted, tmp_path
+):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "todo.txt").write_text("keep me")
+    before = snapshot(tmp_path)
+    for target, fragment in [
+        (folder, "is not a defectlens export (holds todo.txt)"),
+        (model_dir, "holds the data being read"),  # the model itself
+        (tmp_path / "notes" / "todo.txt", "exists and is not a folder"),
+    ]:
+        code, _, err = run_cli(monkeypatch, capsys, "export", model_dir, "--out", target)
+        assert code == 2 and fragment in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert snapshot(tmp_path) == before
+    # An earlier export is replaced, atomically, with no sibling left behind.
+    target = tmp_path / "again"
+    export_detector(fitted, target)
+    code, out, err = run_cli(monkeypatch, capsys, "export", model_dir, "--out", target)
+    assert code == 0, err
+    assert "checked against the model" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "notes"]
+    # A model that is not fitted has nothing to export.
+    with pytest.raises(DefectLensError, match="not fitted"):
+        export_detector(Detector(image_size=IMAGE_SIZE), tmp_path / "unfitted")
+    assert not (tmp_path / "unfitted").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--weights", "w.pth"], "--weights does not apply to an exported model"),
+        (["--backend", "torch"], "runs on onnxruntime or openvino, not torch"),
+    ],
+)
+def test_export_only_options_are_refused(
+    monkeypatch, capsys, onnx_export, brick_root, args, fragment, tmp_path
+):
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "predict",
+        onnx_export,
+        brick_root / "test",
+        "--out",
+        tmp_path / "o",
+        *args,
+    )
+    assert code == 2 and fragment in err
+
+
+def test_calibration_goes_with_int8(monkeypatch, capsys, model_dir, brick_root, tmp_path):
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "export",
+        model_dir,
+        "--out",
+        tmp_path / "x",
+        "--calibration",
+        brick_root,
+    )
+    assert code == 2 and "--calibration is for --int8" in err
+    code, _, err = run_cli(
+        monkeypatch, capsys, "export", model_dir, "--out", tmp_path / "x", "--int8"
+    )
+    assert code == 2 and "--int8 needs --calibration" in err
