@@ -295,3 +295,31 @@ def test_calibration_goes_with_int8(monkeypatch, capsys, model_dir, brick_root, 
         monkeypatch, capsys, "export", model_dir, "--out", tmp_path / "x", "--int8"
     )
     assert code == 2 and "--int8 needs --calibration" in err
+
+
+def test_int8_export_refits_sets_its_own_thresholds_and_reports_the_change(
+    monkeypatch, capsys, model_dir, fitted, brick_root, tmp_path
+):
+    out = tmp_path / "int8"
+    code, printed, err = run_cli(
+        monkeypatch, capsys, "export", model_dir, "--out", out, "--int8",
+        "--calibration", brick_root, "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "score drift vs the fp32 model" in printed and "image AUROC" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["precision"] == "int8"
+    info = config["int8"]
+    assert info["threshold_fp32"] == fitted.thresholds_.image
+    assert info["threshold_int8"] == config["thresholds"]["image"]
+    assert info["threshold_int8"] != info["threshold_fp32"]  # refitted, not copied
+    assert 0 <= info["score_drift_median"] <= info["score_drift_max"] < 0.5
+    assert 0.5 < info["test_auroc_int8"] <= 1.0
+    # The backbone graph holds quantised operators.
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / "backbone.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    exported = ExportedModel(out)
+    for p in exported.predict([s.path for s in find_test_samples(brick_root)][:5]):
+        assert p.is_anomalous == (p.score > info["threshold_int8"])

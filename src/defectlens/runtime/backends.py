@@ -56,9 +56,14 @@ class SessionBackend:
 
     name: ClassVar[str]
 
-    def __init__(self, extractor: FeatureExtractor, threads: int | None = None) -> None:
+    def __init__(
+        self, extractor: FeatureExtractor, threads: int | None = None, graph: bytes | None = None
+    ) -> None:
+        """`graph` replaces the backbone's own (serialised ONNX with the same inputs and
+        outputs, e.g. its int8 quantisation)."""
         self.outputs = [output_name(s) for s in extractor.strides]
-        graph = backbone_model(extractor, self.outputs).SerializeToString()
+        if graph is None:
+            graph = backbone_model(extractor, self.outputs).SerializeToString()
         self.session = self.open(graph, threads or torch.get_num_threads())
 
     def open(self, graph: bytes, threads: int) -> Session:
