@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from defectlens.data.loader import ImageInput, iter_batches
 from defectlens.errors import DataError, DataWarning, DefectLensError, ParameterError
 from defectlens.methods import AnomalyMethod, get_method
 from defectlens.params import check_float, check_int, check_seed
-from defectlens.prediction import Prediction, iter_predictions
+from defectlens.prediction import Predictor
 from defectlens.runtime.backends import check_backend_name, default_backend_name, make_backend
 from defectlens.thresholds import Thresholds, from_normal_scores
 
@@ -75,7 +75,7 @@ def _warn_if_overlapping(fit_images: Sequence[ImageInput], val: Sequence[ImageIn
         )
 
 
-class Detector:
+class Detector(Predictor):
     """Learn normal appearance from good images, then score, localise and decide.
 
     Parameters are set in the constructor and saved with the model; attributes ending in `_`
@@ -259,38 +259,10 @@ class Detector:
         scores = None if output.scores is None else output.scores.detach()
         return output.maps.detach().float(), scores
 
-    def iter_predict(
-        self,
-        images: Sequence[ImageInput],
-        progress: bool = False,
-        on_error: Callable[[str, DataError], None] | None = None,
-        desc: str = "score",
-    ) -> Iterator[Prediction]:
-        """Score images in order, streaming. Unreadable ones go to `on_error` (default: raise)."""
-        return iter_predictions(
-            images,
-            self.raw_scores,
-            self.image_size,
-            self.batch_size,
-            self.sigma,
-            self.thresholds_,
-            progress=progress,
-            on_error=on_error,
-            desc=desc,
-        )
-
     def raw_scores(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """The raw scorer `prediction.iter_predictions` drives: numpy in, numpy out."""
+        """The raw scorer `Predictor.iter_predict` drives: numpy in, numpy out."""
         raw, scores = self._raw_maps(torch.from_numpy(images))
         return raw.numpy(), None if scores is None else scores.float().numpy()
-
-    def predict(
-        self, images: str | Path | ImageInput | Sequence[ImageInput], progress: bool = False
-    ) -> list[Prediction]:
-        """Score one image (path or array) or many; always returns a list."""
-        if isinstance(images, str | Path | np.ndarray):
-            images = [images]
-        return list(self.iter_predict(list(images), progress=progress))
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, path: str | Path, protect: Sequence[str | Path] = ()) -> Path:

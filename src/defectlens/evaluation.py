@@ -29,7 +29,7 @@ from defectlens.data.dataset import Sample, find_test_samples
 from defectlens.data.images import read_mask
 from defectlens.errors import DataError
 from defectlens.outputs import prepare_results_dir, write_text_atomic
-from defectlens.prediction import Prediction, ScoringModel
+from defectlens.prediction import Prediction, Predictor
 from defectlens.results import ResultsTable, safe_text
 
 SCORE_COLUMNS = ("path", "score", "label", "predicted", "error")
@@ -69,7 +69,7 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def evaluate(
-    detector: ScoringModel,
+    detector: Predictor,
     root: str | Path,
     out: str | Path | None = None,
     save_maps: bool = False,
@@ -205,7 +205,7 @@ def _per_type(samples: list[Sample], scores: np.ndarray) -> dict:
 
 
 def example_views(
-    detector: ScoringModel, evaluation: Evaluation, indices: list[int]
+    detector: Predictor, evaluation: Evaluation, indices: list[int]
 ) -> list[tuple[Sample, Prediction, np.ndarray | None]]:
     """(sample, prediction, true mask) for the few images a report shows, scored again: cheaper
     than keeping every map of a large test set in memory."""

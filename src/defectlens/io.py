@@ -33,7 +33,7 @@ from defectlens.outputs import (
     check_model_target,
     clean_leftovers,
     file_sha256,
-    interrupted_save_hint,
+    read_folder_config,
     replace_folder,
     temporary_sibling,
 )
@@ -121,23 +121,7 @@ def _checked_thresholds(config_path: Path, raw: dict) -> Thresholds:
 
 def read_config(path: str | Path) -> dict:
     """config.json of a model folder, with its structure and simple values checked."""
-    path = Path(path)
-    if not path.is_dir():
-        if path.exists():
-            raise ModelFileError(f"{path}: not a model directory (it is a file)")
-        raise ModelFileError(f"{path}: no such model directory{interrupted_save_hint(path)}")
-    config_path = path / CONFIG
-    if not config_path.is_file():
-        raise ModelFileError(f"{path}: not a defectlens model (missing {CONFIG})")
-    try:
-        text = config_path.read_text(encoding="utf-8")
-        config = json.loads(text)
-    except OSError as exc:
-        raise ModelFileError(f"{config_path}: cannot read it ({exc.strerror or exc})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ModelFileError(f"{config_path}: corrupt JSON ({str(exc)[:120]})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ModelFileError(f"{config_path}: not a defectlens model config")
+    config_path, config = read_folder_config(Path(path), "model", FORMAT)
     version = config.get("format_version")
     if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise ModelFileError(

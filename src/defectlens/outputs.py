@@ -36,7 +36,7 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-from defectlens.errors import DefectLensWarning, OutputError
+from defectlens.errors import DefectLensWarning, ModelFileError, OutputError
 
 MODEL_FORMAT = "defectlens-model"
 MODEL_CONFIG = "config.json"
@@ -56,6 +56,27 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_folder_config(path: Path, what: str, fmt: str) -> tuple[Path, dict]:
+    """(config path, config) of a model or export folder whose config.json is a JSON object
+    with `format` == fmt; every problem is a one-line ModelFileError naming the file."""
+    if not path.is_dir():
+        if path.exists():
+            raise ModelFileError(f"{path}: not a {what} directory (it is a file)")
+        raise ModelFileError(f"{path}: no such {what} directory{interrupted_save_hint(path)}")
+    config_path = path / MODEL_CONFIG
+    if not config_path.is_file():
+        raise ModelFileError(f"{path}: not a defectlens {what} (missing {MODEL_CONFIG})")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelFileError(f"{config_path}: cannot read it ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError) as exc:  # JSON and UTF-8 decoding errors
+        raise ModelFileError(f"{config_path}: corrupt JSON ({str(exc)[:120]})") from None
+    if not isinstance(config, dict) or config.get("format") != fmt:
+        raise ModelFileError(f"{config_path}: not a defectlens {what} config")
+    return config_path, config
 
 
 def _describe_os_error(exc: OSError) -> str:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -25,26 +26,6 @@ from defectlens.errors import DataError, ScoringError
 from defectlens.thresholds import Thresholds
 
 RawScorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
-
-
-class ScoringModel(Protocol):
-    """What evaluation, prediction and serving need of a model: a `Detector` or an exported
-    folder loaded by `runtime.deployed` (which has no torch)."""
-
-    thresholds_: Thresholds | None
-    image_size: int
-    method: str
-    backbone: str
-
-    def iter_predict(
-        self,
-        images: Sequence[ImageInput],
-        progress: bool = False,
-        on_error: Callable[[str, DataError], None] | None = None,
-        desc: str = "score",
-    ) -> Iterator[Prediction]: ...
-
-    def predict(self, images: Any, progress: bool = False) -> list[Prediction]: ...
 
 
 @dataclass
@@ -135,3 +116,49 @@ def iter_predictions(
             bar.update(len(batch.entries))
     finally:
         bar.close()
+
+
+class Predictor:
+    """`iter_predict` and `predict` for any model that provides `raw_scores` and the
+    attributes below: a `Detector` (torch) and an `ExportedModel` (no torch) share them, and
+    evaluation, prediction and (later) serving take either."""
+
+    image_size: int
+    batch_size: int
+    sigma: float
+    thresholds_: Thresholds | None
+    method: str  # names, for reports and model cards
+    backbone: str
+
+    def raw_scores(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw maps (B, h, w) and the method's own scores (or None) for preprocessed images
+        (B, 3, S, S) float32 in [0, 1]."""
+        raise NotImplementedError
+
+    def iter_predict(
+        self,
+        images: Sequence[ImageInput],
+        progress: bool = False,
+        on_error: Callable[[str, DataError], None] | None = None,
+        desc: str = "score",
+    ) -> Iterator[Prediction]:
+        """Score images in order, streaming. Unreadable ones go to `on_error` (default: raise)."""
+        return iter_predictions(
+            images,
+            self.raw_scores,
+            self.image_size,
+            self.batch_size,
+            self.sigma,
+            self.thresholds_,
+            progress=progress,
+            on_error=on_error,
+            desc=desc,
+        )
+
+    def predict(
+        self, images: str | Path | ImageInput | Sequence[ImageInput], progress: bool = False
+    ) -> list[Prediction]:
+        """Score one image (path or array) or many; always returns a list."""
+        if isinstance(images, str | Path | np.ndarray):
+            images = [images]
+        return list(self.iter_predict(list(images), progress=progress))

@@ -17,18 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from defectlens import __version__
-from defectlens.data.loader import ImageInput
-from defectlens.errors import DataError, DefectLensError, ModelFileError
-from defectlens.outputs import EXPORT_FORMAT, MODEL_CONFIG, file_sha256, interrupted_save_hint
+from defectlens.errors import DefectLensError, ModelFileError
+from defectlens.outputs import EXPORT_FORMAT, MODEL_CONFIG, file_sha256, read_folder_config
 from defectlens.params import check_choice, check_float, check_int
-from defectlens.prediction import Prediction, iter_predictions
+from defectlens.prediction import Predictor
 from defectlens.runtime.finish import Finish, make_finish
 from defectlens.runtime.sessions import ENGINES, Session, open_session
 from defectlens.thresholds import Thresholds
@@ -78,25 +76,11 @@ def export_identity(path: str | Path) -> str:
 def read_export_config(path: str | Path) -> dict[str, Any]:
     """config.json of an export folder, structure and every file's checksum checked."""
     path = Path(path)
-    if not path.is_dir():
-        if path.exists():
-            raise ModelFileError(f"{path}: not an export folder (it is a file)")
-        raise ModelFileError(f"{path}: no such export folder{interrupted_save_hint(path)}")
-    config_path = path / MODEL_CONFIG
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: not a defectlens export (missing {MODEL_CONFIG})") from None
-    except OSError as exc:
-        raise ModelFileError(f"{config_path}: cannot read it ({exc.strerror or exc})") from None
-    except (ValueError, RecursionError) as exc:
-        raise ModelFileError(f"{config_path}: corrupt JSON ({str(exc)[:120]})") from None
+    config_path, config = read_folder_config(path, "export", EXPORT_FORMAT)
 
     def reject(problem: str) -> ModelFileError:
         return ModelFileError(f"{config_path}: {problem}")
 
-    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
-        raise reject("not a defectlens export config")
     version = config.get("format_version")
     if isinstance(version, bool) or version != EXPORT_VERSION:
         raise reject(
@@ -136,7 +120,7 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
-class ExportedModel:
+class ExportedModel(Predictor):
     """A deployment folder ready to score: the same `predict`/`iter_predict` as a `Detector`.
 
     `engine` runs the graphs: the folder's own by default; an ONNX export may also run on
@@ -227,31 +211,3 @@ class ExportedModel:
     @property
     def head_inputs(self) -> list[str]:
         return self.config["graphs"]["head"]["inputs"]
-
-    def iter_predict(
-        self,
-        images: Sequence[ImageInput],
-        progress: bool = False,
-        on_error: Callable[[str, DataError], None] | None = None,
-        desc: str = "score",
-    ) -> Iterator[Prediction]:
-        """Score images in order, streaming; as `Detector.iter_predict`."""
-        return iter_predictions(
-            images,
-            self.raw_scores,
-            self.image_size,
-            self.batch_size,
-            self.sigma,
-            self.thresholds_,
-            progress=progress,
-            on_error=on_error,
-            desc=desc,
-        )
-
-    def predict(
-        self, images: str | Path | ImageInput | Sequence[ImageInput], progress: bool = False
-    ) -> list[Prediction]:
-        """Score one image (path or array) or many; always returns a list."""
-        if isinstance(images, str | Path | np.ndarray):
-            images = [images]
-        return list(self.iter_predict(list(images), progress=progress))
