@@ -476,19 +476,22 @@ def export(model, out, fmt, int8, calibration, weights, quiet) -> None:
     written, the export is checked against the model: maps and scores within 1e-4 relative.
     """
     from defectlens.io import load_detector
+    from defectlens.outputs import check_model_target
     from defectlens.runtime.export import export_detector
 
     if calibration is not None and not int8:
         raise DefectLensError("--calibration is for --int8")
     if int8 and calibration is None:
         raise DefectLensError("--int8 needs --calibration DATA (normal images)")
+    protect = [model] if calibration is None else [model, calibration]
+    check_model_target(out, protect, kind="export")  # before minutes of quantising
     detector = load_detector(model, weights=weights)
     if int8:
         from defectlens.runtime.quantize import export_int8
 
-        report = export_int8(detector, out, calibration, fmt, protect=[model], progress=not quiet)
+        report = export_int8(detector, out, calibration, fmt, protect=protect, progress=not quiet)
     else:
-        report = export_detector(detector, out, fmt, protect=[model])
+        report = export_detector(detector, out, fmt, protect=protect)
     total = sum(report.files.values())
     echo(
         f"wrote {report.path} ({len(report.files)} files, {total / 1e6:.1f} MB) in "

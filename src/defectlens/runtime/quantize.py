@@ -25,6 +25,7 @@ from defectlens.data.dataset import find_normal_images, find_test_samples
 from defectlens.data.loader import iter_batches
 from defectlens.errors import DataError, DefectLensError
 from defectlens.metrics import auroc
+from defectlens.outputs import check_model_target
 from defectlens.runtime.export import ExportReport, export_detector
 from defectlens.runtime.onnx_graph import INPUT, backbone_model, output_name
 
@@ -102,6 +103,7 @@ def export_int8(
     from defectlens.runtime.backends import OnnxRuntimeBackend
 
     start = time.perf_counter()
+    check_model_target(out, [*protect, calibration], kind="export")  # before the slow part
     images = find_normal_images(calibration)
     graph = quantise_backbone(detector, images, progress)
     refitted = Detector(**detector.params())
