@@ -327,6 +327,6 @@ def test_int8_export_refits_sets_its_own_thresholds_and_reports_the_change(
 
 def test_int8_checks_its_destination_before_quantising(monkeypatch, capsys, model_dir, brick_root):
     args = ["export", model_dir, "--int8", "--calibration", brick_root, "-q", "--out"]
-    code, _, err = run_cli(monkeypatch, capsys, *args, brick_root / "train")
+    code, _, err = run_cli(monkeypatch, capsys, *args, brick_root)
     assert code == 2 and "holds the data being read" in err
     assert "int8: refitted" not in err
