@@ -6,6 +6,7 @@ from sklearn.covariance import ledoit_wolf
 
 from defectlens.components.blur import gaussian_blur
 from defectlens.components.gaussian import (
+    BlockRows,
     GaussianAccumulator,
     inverse_cholesky,
     mahalanobis,
@@ -58,6 +59,7 @@ def test_mahalanobis_matches_scipy():
     acc = _accumulate(x)
     cov = acc.covariance()
     w = inverse_cholesky(cov, epsilon=0.0)
+    w = BlockRows.from_packed(pack_lower(w), 5, block=2)  # 3 block rows: 2, 2 and 1 rows
     query = torch.randn(3, 5, 4, dtype=torch.float64) + 1000  # (P, C, B)
     d = mahalanobis(query, acc.mean(), w, chunk=2)
     assert d.shape == (4, 3)
@@ -91,6 +93,21 @@ def test_pack_roundtrip_halves_storage():
     packed = pack_lower(w)
     assert packed.shape == (2, 21)
     torch.testing.assert_close(unpack_lower(packed, 6), w)
+
+
+@pytest.mark.parametrize(("size", "block"), [(6, 32), (6, 4), (7, 2), (176, 32)])
+def test_block_rows_store_the_lower_triangle_exactly(size, block):
+    w = torch.tril(torch.randn(3, size, size, generator=torch.Generator().manual_seed(size)))
+    blocks = BlockRows.from_packed(pack_lower(w), size, block)
+    torch.testing.assert_close(blocks.to_packed(), pack_lower(w), rtol=0, atol=0)
+    x = torch.randn(3, size, 5)
+    torch.testing.assert_close(blocks.matmul(x), torch.bmm(w, x))
+    torch.testing.assert_close(blocks.matmul(x[1:], slice(1, None)), torch.bmm(w[1:], x[1:]))
+    assert blocks.flat.numel() <= 3 * size * size  # never more than dense
+    if size == 176:
+        assert blocks.flat.numel() / (3 * size * size) < 0.6
+    with pytest.raises(ValueError, match="do not match"):
+        BlockRows(blocks.flat[:-1], 3, size, block)
 
 
 def test_blur_preserves_mass_and_constant_maps():

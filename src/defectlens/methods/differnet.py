@@ -22,8 +22,6 @@ import copy
 import time
 from collections.abc import Callable, Iterable
 
-import FrEIA.framework as Ff
-import FrEIA.modules as Fm
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -37,7 +35,12 @@ from defectlens.params import check_float, check_int, check_seed
 SCALES = (1.0, 0.5, 0.25)
 
 
-def build_flow(dim: int, blocks: int, hidden: int, clamp: float, seed: int) -> Ff.SequenceINN:
+def build_flow(dim: int, blocks: int, hidden: int, clamp: float, seed: int) -> nn.Module:
+    """A FrEIA SequenceINN. FrEIA is imported here, not with the module: it pulls in
+    scipy.stats (60 MB of memory) that a process serving another method does not need."""
+    import FrEIA.framework as Ff
+    import FrEIA.modules as Fm
+
     def subnet(c_in: int, c_out: int) -> nn.Module:
         out = nn.Linear(hidden, c_out)
         # Zero output layer: each coupling starts as the identity, so an 8-block flow does not
@@ -104,7 +107,7 @@ class DifferNet(AnomalyMethod):
         self.batch_size = check_int("batch_size", batch_size, 1, 65_536)
         self.seed = check_seed("seed", seed)
         self.ranges = TransformRanges(rotation, brightness, contrast, sharpness)
-        self.flow: Ff.SequenceINN | None = None
+        self.flow: nn.Module | None = None  # a FrEIA SequenceINN
         self.history: list[dict[str, float]] = []  # per-epoch losses of the last fit
 
     # -- features --------------------------------------------------------------------------

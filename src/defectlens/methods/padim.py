@@ -4,8 +4,9 @@ Embeddings are the backbone's stride 4/8/16 maps, upsampled to stride 4 and conc
 (optionally a random channel subset, seeded and stored). Fitting streams: per-position sums are
 accumulated batch by batch, so memory does not grow with the number of training images (anomalib
 keeps every embedding). The inverse covariance's Cholesky factor is saved packed (its lower
-triangle only, half the size of a full inverse) and unpacked once on load; in memory only the
-unpacked factor is kept (a loaded model holding both took 1.5x the memory).
+triangle only, half the size of a full inverse) and kept in memory as block rows
+(`components.gaussian.BlockRows`, 58 % of the dense size for 176 channels), from which the
+Mahalanobis distance is computed directly: a loaded model's memory is close to its file size.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from torch import nn
 
 from defectlens.backbones import FeatureExtractor
 from defectlens.components.gaussian import (
+    BlockRows,
     GaussianAccumulator,
     mahalanobis,
-    pack_lower,
     project_mean,
-    unpack_lower,
 )
 from defectlens.components.pyramid import concat_pyramid, position_major
 from defectlens.errors import ModelFileError, ParameterError
@@ -39,7 +39,7 @@ from defectlens.params import (
 
 class Padim(AnomalyMethod):
     name = "padim"
-    fitted_buffers = ("channel_index", "mean", "inv_chol")  # saved: inv_chol_packed
+    fitted_buffers = ("channel_index", "mean", "inv_chol_blocks")  # saved: inv_chol_packed
 
     def __init__(
         self,
@@ -57,6 +57,7 @@ class Padim(AnomalyMethod):
         self.shrinkage = check_choice("shrinkage", shrinkage, ("none", "ledoit_wolf"))
         self.upsample = check_choice("upsample", upsample, ("nearest", "bilinear"))
         self.seed = check_seed("seed", seed)
+        self.factors: BlockRows | None = None  # views of inv_chol_blocks
         self._projected_mean: torch.Tensor | None = None  # W m, derived, not saved
 
     def _embed(self, extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
@@ -91,22 +92,25 @@ class Padim(AnomalyMethod):
         self.mean = accumulator.mean().float()
         packed = accumulator.precision_factors(self.shrinkage, self.epsilon)
         del accumulator
-        self.inv_chol = unpack_lower(packed, self.channel_index.numel())
-        self._projected_mean = project_mean(self.mean, self.inv_chol)
+        self.inv_chol_blocks = BlockRows.from_packed(packed, self.channel_index.numel()).flat
+        self.after_load()
 
     def fitted_state(self) -> dict[str, torch.Tensor]:
         state = super().fitted_state()
-        state["inv_chol_packed"] = pack_lower(state.pop("inv_chol"))
+        del state["inv_chol_blocks"]
+        state["inv_chol_packed"] = self.factors.to_packed()
         return state
 
     def load_fitted_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        tensors = dict(tensors)
+        # Copies: tensors loaded from a safetensors file are views of one memory map of the
+        # whole file, which any kept view would hold (the packed factor's pages) in memory.
+        tensors = {name: tensor.clone() for name, tensor in tensors.items()}
         packed, index = tensors.pop("inv_chol_packed", None), tensors.get("channel_index")
         if packed is not None and index is not None:
             c = index.numel()
             if index.ndim != 1 or packed.ndim != 2 or packed.shape[1] != c * (c + 1) // 2:
                 raise ModelFileError("padim tensors have inconsistent shapes")
-            tensors["inv_chol"] = unpack_lower(packed, c)
+            tensors["inv_chol_blocks"] = BlockRows.from_packed(packed, c).flat
         elif packed is not None:
             tensors["inv_chol_packed"] = packed  # reported as unexpected, channel_index missing
         super().load_fitted_state(tensors)
@@ -123,9 +127,13 @@ class Padim(AnomalyMethod):
             raise ModelFileError("padim channel_index must be increasing non-negative indices")
         c = index.numel()
         p = self.mean.shape[0] if self.mean.ndim == 2 else -1
-        if self.mean.shape != (p, c) or self.inv_chol.shape != (p, c, c):
+        if self.mean.shape != (p, c):
             raise ModelFileError("padim tensors have inconsistent shapes")
-        self._projected_mean = project_mean(self.mean, self.inv_chol)
+        try:
+            self.factors = BlockRows(self.inv_chol_blocks, p, c)
+        except ValueError:
+            raise ModelFileError("padim tensors have inconsistent shapes") from None
+        self._projected_mean = project_mean(self.mean, self.factors)
 
     def check_geometry(self, image_size: int, taps: dict[int, int]) -> None:
         positions = (image_size // self.strides[0]) ** 2
@@ -142,7 +150,7 @@ class Padim(AnomalyMethod):
         with torch.no_grad():
             embedding = self._embed(extractor, images)
             distances = mahalanobis(
-                embedding, self.mean, self.inv_chol, projected_mean=self._projected_mean
+                embedding, self.mean, self.factors, projected_mean=self._projected_mean
             )
         side = images.shape[-1] // self.strides[0]
         return MethodOutput(maps=distances.view(images.shape[0], -1, side))
@@ -159,15 +167,17 @@ class _PadimHead(nn.Module):
 
     The same maths as `Padim.forward` in an exporter-friendly form: the pyramid through
     `concat_pyramid` (equal to `position_major`'s copy-based layout) and one batched product
-    over all positions instead of position chunks.
+    per block row over all positions instead of position chunks.
     """
 
     def __init__(self, padim: Padim) -> None:
         super().__init__()
         self.upsample = padim.upsample
         self.register_buffer("channel_index", padim.channel_index)
-        self.register_buffer("inv_chol", padim.inv_chol)
         self.register_buffer("projected_mean", padim._projected_mean)
+        self.rows = len(padim.factors.rows)
+        for i, row in enumerate(padim.factors.rows):  # block rows: no stored zeros in the graph
+            self.register_buffer(f"row{i}", row)
 
     def forward(self, *features: torch.Tensor) -> torch.Tensor:
         b, _, h, w = features[0].shape
@@ -175,5 +185,7 @@ class _PadimHead(nn.Module):
         if self.channel_index.numel() < embedding.shape[1]:  # static once exported
             embedding = embedding.index_select(1, self.channel_index)
         embedding = embedding.flatten(2).permute(2, 1, 0)  # (P, C, B)
-        projected = torch.bmm(self.inv_chol, embedding) - self.projected_mean
+        rows = [getattr(self, f"row{i}") for i in range(self.rows)]
+        projected = torch.cat([torch.bmm(r, embedding[:, : r.shape[2]]) for r in rows], dim=1)
+        projected = projected - self.projected_mean
         return projected.square().sum(dim=1).clamp_min(0).sqrt().T.reshape(b, h, w)
