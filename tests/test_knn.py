@@ -4,8 +4,15 @@ models) against direct computations from their definitions."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from defectlens.components.knn import ExactIndex, gallery_scores, patch_scores
+from defectlens.components.knn import (
+    ExactIndex,
+    HNSWIndex,
+    IVFIndex,
+    gallery_scores,
+    patch_scores,
+)
 
 
 def _index(vectors: np.ndarray) -> ExactIndex:
@@ -62,3 +69,22 @@ def test_gallery_scores_search_only_the_nearest_images():
         _index(image_features), pixel_features, pooled, pyramid, k_images=99, k_pixels=1
     )
     assert capped.shape == (2, p)
+
+
+@pytest.mark.parametrize("index", [IVFIndex(nprobe=1), HNSWIndex(neighbours=4, ef_search=4)])
+def test_approximate_indices_give_exact_image_scores(index):
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(40, 16)) * 4
+    bank = (centres[rng.integers(40, size=4000)] + rng.normal(size=(4000, 16))).astype(np.float32)
+    patches = (centres[rng.integers(40, size=(6, 300))] + rng.normal(size=(6, 300, 16))).astype(
+        np.float32
+    )
+    patches[2, 5] += 6.0
+    index.build(bank)
+    exact_maps, exact_scores = patch_scores(_index(bank), bank, patches, 9)
+    approx = index.search(patches.reshape(-1, 16), 1)[0].reshape(6, 300)
+    assert (approx > exact_maps + 1e-3).any()  # the index really is approximate here
+    maps, scores = patch_scores(index, bank, patches, 9)
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
+    np.testing.assert_allclose(maps.max(axis=1), exact_maps.max(axis=1), rtol=1e-5)
+    assert (maps >= exact_maps - 1e-4).all()  # other patches: never below the exact distance

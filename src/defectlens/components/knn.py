@@ -24,9 +24,14 @@ import numpy as np
 
 
 class NearestNeighbourIndex:
-    """Base: `build` on vectors (N, d), `search` queries (Q, d) -> (distances, indices)."""
+    """Base: `build` on vectors (N, d), `search` queries (Q, d) -> (distances, indices).
+
+    An approximate index (`exact` False) also keeps a brute-force index over the same vectors
+    for `exact_search`: the few queries whose exact answer decides a score are re-searched.
+    """
 
     name: ClassVar[str]
+    exact: ClassVar[bool] = False
     REGISTRY: ClassVar[dict[str, type[NearestNeighbourIndex]]] = {}
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -35,9 +40,21 @@ class NearestNeighbourIndex:
 
     def __init__(self) -> None:
         self.index: faiss.Index | None = None
+        self.flat: faiss.Index | None = None
 
     def build(self, vectors: np.ndarray) -> None:
         raise NotImplementedError
+
+    def _build_flat(self, vectors: np.ndarray) -> faiss.Index:
+        flat = faiss.IndexFlatL2(vectors.shape[1])
+        flat.add(np.ascontiguousarray(vectors, np.float32))
+        return flat
+
+    def exact_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """As `search`, but exact whatever the index."""
+        flat = self.index if self.exact else self.flat
+        distances, indices = flat.search(np.ascontiguousarray(queries, np.float32), k)
+        return np.sqrt(np.maximum(distances, 0.0)), indices
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Euclidean distances (not squared) and indices of the k nearest vectors."""
@@ -49,10 +66,10 @@ class ExactIndex(NearestNeighbourIndex):
     """Brute-force L2 search: exact, and fast enough for banks up to ~10^5 vectors on a CPU."""
 
     name = "exact"
+    exact = True
 
     def build(self, vectors: np.ndarray) -> None:
-        self.index = faiss.IndexFlatL2(vectors.shape[1])
-        self.index.add(np.ascontiguousarray(vectors, np.float32))
+        self.index = self._build_flat(vectors)
 
 
 class IVFIndex(NearestNeighbourIndex):
@@ -77,6 +94,7 @@ class IVFIndex(NearestNeighbourIndex):
         self.index.train(data[np.sort(sample)])
         self.index.add(data)
         self.index.nprobe = self.nprobe
+        self.flat = self._build_flat(data)
 
 
 class HNSWIndex(NearestNeighbourIndex):
@@ -98,6 +116,7 @@ class HNSWIndex(NearestNeighbourIndex):
         finally:
             faiss.omp_set_num_threads(threads)
         self.index.hnsw.efSearch = self.ef_search
+        self.flat = self._build_flat(vectors)
 
 
 def index_names() -> list[str]:
@@ -118,24 +137,57 @@ def patch_scores(
     """PatchCore scoring of patch features (B, P, d) against `bank` (N, d) searched by `index`:
     per-patch distances to the nearest bank vector (B, P), and image scores (B,) = the largest
     patch distance s* re-weighted by how isolated its nearest bank vector m* is,
-    s = (1 - softmax over m*'s bank neighbourhood) * s* (the paper's Eq. 7)."""
+    s = (1 - softmax over m*'s bank neighbourhood) * s* (the paper's Eq. 7).
+
+    With an approximate index the image scores are still exact (`_refine_maxima`); only the
+    other patches' distances in the map may be slightly too large.
+    """
     b, p, d = patches.shape
     distances, nearest = index.search(patches.reshape(-1, d), 1)
     maps = distances.reshape(b, p).astype(np.float32)
     nearest = nearest.reshape(b, p)
+    if not index.exact:
+        _refine_maxima(index, patches, maps, nearest)
     rows = np.arange(b)
     worst = maps.argmax(axis=1)
     s_star = maps[rows, worst]
     k = min(num_neighbors, bank.shape[0])
     if k <= 1:
         return maps, s_star
-    _, support = index.search(bank[nearest[rows, worst]], k)  # includes m* itself, first
+    _, support = index.exact_search(bank[nearest[rows, worst]], k)  # m* itself first
     test_patch = patches[rows, worst][:, None, :].astype(np.float32)
     spread = np.linalg.norm(test_patch - bank[support], axis=-1).astype(np.float64)
     spread -= spread.max(axis=1, keepdims=True)
     weights = np.exp(spread)
     weight = 1.0 - weights[:, 0] / weights.sum(axis=1)
     return maps, (weight * s_star).astype(np.float32)
+
+
+def _refine_maxima(
+    index: NearestNeighbourIndex,
+    patches: np.ndarray,
+    maps: np.ndarray,
+    nearest: np.ndarray,
+    chunk: int = 16,
+) -> None:
+    """Make each image's largest patch distance (and its nearest vector) exact, in place.
+
+    An approximate index returns a real bank vector, so its distance is never below the true
+    nearest distance. Patches are re-searched exactly in decreasing order of approximate
+    distance until the next approximate distance is no larger than the largest exact one found:
+    no patch left can then exceed it. Typically one chunk per image.
+    """
+    for i in range(maps.shape[0]):
+        order = np.argsort(-maps[i], kind="stable")
+        best = -np.inf
+        for start in range(0, len(order), chunk):
+            todo = order[start : start + chunk]
+            if maps[i, todo[0]] <= best:
+                break
+            distances, found = index.exact_search(patches[i, todo], 1)
+            maps[i, todo] = distances[:, 0]
+            nearest[i, todo] = found[:, 0]
+            best = max(best, float(distances.max()))
 
 
 def gallery_scores(
