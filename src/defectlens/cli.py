@@ -168,7 +168,8 @@ def cli(debug: bool) -> None:
     "nn_index",
     type=click.Choice(["exact", "ivf", "hnsw"]),
     default=None,
-    help="patchcore: nearest-neighbour index (default exact).",
+    help="patchcore: nearest-neighbour index (default ivf: image scores still exact, maps "
+    "approximate; exact is several times slower).",
 )
 @click.option(
     "--k-images",
