@@ -42,6 +42,9 @@ class OnnxRuntimeSession(Session):
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # warnings about unused initialisers are noise here
+        # onnxruntime's threads otherwise keep spinning after each run, taking the cores from
+        # what follows it (faiss search, the head, numpy post-processing).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         source = graph if isinstance(graph, bytes) else str(graph)
         self.session = onnxruntime.InferenceSession(
             source, options, providers=["CPUExecutionProvider"]
