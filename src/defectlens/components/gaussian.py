@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from defectlens.components.distances import block_mahalanobis, block_row_shapes, block_row_views
+
 
 class GaussianAccumulator:
     """Streaming sufficient statistics of features (P, C, B) -> per-position mean/covariance."""
@@ -137,16 +139,12 @@ class BlockRows:
         if flat.ndim != 1 or flat.numel() != positions * self.stored(size, block):
             raise ValueError("block rows do not match the positions and size")
         self.flat, self.positions, self.size, self.block = flat, positions, size, block
-        self.rows: list[torch.Tensor] = []
-        offset = 0
-        for start, stop in self.spans(size, block):
-            n = positions * (stop - start) * stop
-            self.rows.append(flat[offset : offset + n].view(positions, stop - start, stop))
-            offset += n
+        views = block_row_views(flat.numpy(), positions, size, block)
+        self.rows: list[torch.Tensor] = [torch.from_numpy(v) for v in views]  # no copies
 
     @staticmethod
     def spans(size: int, block: int) -> list[tuple[int, int]]:
-        return [(start, min(start + block, size)) for start in range(0, size, block)]
+        return [(s, s + rows) for s, rows, _ in block_row_shapes(0, size, block)]
 
     @classmethod
     def stored(cls, size: int, block: int) -> int:
@@ -198,14 +196,11 @@ def mahalanobis(
     """
     if projected_mean is None:
         projected_mean = project_mean(mean, inv_chol)
-    p, _, b = features.shape
-    out = features.new_empty(p, b)
-    for start in range(0, p, chunk):
-        sl = slice(start, start + chunk)
-        projected = inv_chol.matmul(features[sl], sl)
-        projected.sub_(projected_mean[sl])
-        out[sl] = projected.square_().sum(dim=1)
-    return out.clamp_min_(0).sqrt_().T
+    rows = [r.numpy() for r in inv_chol.rows]  # numpy views: the code exported models run
+    distances = block_mahalanobis(
+        rows, projected_mean.numpy(), features.contiguous().numpy(), chunk
+    )
+    return torch.from_numpy(distances)
 
 
 def project_mean(mean: torch.Tensor, inv_chol: BlockRows) -> torch.Tensor:

@@ -2,12 +2,13 @@
 
 numpy and faiss only (no torch). Each finish is named by `kind` in the export's config.json,
 with its parameters and arrays; every value is checked at load like a model's config is.
-- `map`: the head computed the raw maps (B, h, w) itself (PaDiM: embedding + Mahalanobis).
+- `mahalanobis`: embeddings (P, C, B) scored against per-position Gaussians (PaDiM), with
+  `components.distances.block_mahalanobis`.
 - `patch_knn`: patch features (B, h, w, d) scored against a bank by nearest-neighbour search,
   the index rebuilt from the bank at load (PatchCore), with `components.knn.patch_scores`.
 - `gallery_knn`: pooled image features and feature pyramids scored against the training
   images' (SPADE), with `components.knn.gallery_scores`.
-The methods call the same `components.knn` functions, so finishing is the same code in both.
+The methods call the same functions, so finishing is the same code in both.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from defectlens.components.distances import block_mahalanobis, block_row_views
 from defectlens.components.knn import (
     ExactIndex,
     gallery_scores,
@@ -59,12 +61,42 @@ class Finish:
         raise NotImplementedError
 
 
-class MapFinish(Finish):
-    kind = "map"
-    outputs = ("maps",)
+class MahalanobisFinish(Finish):
+    kind = "mahalanobis"
+    outputs = ("embedding",)
+    arrays = ("factors", "projected_mean")
+
+    @classmethod
+    def parameters(cls) -> tuple[str, ...]:
+        return ("grid", "channels", "block")
+
+    def __init__(self, spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        super().__init__(spec, arrays)
+        self.grid = _grid(spec["grid"])
+        channels = check_int("finish.channels", spec["channels"], 1, 1 << 16)
+        block = check_int("finish.block", spec["block"], 1, 1 << 16)
+        positions = self.grid[0] * self.grid[1]
+        factors, mean = arrays["factors"], arrays["projected_mean"]
+        if factors.dtype != np.float32 or mean.dtype != np.float32:
+            raise ParameterError("the Gaussian arrays must be float32")
+        if mean.shape != (positions, channels, 1):
+            raise ParameterError("projected_mean does not match the grid and channels")
+        try:
+            self.rows = block_row_views(factors.reshape(-1), positions, channels, block)
+        except ValueError as exc:
+            raise ParameterError(str(exc)) from None
+        self.projected_mean = mean
 
     def __call__(self, outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        return outputs[0], None
+        embedding = outputs[0]
+        distances = block_mahalanobis(self.rows, self.projected_mean, embedding)
+        return distances.reshape(-1, *self.grid), None
+
+
+def _grid(grid: object) -> tuple[int, int]:
+    if not (isinstance(grid, list) and len(grid) == 2):
+        raise ParameterError("finish.grid must be [height, width]")
+    return tuple(check_int("finish.grid", g, 1, 4096) for g in grid)
 
 
 class PatchKnnFinish(Finish):
@@ -110,10 +142,7 @@ class GalleryKnnFinish(Finish):
         super().__init__(spec, arrays)
         self.k_images = check_int("finish.k_images", spec["k_images"], 1, 10_000)
         self.k_pixels = check_int("finish.k_pixels", spec["k_pixels"], 1, 1_000)
-        grid = spec["grid"]
-        if not (isinstance(grid, list) and len(grid) == 2):
-            raise ParameterError("finish.grid must be [height, width]")
-        self.grid = tuple(check_int("finish.grid", g, 1, 4096) for g in grid)
+        self.grid = _grid(spec["grid"])
         images, pixels = arrays["image_features"], arrays["pixel_features"]
         if (
             images.ndim != 2
