@@ -216,6 +216,9 @@ def test_tampered_truncated_or_incomplete_exports_are_refused(onnx_export, tmp_p
         (lambda c: c["finish"].update(kind="telepathy"), "finish.kind"),
         (lambda c: c["preprocessing"].update(image_size=65536), "image_size"),
         (lambda c: c["graphs"]["head"].update(file="nope.onnx"), "graphs.head.file"),
+        (lambda c: c["graphs"]["head"].update(file=["head.onnx"]), "graphs.head.file"),
+        (lambda c: c.update(arrays=[1]), "'arrays' is not one of the listed files"),
+        (lambda c: c["graphs"]["backbone"].update(outputs=["stride2"]), "no output 'stride2'"),
     ],
 )
 def test_edited_configs_are_refused_by_name(onnx_export, tmp_path, edit, message):

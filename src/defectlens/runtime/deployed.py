@@ -109,13 +109,14 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     for role, graph in graphs.items():
         if not isinstance(graph, dict) or set(graph) != _GRAPH_KEYS:
             raise reject(f"graphs.{role} must have the keys {sorted(_GRAPH_KEYS)}")
-        if graph["file"] not in files:
+        if not isinstance(graph["file"], str) or graph["file"] not in files:
             raise reject(f"graphs.{role}.file is not one of the listed files")
         for key in ("inputs", "outputs"):
             names = graph[key]
             if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
                 raise reject(f"graphs.{role}.{key} must be a list of names")
-    if config["arrays"] is not None and config["arrays"] not in files:
+    arrays = config["arrays"]
+    if arrays is not None and (not isinstance(arrays, str) or arrays not in files):
         raise reject("'arrays' is not one of the listed files")
     return config
 

@@ -49,6 +49,9 @@ class OnnxRuntimeSession(Session):
         self.session = onnxruntime.InferenceSession(
             source, options, providers=["CPUExecutionProvider"]
         )
+        missing = set(self.outputs) - {o.name for o in self.session.get_outputs()}
+        if missing:  # checked here, not at the first image
+            raise ValueError(f"the graph has no output {sorted(missing)[0]!r}")
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(self.outputs, feeds)
