@@ -403,7 +403,7 @@ def predict(
     if not all(i.error for i in items):
         detector = load_model(model, weights=weights, backend=backend)
     if out_dir is not None and detector is not None:
-        _check_same_model(out_dir, model, resume)
+        _check_same_model(out_dir, model, detector, resume)
     table = None
     if out_dir is not None:
         table = ResultsTable(
@@ -508,13 +508,13 @@ def export(model, out, fmt, int8, calibration, weights, quiet) -> None:
         )
 
 
-def _check_same_model(out_dir: Path, model: str, resume: bool) -> None:
+def _check_same_model(out_dir: Path, model: str, loaded, resume: bool) -> None:
     """--resume must continue with the model that wrote the earlier rows, never mix two."""
     from defectlens.outputs import read_results_marker, write_results_marker
-    from defectlens.runtime.deployed import export_identity, is_export
+    from defectlens.runtime.deployed import ExportedModel
 
-    if is_export(model):
-        identity = export_identity(model)
+    if isinstance(loaded, ExportedModel):
+        identity = loaded.identity  # its files were hashed once, at load
     else:
         from defectlens.io import read_config
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def block_row_shapes(positions: int, size: int, block: int) -> list[tuple[int, int, int]]:
+def block_row_shapes(size: int, block: int) -> list[tuple[int, int, int]]:
     """(first row, rows, columns) of each block row of lower-triangular (size x size) matrices
     cut into `block`-row slices; `columns` = last row + 1 (nothing right of the diagonal)."""
     return [(s, min(s + block, size) - s, min(s + block, size)) for s in range(0, size, block)]
@@ -23,7 +23,7 @@ def block_row_shapes(positions: int, size: int, block: int) -> list[tuple[int, i
 def block_row_views(flat: np.ndarray, positions: int, size: int, block: int) -> list[np.ndarray]:
     """Views (positions, rows, columns) of each block row stored one after the other in `flat`."""
     views, offset = [], 0
-    for _, rows, cols in block_row_shapes(positions, size, block):
+    for _, rows, cols in block_row_shapes(size, block):
         n = positions * rows * cols
         views.append(flat[offset : offset + n].reshape(positions, rows, cols))
         offset += n

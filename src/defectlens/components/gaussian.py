@@ -144,7 +144,7 @@ class BlockRows:
 
     @staticmethod
     def spans(size: int, block: int) -> list[tuple[int, int]]:
-        return [(s, s + rows) for s, rows, _ in block_row_shapes(0, size, block)]
+        return [(s, s + rows) for s, rows, _ in block_row_shapes(size, block)]
 
     @classmethod
     def stored(cls, size: int, block: int) -> int:

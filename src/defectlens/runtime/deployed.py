@@ -66,13 +66,6 @@ def is_export(path: str | Path) -> bool:
     return isinstance(config, dict) and config.get("format") == EXPORT_FORMAT
 
 
-def export_identity(path: str | Path) -> str:
-    """A digest naming this export's content (its files' checksums), for results markers."""
-    config = read_export_config(path)
-    text = json.dumps(config["files"], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def read_export_config(path: str | Path) -> dict[str, Any]:
     """config.json of an export folder, structure and every file's checksum checked."""
     path = Path(path)
@@ -157,6 +150,9 @@ class ExportedModel(Predictor):
         except DefectLensError as exc:
             raise ModelFileError(f"{config_path}: {exc}") from None
         self.config = config
+        # Names this export's content (its files' checksums), for results markers.
+        files = json.dumps(config["files"], sort_keys=True)
+        self.identity = hashlib.sha256(files.encode()).hexdigest()
         self.engine = self.engine_format if engine is None else engine
         if self.engine not in ENGINES:
             raise DefectLensError(

@@ -24,10 +24,8 @@ relative, or the export is refused), and only then swapped into place.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +46,7 @@ from defectlens.outputs import (
     temporary_sibling,
 )
 from defectlens.runtime.deployed import ARRAYS, EXPORT_VERSION, INPUT, ExportedModel
-from defectlens.runtime.onnx_graph import backbone_model, output_name
+from defectlens.runtime.onnx_graph import backbone_model, dynamo_export, output_name
 
 FORMATS = ("onnx", "openvino")
 EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB
@@ -69,13 +67,6 @@ class ExportReport:
 def _relative_difference(a: np.ndarray, b: np.ndarray) -> float:
     scale = max(float(np.abs(a).max()), 1e-12)
     return float(np.abs(a - b).max()) / scale
-
-
-def _quiet_exporter() -> Callable[[], None]:
-    log = logging.getLogger("torch.onnx")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    return lambda: log.setLevel(level)
 
 
 def _save_onnx(model, path: Path, external_data_bytes: int) -> None:
@@ -105,23 +96,15 @@ def _export_head(
 ) -> None:
     """The head as an ONNX graph with a free batch size (spatial sizes are the model's)."""
     batch = torch.export.Dim("batch", min=1, max=65536)
-    restore = _quiet_exporter()
     size = sum(b.numel() * b.element_size() for b in head.buffers())
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                head.eval(),
-                tuple(features),
-                dynamo=True,
-                input_names=inputs,
-                output_names=outputs,
-                dynamic_shapes=(tuple({0: batch} for _ in features),),  # one *features arg
-                verbose=False,
-            )
-        program.save(str(path), external_data=size > external_data_bytes)
-    finally:
-        restore()
+    program = dynamo_export(
+        head.eval(),
+        tuple(features),
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_shapes=(tuple({0: batch} for _ in features),),  # one *features arg
+    )
+    program.save(str(path), external_data=size > external_data_bytes)
 
 
 def _to_openvino(folder: Path, graphs: dict[str, dict]) -> None:

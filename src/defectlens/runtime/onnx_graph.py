@@ -66,22 +66,26 @@ def export_backbone(extractor: FeatureExtractor, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
     height = torch.export.Dim("height", min=16, max=16384)
     width = torch.export.Dim("width", min=16, max=16384)
+    program = dynamo_export(
+        module,
+        (example,),
+        input_names=[INPUT],
+        output_names=[output_name(s) for s in taps],
+        dynamic_shapes={"images": {0: batch, 2: height, 3: width}},
+    )
+    program.save(str(path))
+
+
+def dynamo_export(module: torch.nn.Module, args: tuple, **kwargs):
+    """`torch.onnx.export(..., dynamo=True)` without its notices (e.g. "torchvision is not
+    installed") and warnings, under no_grad: the ONNXProgram."""
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notices
+    exporter_log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module,
-                (example,),
-                dynamo=True,
-                input_names=[INPUT],
-                output_names=[output_name(s) for s in taps],
-                dynamic_shapes={"images": {0: batch, 2: height, 3: width}},
-                verbose=False,
-            )
-        program.save(str(path))
+            return torch.onnx.export(module, args, dynamo=True, verbose=False, **kwargs)
     finally:
         exporter_log.setLevel(level)
 

@@ -32,7 +32,7 @@ from defectlens.runtime.onnx_graph import INPUT, backbone_model, output_name
 MAX_CALIBRATION_IMAGES = 64  # activation ranges settle well before this (min/max calibration)
 
 
-def quantise_backbone(detector, images: list, progress: bool = False):
+def quantise_backbone(detector, images: list):
     """The detector's backbone graph (its taps) statically quantised to int8 QDQ, calibrated on
     `images`: an onnx.ModelProto."""
     import onnx
@@ -105,7 +105,7 @@ def export_int8(
     start = time.perf_counter()
     check_model_target(out, [*protect, calibration], kind="export")  # before the slow part
     images = find_normal_images(calibration)
-    graph = quantise_backbone(detector, images, progress)
+    graph = quantise_backbone(detector, images)
     refitted = Detector(**detector.params())
     refitted.ensure_extractor().use_backend(
         OnnxRuntimeBackend(refitted.extractor_, graph=graph.SerializeToString())
