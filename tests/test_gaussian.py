@@ -122,10 +122,39 @@ def test_blur_preserves_mass_and_constant_maps():
 
 
 def test_position_major_layout_matches_interpolate_and_concat():
-    from defectlens.components.pyramid import concat_pyramid, position_major
+    from defectlens.components.layout import position_major
+    from defectlens.components.pyramid import align_pyramid, concat_pyramid
 
     feats = [torch.rand(2, 3, 8, 8), torch.rand(2, 4, 4, 4), torch.rand(2, 5, 2, 2)]
-    expected = concat_pyramid(feats).flatten(2).permute(2, 1, 0)
-    torch.testing.assert_close(position_major(feats), expected, rtol=0, atol=0)
-    bilinear = concat_pyramid(feats, "bilinear").flatten(2).permute(2, 1, 0)
-    torch.testing.assert_close(position_major(feats, "bilinear"), bilinear)
+    expected = concat_pyramid(feats).flatten(2).permute(2, 1, 0).numpy()
+    aligned = [f.numpy() for f in align_pyramid(feats)]
+    assert len(aligned) == 3  # nested sizes: replicated by the layout, not upsampled
+    np.testing.assert_array_equal(position_major(aligned), expected)
+    keep = np.array([0, 2, 3, 8, 11])  # a channel subset across all three maps
+    np.testing.assert_array_equal(position_major(aligned, keep), expected[:, keep])
+    bilinear = [f.numpy() for f in align_pyramid(feats, "bilinear")]
+    assert len(bilinear) == 1
+    np.testing.assert_array_equal(
+        position_major(bilinear), concat_pyramid(feats, "bilinear").flatten(2).permute(2, 1, 0)
+    )
+    uneven = [torch.rand(2, 3, 7, 7), torch.rand(2, 4, 4, 4)]  # 4 does not divide 7
+    (joined,) = align_pyramid(uneven)
+    assert joined.shape == (2, 7, 7, 7)
+    with pytest.raises(ValueError, match="divide"):
+        position_major([f.numpy() for f in uneven])
+    with pytest.raises(ValueError, match="exceed"):
+        position_major(aligned, np.array([0, 12]))
+
+
+@pytest.mark.parametrize("size", [97, 128, 250, 256])
+@pytest.mark.parametrize("scale", [0.5, 0.25])
+def test_downscale_matches_torch_antialiased_bilinear(size, scale):
+    from defectlens.components.scale import downscale
+
+    images = torch.rand(2, 3, size, size + 3)
+    expected = torch.nn.functional.interpolate(
+        images, scale_factor=scale, mode="bilinear", antialias=True, align_corners=False
+    )
+    got = downscale(images, scale)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

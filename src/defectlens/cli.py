@@ -475,6 +475,8 @@ def export(model, out, fmt, int8, calibration, weights, quiet) -> None:
     Score it with `defectlens predict OUT ...` or `defectlens evaluate OUT ...` on a machine
     with only `pip install defectlens` (onnxruntime, numpy, pillow, faiss). Before it is
     written, the export is checked against the model: maps and scores within 1e-4 relative.
+    A DifferNet export gives scores and decisions only: its maps are gradients through the
+    backbone, which need torch (score the saved model for them).
     """
     from defectlens.io import load_detector
     from defectlens.outputs import check_model_target
@@ -502,8 +504,9 @@ def export(model, out, fmt, int8, calibration, weights, quiet) -> None:
         for line in report.extra.get("summary", []):
             echo(line)
     else:
+        what = "maps and scores" if report.has_maps else "scores (no maps: they need torch)"
         echo(
-            f"checked against the model: largest relative difference of maps and scores "
+            f"checked against the model: largest relative difference of {what} "
             f"{report.max_relative_difference:.1e}"
         )
 
@@ -559,6 +562,13 @@ def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet) -> 
         raise DefectLensError(f"nothing to score: {first}{more}")
     if done:
         _warn(f"resuming: {len(done)} image(s) already scored, {len(pending)} to go")
+    if not detector.has_maps:
+        _warn(
+            f"this {detector.method} export scores images without anomaly maps (its maps are "
+            "gradients through the backbone, which need torch): no masks or overlays, "
+            "defect_pixels left empty; score the saved model for maps"
+        )
+        no_images = True
     scored = flagged = 0
     start = time.perf_counter()
     try:
@@ -591,7 +601,7 @@ def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet) -> 
                         name,
                         f"{prediction.score:.6g}",
                         summary["predicted"],
-                        summary["defect_pixels"],
+                        "" if summary["defect_pixels"] is None else summary["defect_pixels"],
                         "",
                     ]
                 )

@@ -92,7 +92,7 @@ def evaluate(
             (out_dir / name).unlink(missing_ok=True)
     by_path = {str(s.path): s for s in samples}
     with_masks = all(s.mask is not None for s in samples if s.label == 1)
-    pixel = metrics.PixelMetrics(fpr_limit=0.3) if with_masks else None
+    pixel = metrics.PixelMetrics(fpr_limit=0.3) if with_masks and detector.has_maps else None
     table = None if out_dir is None else ResultsTable(out_dir / "scores.csv", SCORE_COLUMNS)
     scored: list[Sample] = []
     scores: list[float] = []
@@ -130,7 +130,7 @@ def evaluate(
             if table is not None:
                 decision = int(prediction.is_anomalous)
                 table.write([rel, f"{prediction.score:.6g}", sample.label, decision, ""])
-            if save_maps and out_dir is not None:
+            if save_maps and out_dir is not None and prediction.anomaly_map is not None:
                 target = out_dir / "maps" / f"{sample.path.relative_to(root).as_posix()}.npy"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 np.save(target, prediction.anomaly_map.astype(np.float32, copy=False))
@@ -142,7 +142,9 @@ def evaluate(
         evaluation.skipped = skipped
         m = image_metrics(result_scores, evaluation.labels, detector.thresholds_.image)
         m["threshold"] = detector.thresholds_.to_dict()
-        if pixel is None:
+        if not detector.has_maps:
+            m["pixel_metrics"] = "skipped: this model scores images without anomaly maps"
+        elif pixel is None:
             m["pixel_metrics"] = "skipped: not every defective image has a ground-truth mask"
         else:
             m.update(pixel.result())
@@ -188,7 +190,7 @@ def _json(value: dict) -> str:
 
 
 def _truth(sample: Sample, prediction: Prediction) -> np.ndarray:
-    shape = prediction.anomaly_map.shape
+    shape = prediction.size
     if sample.mask is None:
         return np.zeros(shape, dtype=bool)
     return read_mask(sample.mask, shape)

@@ -25,27 +25,29 @@ from defectlens.data.loader import ImageInput, iter_batches
 from defectlens.errors import DataError, ScoringError
 from defectlens.thresholds import Thresholds
 
-RawScorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+RawScorer = Callable[[np.ndarray], tuple[np.ndarray | None, np.ndarray | None]]
 
 
 @dataclass
 class Prediction:
-    """One scored image. `anomaly_map` and `mask` have the image's own (H, W)."""
+    """One scored image. `anomaly_map` and `mask` have the image's own `size` (H, W); both are
+    None when the model scores images without maps (an exported DifferNet)."""
 
     source: str
     score: float
     is_anomalous: bool
-    anomaly_map: np.ndarray
-    mask: np.ndarray
+    anomaly_map: np.ndarray | None
+    mask: np.ndarray | None
+    size: tuple[int, int]
 
     def summary(self) -> dict[str, Any]:
         return {
             "path": self.source,
             "score": self.score,
             "predicted": "defective" if self.is_anomalous else "good",
-            "defect_pixels": int(self.mask.sum()),
-            "height": int(self.anomaly_map.shape[0]),
-            "width": int(self.anomaly_map.shape[1]),
+            "defect_pixels": None if self.mask is None else int(self.mask.sum()),
+            "height": int(self.size[0]),
+            "width": int(self.size[1]),
         }
 
 
@@ -53,18 +55,24 @@ def source_name(source: ImageInput, index: int) -> str:
     return f"<array {index}>" if isinstance(source, np.ndarray) else str(source)
 
 
-def decide(name: str, score: float, amap: np.ndarray, thresholds: Thresholds | None) -> Prediction:
+def decide(
+    name: str,
+    score: float,
+    amap: np.ndarray | None,
+    thresholds: Thresholds | None,
+    size: tuple[int, int] | None = None,
+) -> Prediction:
     """The decision at the thresholds; without thresholds (fit's validation pass) nothing is
-    flagged."""
-    if thresholds is None:
-        return Prediction(name, score, False, amap, np.zeros(amap.shape, bool))
-    return Prediction(
-        source=name,
-        score=score,
-        is_anomalous=bool(score > thresholds.image),
-        anomaly_map=amap,
-        mask=amap > thresholds.pixel,
-    )
+    flagged. `size` (H, W) is needed only without a map."""
+    size = tuple(amap.shape) if amap is not None else tuple(size)
+    if amap is None:
+        mask = None
+    elif thresholds is None:
+        mask = np.zeros(amap.shape, bool)
+    else:
+        mask = amap > thresholds.pixel
+    flagged = thresholds is not None and bool(score > thresholds.image)
+    return Prediction(name, score, flagged, amap, mask, (int(size[0]), int(size[1])))
 
 
 def iter_predictions(
@@ -99,10 +107,12 @@ def iter_predictions(
                         break
                     handler(earlier, error)
                 # Upsampled, smoothed and resized to the image's own size in one step.
-                amap = resample(raw[i : i + 1], tuple(size), image_size, sigma)[0]
+                amap = None
+                if raw is not None:
+                    amap = resample(raw[i : i + 1], tuple(size), image_size, sigma)[0]
                 score = float(amap.max()) if scores is None else float(scores[i])
                 name = names[id(source)]
-                if not (np.isfinite(score) and np.isfinite(amap).all()):
+                if not (np.isfinite(score) and (amap is None or np.isfinite(amap).all())):
                     # Never let NaN compare as "good": the image gets an error instead.
                     problem = ScoringError(
                         f"{name}: the model produced a non-finite score or map (NaN or "
@@ -110,7 +120,7 @@ def iter_predictions(
                     )
                     handler(source, problem)
                     continue
-                yield decide(name, score, amap, thresholds)
+                yield decide(name, score, amap, thresholds, tuple(size))
             for earlier, error in entries:
                 handler(earlier, error)
             bar.update(len(batch.entries))
@@ -130,10 +140,16 @@ class Predictor:
     method: str  # names, for reports and model cards
     backbone: str
 
-    def raw_scores(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def raw_scores(self, images: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Raw maps (B, h, w) and the method's own scores (or None) for preprocessed images
-        (B, 3, S, S) float32 in [0, 1]."""
+        (B, 3, S, S) float32 in [0, 1]. Maps may be None if scores are given (see
+        `has_maps`)."""
         raise NotImplementedError
+
+    @property
+    def has_maps(self) -> bool:
+        """Whether predictions carry anomaly maps and masks (all torch models do)."""
+        return True
 
     def iter_predict(
         self,

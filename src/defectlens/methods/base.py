@@ -7,11 +7,14 @@ Constructor arguments are the method's parameters (saved in config.json); fitted
 registered buffers (saved in safetensors) and nothing else, so a save/load round trip is exact.
 
 Export contract (`runtime.export`): a method that can be deployed without torch splits its
-scoring into a *head*, a torch module from the backbone's feature maps to plain tensors that is
-exported as a graph, and a *finish* from `runtime.finish` (numpy, and faiss for nearest
-neighbours) that turns the head's outputs into raw maps and scores. The exported model must
-give the same maps and scores as `forward` within 1e-4 relative, and the same decisions; the
-parity tests in tests/test_export.py hold every exportable method to that.
+scoring into a *head*, a torch module from the backbone's feature maps (or from what
+`export_features` computes from the images) to plain tensors that is exported as a graph,
+and a *finish* from `runtime.finish` (numpy, and faiss for nearest neighbours) that turns the
+head's outputs into raw maps and scores. The exported model must give the same maps and
+scores as `forward` within 1e-4 relative, and the same decisions; the parity tests in
+tests/test_export.py hold every exportable method to that. A finish may give scores without
+maps (DifferNet, whose maps are gradients through the backbone): then the export says so and
+predictions from it carry no map.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class AnomalyMethod(nn.Module):
 
     name: ClassVar[str]
     fitted_buffers: ClassVar[tuple[str, ...]]
+    # Fitting only gathers statistics (no network trains): an int8 export can refit it.
+    training_free: ClassVar[bool] = True
     # Feature strides the method reads from the backbone; a subclass may make it a parameter.
     strides: tuple[int, ...]
 
@@ -120,6 +125,13 @@ class AnomalyMethod(nn.Module):
 
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
         raise NotImplementedError
+
+    def export_features(self, extractor: FeatureExtractor) -> nn.Module | None:
+        """A module from images (B, 3, S, S) in [0, 1] to the head's input (one tensor, batch
+        first), for a method that does not read the backbone's feature maps as they are
+        (DifferNet: transformed copies at three scales, pooled). None (the default): the
+        export's first graph is the backbone itself, cut to `strides`."""
+        return None
 
     def export_head(self) -> nn.Module:
         """A module taking the backbone's feature maps at `strides` (one tensor each, batch

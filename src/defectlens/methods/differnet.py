@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from defectlens.backbones import FeatureExtractor
 from defectlens.components.augment import TransformRanges, apply_transforms, sample_parameters
+from defectlens.components.scale import downscale
 from defectlens.errors import ModelFileError, ParameterError
 from defectlens.methods.base import AnomalyMethod, MethodOutput
 from defectlens.params import check_float, check_int, check_seed
@@ -64,6 +65,7 @@ def build_flow(dim: int, blocks: int, hidden: int, clamp: float, seed: int) -> n
 class DifferNet(AnomalyMethod):
     name = "differnet"
     fitted_buffers = ("feature_mean", "feature_std")
+    training_free = False
 
     def __init__(
         self,
@@ -123,13 +125,9 @@ class DifferNet(AnomalyMethod):
         run = extractor if differentiable else extractor.fast
         pooled = []
         for scale in SCALES:
-            x = (
-                images
-                if scale == 1.0
-                else nn.functional.interpolate(
-                    images, scale_factor=scale, mode="bilinear", antialias=True, align_corners=False
-                )
-            )
+            # Antialiased bilinear, as matrix products: exported graphs then match on every
+            # engine (OpenVINO's antialiased Resize does not match torch's).
+            x = images if scale == 1.0 else downscale(images, scale)
             pooled.append(run(x)[-1].mean(dim=(2, 3)))
         return torch.cat(pooled, dim=1)
 
@@ -250,11 +248,15 @@ class DifferNet(AnomalyMethod):
         z, _ = self.flow((features - self.feature_mean) / self.feature_std)
         return z.pow(2).mean(dim=1)
 
+    def export_features(self, extractor: FeatureExtractor) -> nn.Module:
+        return _DifferNetFeatures(self, extractor)
+
     def export_head(self) -> nn.Module:
-        raise ParameterError(
-            "differnet cannot be exported yet: its anomaly maps are gradients through the "
-            "backbone, which need torch (export padim, spade or patchcore)"
-        )
+        return _DifferNetHead(self)
+
+    def export_finish(self) -> tuple[dict, dict]:
+        # Scores only: the maps are gradients through the backbone, which need torch.
+        return {"kind": "image_score"}, {}
 
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
         params = self._test_parameters()
@@ -279,3 +281,34 @@ class DifferNet(AnomalyMethod):
                 (gradient,) = torch.autograd.grad(score, x)
             maps.append(gradient.abs().sum(dim=1)[0])
         return MethodOutput(maps=torch.stack(maps), scores=scores)
+
+
+class _DifferNetFeatures(nn.Module):
+    """The export's first graph: images -> pooled features of every test copy (B, T, 3 C),
+    the transformations, three scales and the backbone computed as `forward` computes them."""
+
+    def __init__(self, differnet: DifferNet, extractor: FeatureExtractor) -> None:
+        super().__init__()
+        self.owner = (differnet,)  # not a submodule: the flow belongs to the head graph
+        self.extractor = extractor
+        self.register_buffer("params", differnet._test_parameters())
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:  # (images,): heads' convention
+        (images,) = inputs
+        copies = apply_transforms(images, self.params)
+        pooled = self.owner[0].features(self.extractor, copies, differentiable=True)
+        return pooled.view(images.shape[0], self.params.shape[0], pooled.shape[1])
+
+
+class _DifferNetHead(nn.Module):
+    """The export's head graph: pooled features (B, T, D) -> image scores (B,) through the
+    flow (the method is a submodule: its flow and feature statistics are the graph's weights)."""
+
+    def __init__(self, differnet: DifferNet) -> None:
+        super().__init__()
+        self.differnet = differnet
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        (features,) = inputs
+        b, t, d = features.shape
+        return self.differnet.score_features(features.reshape(b * t, d)).view(b, t).mean(dim=1)

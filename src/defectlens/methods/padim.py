@@ -25,7 +25,8 @@ from defectlens.components.gaussian import (
     mahalanobis,
     project_mean,
 )
-from defectlens.components.pyramid import concat_pyramid, position_major
+from defectlens.components.layout import position_major
+from defectlens.components.pyramid import align_pyramid
 from defectlens.errors import ModelFileError, ParameterError
 from defectlens.methods.base import AnomalyMethod, MethodOutput
 from defectlens.params import (
@@ -62,11 +63,21 @@ class Padim(AnomalyMethod):
         self._projected_mean: torch.Tensor | None = None  # W m, derived, not saved
 
     def _embed(self, extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
-        """Embeddings (P, C, B) of a batch, through the traced backbone."""
-        embedding = position_major(extractor.fast(images), self.upsample)
-        if self.channel_index.numel() < embedding.shape[1]:
-            embedding = embedding.index_select(1, self.channel_index)
-        return embedding
+        """Embeddings (P, C, B) of a batch, through the fast backbone."""
+        return torch.from_numpy(self._lay_out(align_pyramid(extractor.fast(images), self.upsample)))
+
+    def _lay_out(self, maps: list) -> np.ndarray:
+        """Aligned feature maps (torch or numpy, see `align_pyramid`) -> the kept channels
+        laid out (P, C, B): the step the export runs after its graphs too."""
+        arrays = [m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else m for m in maps]
+        return position_major(arrays, self._kept_channels)
+
+    @property
+    def _kept_channels(self) -> np.ndarray | None:
+        """The channel subset to keep, or None for all of them (no gather needed)."""
+        if self.n_channels is None:
+            return None
+        return self.channel_index.numpy()
 
     def _choose_channels(self, total: int) -> torch.Tensor:
         if self.n_channels is not None and self.n_channels > total:
@@ -171,21 +182,20 @@ class Padim(AnomalyMethod):
             "factors": self.factors.flat.numpy(),
             "projected_mean": self._projected_mean.numpy(),
         }
+        if self.n_channels is not None:
+            arrays["channel_index"] = self.channel_index.numpy()
         return spec, arrays
 
 
 class _PadimHead(nn.Module):
-    """The embedding as a graph: feature maps -> (P, C, B), as `Padim._embed` computes it (the
-    pyramid through `concat_pyramid`, equal to `position_major`'s copy-based layout). The
-    Mahalanobis step runs after the graph, in `components.distances` (see there why)."""
+    """The graph part of the embedding: `align_pyramid` (nothing to compute for the default
+    nearest upsampling of nested taps: the maps pass through). The layout and the Mahalanobis
+    step run after the graph, in `components.layout` and `components.distances` (see there
+    why), as `Padim.forward` runs them."""
 
     def __init__(self, padim: Padim) -> None:
         super().__init__()
         self.upsample = padim.upsample
-        self.register_buffer("channel_index", padim.channel_index)
 
-    def forward(self, *features: torch.Tensor) -> torch.Tensor:
-        embedding = concat_pyramid(features, self.upsample)
-        if self.channel_index.numel() < embedding.shape[1]:  # static once exported
-            embedding = embedding.index_select(1, self.channel_index)
-        return embedding.flatten(2).permute(2, 1, 0)  # (P, C, B)
+    def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(align_pyramid(features, self.upsample))

@@ -19,7 +19,8 @@ from torch import nn
 
 from defectlens.backbones import FeatureExtractor
 from defectlens.components.knn import ExactIndex, gallery_scores
-from defectlens.components.pyramid import position_major
+from defectlens.components.layout import position_major
+from defectlens.components.pyramid import align_pyramid
 from defectlens.errors import ModelFileError
 from defectlens.methods.base import AnomalyMethod, MethodOutput
 from defectlens.params import check_int, check_int_list
@@ -47,14 +48,17 @@ class Spade(AnomalyMethod):
         self.image_index: ExactIndex | None = None  # rebuilt from `image_features`
 
     def _features(self, extractor: FeatureExtractor, images: torch.Tensor):
-        return self.pooled_and_pyramid(extractor.fast(images))
+        """Pooled (B, C_img), pyramid (B, P, C) as numpy, grid (h, w)."""
+        pooled, *maps = self.pooled_and_maps(extractor.fast(images))
+        pyramid = position_major([m.cpu().numpy() for m in maps]).transpose(2, 0, 1)
+        return pooled.cpu().numpy(), pyramid, maps[0].shape[-2:]
 
-    def pooled_and_pyramid(self, features: list[torch.Tensor]):
-        """Feature maps at `strides` -> pooled (B, C_img), pyramid (B, P, C), grid (h, w)."""
+    def pooled_and_maps(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Feature maps at `strides` -> pooled (B, C_img), then the pyramid's maps as
+        `align_pyramid` leaves them (laid out per position after the graph when exported)."""
         by_stride = dict(zip(self.strides, features, strict=True))
         pooled = by_stride[self.image_stride].mean(dim=(2, 3))  # (B, C_img)
-        pyramid = position_major([by_stride[s] for s in self.pyramid_strides])  # (P, C, B)
-        return pooled, pyramid.permute(2, 0, 1), by_stride[self.pyramid_strides[0]].shape[-2:]
+        return pooled, *align_pyramid([by_stride[s] for s in self.pyramid_strides])
 
     @property
     def effective_k(self) -> int:
@@ -72,8 +76,8 @@ class Spade(AnomalyMethod):
         pooled, pyramids = [], []
         for images in batches:
             p, pyr, _ = self._features(extractor, images)
-            pooled.append(p)
-            pyramids.append(pyr.half())
+            pooled.append(torch.from_numpy(p))
+            pyramids.append(torch.from_numpy(pyr).half())
         self.image_features = torch.cat(pooled)
         self.pixel_features = torch.cat(pyramids)  # (N, P, C) float16
         self.after_load()
@@ -122,8 +126,8 @@ class Spade(AnomalyMethod):
         maps, scores = gallery_scores(
             self.image_index,
             self.pixel_features.numpy(),
-            pooled.numpy(),
-            pyramid.numpy(),
+            pooled,
+            pyramid,
             self.k_images,
             self.k_pixels,
         )
@@ -133,13 +137,12 @@ class Spade(AnomalyMethod):
 
 
 class _SpadeHead(nn.Module):
-    """Pooled features and the feature pyramid as a graph (the nearest-neighbour searches stay
-    outside it, in `runtime.finish`)."""
+    """Pooled features and the pyramid's maps as a graph (the layout and the nearest-neighbour
+    searches run after it, in `runtime.finish`, as `Spade.forward` runs them)."""
 
     def __init__(self, spade: Spade) -> None:
         super().__init__()
         self.owner = (spade,)  # not a submodule: its feature banks must stay out of the graph
 
-    def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled, pyramid, _ = self.owner[0].pooled_and_pyramid(list(features))
-        return pooled, pyramid
+    def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.owner[0].pooled_and_maps(list(features))

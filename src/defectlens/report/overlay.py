@@ -72,14 +72,17 @@ def draw_outline(image: np.ndarray, mask: np.ndarray, color=(255, 0, 0)) -> np.n
 
 def panel(
     image: np.ndarray,
-    amap: np.ndarray,
-    mask: np.ndarray,
+    amap: np.ndarray | None,
+    mask: np.ndarray | None,
     threshold: float,
     truth: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Image | heat-map overlay | image with predicted (red) and true (green) outlines."""
-    marked = draw_outline(image, mask, (255, 0, 0))
+    """Image | heat-map overlay | image with predicted (red) and true (green) outlines; for a
+    model without maps (`amap` None): image | image with the true outline."""
+    marked = image if mask is None else draw_outline(image, mask, (255, 0, 0))
     if truth is not None:
         marked = draw_outline(marked, truth, (0, 255, 0))
     gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
+    if amap is None:
+        return np.hstack([image, gap, marked])
     return np.hstack([image, gap, overlay(image, amap, threshold), gap, marked])

@@ -31,7 +31,7 @@ from defectlens.runtime.finish import Finish, make_finish
 from defectlens.runtime.sessions import ENGINES, Session, open_session
 from defectlens.thresholds import Thresholds
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: heads output feature maps, laid out after the graph
 ARRAYS = "arrays.safetensors"
 INPUT = "images"
 _TOP_KEYS = {
@@ -165,14 +165,14 @@ class ExportedModel(Predictor):
             )
         self.finish: Finish = self._load_finish(config_path)
         graphs = config["graphs"]
-        self.backbone_session: Session = self._open(graphs["backbone"], threads)
-        self.head_session: Session = self._open(graphs["head"], threads)
         if graphs["backbone"]["inputs"] != [INPUT]:
             raise ModelFileError(f"{config_path}: the backbone graph must take '{INPUT}'")
         if graphs["head"]["inputs"] != graphs["backbone"]["outputs"]:
             raise ModelFileError(f"{config_path}: the head must read the backbone's outputs")
-        if tuple(graphs["head"]["outputs"]) != self.finish.outputs:
+        if not self.finish.accepts(graphs["head"]["outputs"]):
             raise ModelFileError(f"{config_path}: the head's outputs do not fit its finish")
+        self.backbone_session: Session = self._open(graphs["backbone"], threads)
+        self.head_session: Session = self._open(graphs["head"], threads)
 
     def _open(self, graph: dict[str, Any], threads: int | None) -> Session:
         return open_session(self.engine, self.path / graph["file"], graph["outputs"], threads)
@@ -197,13 +197,19 @@ class ExportedModel(Predictor):
             raise ModelFileError(f"{config_path}: {exc}") from None
 
     # -- scoring ---------------------------------------------------------------------------
-    def raw_scores(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw maps (B, h, w) and the method's own scores for preprocessed images
-        (B, 3, S, S) float32 in [0, 1]: backbone graph, head graph, finish."""
+    def raw_scores(self, images: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Raw maps (B, h, w) (None for a scores-only export) and the method's own scores for
+        preprocessed images (B, 3, S, S) float32 in [0, 1]: first graph, head graph, finish."""
         features = self.backbone_session.run({INPUT: np.ascontiguousarray(images, np.float32)})
         outputs = self.head_session.run(dict(zip(self.head_inputs, features, strict=True)))
         maps, scores = self.finish(outputs)
-        return np.asarray(maps, np.float32), None if scores is None else np.asarray(scores)
+        maps = None if maps is None else np.asarray(maps, np.float32)
+        return maps, None if scores is None else np.asarray(scores)
+
+    @property
+    def has_maps(self) -> bool:
+        """False for an export that scores images without anomaly maps (DifferNet)."""
+        return self.finish.kind != "image_score"
 
     @property
     def head_inputs(self) -> list[str]:

@@ -4,10 +4,11 @@
 
 The folder holds two graphs and what the method needs beside them:
 - `backbone.onnx`: images (B, 3, S, S) in [0, 1] -> the feature maps the method reads (the
-  backbone's cached graph, cut to those taps; normalisation included),
-- `head.onnx`: feature maps -> the tensors the finish reads (PaDiM: the raw maps themselves;
-  PatchCore: patch features; SPADE: pooled features and pyramids), exported with torch's
-  dynamo exporter from the method's `export_head()`,
+  backbone's cached graph, cut to those taps; normalisation included), or the method's own
+  first graph from `export_features()` (DifferNet: transformed copies, three scales, pooled),
+- `head.onnx`: feature maps -> the tensors the finish reads (PaDiM: the pyramid's maps, aligned;
+  PatchCore: patch features; SPADE: pooled features and the pyramid's maps; DifferNet: image
+  scores), exported with torch's dynamo exporter from the method's `export_head()`,
 - `arrays.safetensors`: arrays the finish needs outside the graphs (PatchCore's bank, from
   which the faiss index is rebuilt at load; SPADE's training features),
 - `config.json`: preprocessing, sigma, thresholds, the finish, format version, and the SHA-256
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from defectlens import __version__
-from defectlens.errors import DefectLensError, ParameterError
+from defectlens.errors import DefectLensError, ModelFileError, ParameterError
 from defectlens.outputs import (
     EXPORT_FORMAT,
     MODEL_CONFIG,
@@ -61,6 +62,7 @@ class ExportReport:
     files: dict[str, int]  # name -> bytes
     seconds: float
     max_relative_difference: float  # maps and scores, fp32 export vs the model, check images
+    has_maps: bool = True  # False: the export gives scores only (DifferNet)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,23 +88,25 @@ def _save_onnx(model, path: Path, external_data_bytes: int) -> None:
         onnx.save_model(model, str(path))
 
 
-def _export_head(
-    head: torch.nn.Module,
-    features: list[torch.Tensor],
+def _export_graph(
+    module: torch.nn.Module,
+    args: list[torch.Tensor],
     inputs: list[str],
     outputs: list[str],
     path: Path,
     external_data_bytes: int,
 ) -> None:
-    """The head as an ONNX graph with a free batch size (spatial sizes are the model's)."""
+    """A head (or a method's own first graph) as an ONNX graph with a free batch size (the
+    other sizes are the model's). The module's forward takes its inputs as *args."""
     batch = torch.export.Dim("batch", min=1, max=65536)
-    size = sum(b.numel() * b.element_size() for b in head.buffers())
+    tensors = [*module.parameters(), *module.buffers()]
+    size = sum(t.numel() * t.element_size() for t in tensors)
     program = dynamo_export(
-        head.eval(),
-        tuple(features),
+        module.eval(),
+        tuple(args),
         input_names=inputs,
         output_names=outputs,
-        dynamic_shapes=(tuple({0: batch} for _ in features),),  # one *features arg
+        dynamic_shapes=(tuple({0: batch} for _ in args),),  # one *args / images arg
     )
     program.save(str(path), external_data=size > external_data_bytes)
 
@@ -158,21 +162,41 @@ def export_detector(
     target = check_model_target(out, protect, kind="export")
     clean_leftovers(target)
     extractor = detector.ensure_extractor()
-    names = [output_name(s) for s in extractor.strides]
+    features_module = model.export_features(extractor)
+    if features_module is not None and backbone_graph is not None:
+        raise ParameterError(f"{detector.method} cannot be exported in int8")
+    # The first graph's outputs: the backbone's taps, or the method's own features.
+    names = ["features"] if features_module else [output_name(s) for s in extractor.strides]
     from defectlens.runtime.finish import Finish
 
-    outputs = list(Finish.REGISTRY[spec["kind"]].outputs)
     tmp = temporary_sibling(target)
     try:
         graphs = {
             "backbone": {"file": "backbone.onnx", "inputs": [INPUT], "outputs": names},
-            "head": {"file": "head.onnx", "inputs": names, "outputs": outputs},
+            "head": {"file": "head.onnx", "inputs": names, "outputs": []},
         }
-        backbone = (backbone_graph or (lambda o: backbone_model(extractor, o)))(names)
-        _save_onnx(backbone, tmp / "backbone.onnx", external_data_bytes)
         example = torch.from_numpy(check_images(detector.image_size, 2))
-        features = [f.contiguous() for f in extractor.fast(example)]
-        _export_head(head, features, names, outputs, tmp / "head.onnx", external_data_bytes)
+        if features_module is None:
+            backbone = (backbone_graph or (lambda o: backbone_model(extractor, o)))(names)
+            _save_onnx(backbone, tmp / "backbone.onnx", external_data_bytes)
+            features = [f.contiguous() for f in extractor.fast(example)]
+        else:
+            _export_graph(
+                features_module,
+                [example],
+                [INPUT],
+                names,
+                tmp / "backbone.onnx",
+                external_data_bytes,
+            )
+            with torch.no_grad():
+                features = [features_module(example)]
+        with torch.no_grad():
+            out = head(*features)
+        count = len(out) if isinstance(out, tuple | list) else 1
+        outputs = Finish.REGISTRY[spec["kind"]].output_names(count)
+        graphs["head"]["outputs"] = outputs
+        _export_graph(head, features, names, outputs, tmp / "head.onnx", external_data_bytes)
         if arrays:
             from safetensors.numpy import save_file
 
@@ -205,7 +229,18 @@ def export_detector(
         (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
         for item in [tmp, *tmp.iterdir()]:
             item.chmod(0o755 if item.is_dir() else 0o644)
-        difference = parity_check(detector, ExportedModel(tmp))
+        try:
+            exported = ExportedModel(tmp)
+        except ModelFileError as exc:
+            if format != "openvino":
+                raise
+            raise DefectLensError(
+                f"OpenVINO could not compile the converted graph ({str(exc)[-80:]}); export "
+                "with --format onnx instead: an ONNX export runs on OpenVINO too "
+                "(--backend openvino)"
+            ) from None
+        difference = parity_check(detector, exported)
+        has_maps = exported.has_maps
         if extra_config is None and difference > PARITY_TOLERANCE:
             raise DefectLensError(
                 f"the exported graphs disagree with the model (relative difference "
@@ -218,7 +253,7 @@ def export_detector(
         if isinstance(exc, OSError):
             raise DefectLensError(f"{target}: exporting failed ({exc.strerror or exc})") from None
         raise
-    return ExportReport(target, sizes, time.perf_counter() - start, difference)
+    return ExportReport(target, sizes, time.perf_counter() - start, difference, has_maps)
 
 
 def parity_check(detector, exported: ExportedModel) -> float:
@@ -227,7 +262,7 @@ def parity_check(detector, exported: ExportedModel) -> float:
     images = check_images(detector.image_size)
     raw, scores = detector.raw_scores(images)
     raw_x, scores_x = exported.raw_scores(images)
-    difference = _relative_difference(raw, raw_x)
+    difference = 0.0 if raw_x is None else _relative_difference(raw, raw_x)
     if scores is not None:
         difference = max(difference, _relative_difference(scores, scores_x))
     return difference

@@ -2,12 +2,16 @@
 
 numpy and faiss only (no torch). Each finish is named by `kind` in the export's config.json,
 with its parameters and arrays; every value is checked at load like a model's config is.
-- `mahalanobis`: embeddings (P, C, B) scored against per-position Gaussians (PaDiM), with
-  `components.distances.block_mahalanobis`.
+- `mahalanobis`: feature maps laid out per position (`components.layout.position_major`) and
+  scored against per-position Gaussians (PaDiM), with `components.distances.block_mahalanobis`.
 - `patch_knn`: patch features (B, h, w, d) scored against a bank by nearest-neighbour search,
   the index rebuilt from the bank at load (PatchCore), with `components.knn.patch_scores`.
-- `gallery_knn`: pooled image features and feature pyramids scored against the training
-  images' (SPADE), with `components.knn.gallery_scores`.
+- `gallery_knn`: pooled image features and feature maps (laid out per position) scored against
+  the training images' (SPADE), with `components.knn.gallery_scores`.
+- `image_score`: the head's image scores as they are, no map (DifferNet, whose maps are
+  gradients through the backbone and need torch).
+Head outputs: the finish's fixed `outputs`, then, for a finish that lays out a pyramid, as many
+feature maps as the head returns, named `map0`, `map1`, ... (`output_names`).
 The methods call the same functions, so finishing is the same code in both.
 """
 
@@ -25,16 +29,20 @@ from defectlens.components.knn import (
     make_index,
     patch_scores,
 )
+from defectlens.components.layout import position_major
 from defectlens.errors import ParameterError
 from defectlens.params import check_choice, check_int
 
 
 class Finish:
-    """Base: `outputs` names the head outputs read, `arrays` the arrays needed."""
+    """Base: `outputs` names the fixed head outputs read, `arrays` the arrays needed (and
+    `optional_arrays` those it may have); `maps` whether feature maps follow the outputs."""
 
     kind: ClassVar[str]
-    outputs: ClassVar[tuple[str, ...]]
+    outputs: ClassVar[tuple[str, ...]] = ()
+    maps: ClassVar[bool] = False
     arrays: ClassVar[tuple[str, ...]] = ()
+    optional_arrays: ClassVar[tuple[str, ...]] = ()
     REGISTRY: ClassVar[dict[str, type[Finish]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -48,7 +56,7 @@ class Finish:
         if unknown or missing:
             key = (unknown or missing)[0]
             raise ParameterError(f"{'unknown' if unknown else 'missing'} key finish.{key!r}")
-        if set(arrays) != set(self.arrays):
+        if not set(self.arrays) <= set(arrays) <= {*self.arrays, *self.optional_arrays}:
             raise ParameterError(
                 f"{self.kind} needs arrays {sorted(self.arrays)}, found {sorted(arrays)}"
             )
@@ -57,14 +65,33 @@ class Finish:
     def parameters(cls) -> tuple[str, ...]:
         return ()
 
-    def __call__(self, outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    @classmethod
+    def output_names(cls, count: int) -> list[str]:
+        """Names of a head's `count` outputs: the fixed ones, then map0, map1, ..."""
+        extra = count - len(cls.outputs)
+        if extra < 0 or (extra > 0) != cls.maps:
+            raise ParameterError(f"a {cls.kind} head cannot have {count} outputs")
+        return [*cls.outputs, *(f"map{i}" for i in range(extra))]
+
+    @classmethod
+    def accepts(cls, names: list[str]) -> bool:
+        """Whether a head's output names are the ones this finish reads, in order."""
+        try:
+            return 0 < len(names) <= 64 and names == cls.output_names(len(names))
+        except ParameterError:  # a count this finish cannot take
+            return False
+
+    def __call__(self, outputs: list[np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Raw maps (B, h, w) or None (scores only), and image scores (B,) or None (the maps'
+        maxima)."""
         raise NotImplementedError
 
 
 class MahalanobisFinish(Finish):
     kind = "mahalanobis"
-    outputs = ("embedding",)
+    maps = True
     arrays = ("factors", "projected_mean")
+    optional_arrays = ("channel_index",)  # the kept channels; all of them when absent
 
     @classmethod
     def parameters(cls) -> tuple[str, ...]:
@@ -86,9 +113,23 @@ class MahalanobisFinish(Finish):
         except ValueError as exc:
             raise ParameterError(str(exc)) from None
         self.projected_mean = mean
+        self.channel_index = arrays.get("channel_index")
+        index = self.channel_index
+        if index is not None and (
+            index.dtype != np.int64
+            or index.shape != (channels,)
+            or index.min() < 0
+            or (channels > 1 and not (np.diff(index) > 0).all())
+        ):
+            raise ParameterError("channel_index must hold increasing channel indices")
 
     def __call__(self, outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        embedding = outputs[0]
+        try:
+            embedding = position_major(outputs, self.channel_index)
+        except ValueError as exc:
+            raise ParameterError(f"the head's feature maps do not fit: {exc}") from None
+        if embedding.shape[:2] != self.projected_mean.shape[:2]:
+            raise ParameterError("the head's feature maps do not match the Gaussians")
         distances = block_mahalanobis(self.rows, self.projected_mean, embedding)
         return distances.reshape(-1, *self.grid), None
 
@@ -131,7 +172,8 @@ class PatchKnnFinish(Finish):
 
 class GalleryKnnFinish(Finish):
     kind = "gallery_knn"
-    outputs = ("pooled", "pyramid")
+    outputs = ("pooled",)
+    maps = True
     arrays = ("image_features", "pixel_features")
 
     @classmethod
@@ -157,11 +199,28 @@ class GalleryKnnFinish(Finish):
         self.image_index.build(images.astype(np.float32))
 
     def __call__(self, outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        pooled, pyramid = outputs
+        pooled, *maps = outputs
+        try:
+            pyramid = position_major(maps).transpose(2, 0, 1)  # (B, P, C)
+        except ValueError as exc:
+            raise ParameterError(f"the head's feature maps do not fit: {exc}") from None
+        if pyramid.shape[1:] != self.pixel_features.shape[1:]:
+            raise ParameterError("the head's feature maps do not match the training features")
         maps, scores = gallery_scores(
             self.image_index, self.pixel_features, pooled, pyramid, self.k_images, self.k_pixels
         )
         return maps.reshape(-1, *self.grid), scores
+
+
+class ImageScoreFinish(Finish):
+    kind = "image_score"
+    outputs = ("scores",)
+
+    def __call__(self, outputs: list[np.ndarray]) -> tuple[np.ndarray | None, np.ndarray]:
+        (scores,) = outputs
+        if scores.ndim != 1:
+            raise ParameterError("the head's scores must be one value per image")
+        return None, scores
 
 
 def make_finish(spec: object, arrays: dict[str, np.ndarray]) -> Finish:

@@ -23,7 +23,7 @@ import numpy as np
 
 from defectlens.data.dataset import find_normal_images, find_test_samples
 from defectlens.data.loader import iter_batches
-from defectlens.errors import DataError, DefectLensError
+from defectlens.errors import DataError, DefectLensError, ParameterError
 from defectlens.metrics import auroc
 from defectlens.outputs import check_model_target
 from defectlens.runtime.export import ExportReport, export_detector
@@ -103,6 +103,11 @@ def export_int8(
     from defectlens.runtime.backends import OnnxRuntimeBackend
 
     start = time.perf_counter()
+    if detector.model_ is not None and not detector.model_.training_free:
+        raise ParameterError(
+            f"{detector.method} cannot be exported in int8 (refitting it means training again); "
+            "export it in fp32"
+        )
     check_model_target(out, [*protect, calibration], kind="export")  # before the slow part
     images = find_normal_images(calibration)
     graph = quantise_backbone(detector, images)
