@@ -235,10 +235,10 @@ def export_detector(
             if format != "openvino":
                 raise
             raise DefectLensError(
-                f"OpenVINO could not compile the converted graph ({str(exc)[-80:]}); export "
+                "OpenVINO could not compile the converted graph (nothing was written); export "
                 "with --format onnx instead: an ONNX export runs on OpenVINO too "
                 "(--backend openvino)"
-            ) from None
+            ) from exc
         difference = parity_check(detector, exported)
         has_maps = exported.has_maps
         if extra_config is None and difference > PARITY_TOLERANCE:
