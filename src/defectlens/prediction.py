@@ -60,11 +60,10 @@ def decide(
     score: float,
     amap: np.ndarray | None,
     thresholds: Thresholds | None,
-    size: tuple[int, int] | None = None,
+    size: tuple[int, int],
 ) -> Prediction:
-    """The decision at the thresholds; without thresholds (fit's validation pass) nothing is
-    flagged. `size` (H, W) is needed only without a map."""
-    size = tuple(amap.shape) if amap is not None else tuple(size)
+    """The decision at the thresholds for an image of `size` (H, W); without thresholds (fit's
+    validation pass) nothing is flagged."""
     if amap is None:
         mask = None
     elif thresholds is None:

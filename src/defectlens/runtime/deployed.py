@@ -209,7 +209,7 @@ class ExportedModel(Predictor):
     @property
     def has_maps(self) -> bool:
         """False for an export that scores images without anomaly maps (DifferNet)."""
-        return self.finish.kind != "image_score"
+        return self.finish.gives_maps
 
     @property
     def head_inputs(self) -> list[str]:

@@ -166,15 +166,12 @@ def export_detector(
     if features_module is not None and backbone_graph is not None:
         raise ParameterError(f"{detector.method} cannot be exported in int8")
     # The first graph's outputs: the backbone's taps, or the method's own features.
-    names = ["features"] if features_module else [output_name(s) for s in extractor.strides]
+    taps = [output_name(s) for s in extractor.strides]
+    names = taps if features_module is None else ["features"]
     from defectlens.runtime.finish import Finish
 
     tmp = temporary_sibling(target)
     try:
-        graphs = {
-            "backbone": {"file": "backbone.onnx", "inputs": [INPUT], "outputs": names},
-            "head": {"file": "head.onnx", "inputs": names, "outputs": []},
-        }
         example = torch.from_numpy(check_images(detector.image_size, 2))
         if features_module is None:
             backbone = (backbone_graph or (lambda o: backbone_model(extractor, o)))(names)
@@ -195,8 +192,11 @@ def export_detector(
             out = head(*features)
         count = len(out) if isinstance(out, tuple | list) else 1
         outputs = Finish.REGISTRY[spec["kind"]].output_names(count)
-        graphs["head"]["outputs"] = outputs
         _export_graph(head, features, names, outputs, tmp / "head.onnx", external_data_bytes)
+        graphs = {
+            "backbone": {"file": "backbone.onnx", "inputs": [INPUT], "outputs": names},
+            "head": {"file": "head.onnx", "inputs": names, "outputs": outputs},
+        }
         if arrays:
             from safetensors.numpy import save_file
 

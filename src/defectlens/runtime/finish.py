@@ -39,6 +39,7 @@ class Finish:
     `optional_arrays` those it may have); `maps` whether feature maps follow the outputs."""
 
     kind: ClassVar[str]
+    gives_maps: ClassVar[bool] = True  # False: image scores only
     outputs: ClassVar[tuple[str, ...]] = ()
     maps: ClassVar[bool] = False
     arrays: ClassVar[tuple[str, ...]] = ()
@@ -214,6 +215,7 @@ class GalleryKnnFinish(Finish):
 
 class ImageScoreFinish(Finish):
     kind = "image_score"
+    gives_maps = False
     outputs = ("scores",)
 
     def __call__(self, outputs: list[np.ndarray]) -> tuple[np.ndarray | None, np.ndarray]:
