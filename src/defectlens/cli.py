@@ -184,6 +184,33 @@ def cli(debug: bool) -> None:
     metavar="KEY=VALUE",
     help="Any other method parameter, VALUE in JSON (e.g. --param embed_dim=256).",
 )
+@click.option(
+    "--shots",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Few-shot mode: fit on only K seeded random normal images of DATA (the others then "
+    "set the threshold). Works with every method.",
+)
+@click.option(
+    "--shot-seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Which K images --shots draws (same seed, same images).",
+)
+@click.option(
+    "--augment-support/--no-augment-support",
+    default=None,
+    help="Fit on each image plus RegAD's 21 fixed augmented versions (8 rotations, 8 shifts, "
+    "flip, grey, 3 quarter turns). Default: on for regad, off for the other methods.",
+)
+@click.option(
+    "--registration",
+    default=None,
+    metavar="REG",
+    help="regad: registration model folder from `defectlens regad train` (default: the one "
+    "shipped with defectlens; 'identity' for none).",
+)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @backend_option
@@ -205,6 +232,10 @@ def fit(
     nn_index,
     k_images,
     params,
+    shots,
+    shot_seed,
+    augment_support,
+    registration,
     batch_size,
     seed,
     backend,
@@ -212,6 +243,10 @@ def fit(
     quiet,
 ) -> None:
     """Fit a model on the normal images in DATA and save it to --out.
+
+    With --shots K, only K normal images are fitted on (few-shot); every method supports it,
+    and regad is made for it (a registration model trained on other categories, nothing
+    trained on DATA).
 
     DATA is an MVTec-AD-layout root (its train/good is used) or a folder of normal images.
     The destination is checked first: it must be new, empty, or an existing defectlens model
@@ -229,6 +264,7 @@ def fit(
         "coreset_ratio": coreset_ratio,
         "index": nn_index,
         "k_images": k_images,
+        "registration": registration,
     }
     method_params = {k: v for k, v in named.items() if v is not None}
     method_params.update(_parse_params(params))
@@ -244,6 +280,9 @@ def fit(
         target_far=target_far,
         seed=seed,
         method_params=method_params,
+        shots=shots,
+        shot_seed=shot_seed,
+        augment_support=augment_support,
     )
     if backend is not None:
         detector.use_backend(backend)
@@ -254,6 +293,8 @@ def fit(
         raise
     path = detector.save(out, protect=tuple(protect))
     t = detector.thresholds_
+    if shots is not None:
+        echo(f"fitted on {shots} image(s): " + ", ".join(detector.fit_images_))
     echo(f"saved {path} (threshold {t.image:.4g} from {t.n_validation} normal images)")
 
 
@@ -633,6 +674,87 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 
 # -- other commands -------------------------------------------------------------------------------
+# -- regad ----------------------------------------------------------------------------------------
+@cli.group()
+def regad() -> None:
+    """RegAD few-shot detection: train the registration network it fits with.
+
+    A registration model is trained once, on normal images of other categories; then
+    `defectlens fit NEW --method regad --shots 8 --registration REG` needs 8 images of the new
+    category and no training. One registration model ships with defectlens (efficientnet_lite0,
+    256 px), trained on freely licensed images only.
+    """
+
+
+@regad.command("train")
+@click.argument("pool", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Registration folder to write.")
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="CATEGORY",
+    help="Leave this pool category out (by folder name), e.g. the one you will test on.",
+)
+@click.option("--backbone", default="efficientnet_lite0", show_default=True)
+@weights_option
+@click.option("--image-size", type=int, default=256, show_default=True)
+@click.option("--shots", type=int, default=2, show_default=True, help="Supports per query image.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Queries per step.")
+@click.option("--steps", type=int, default=50, show_default=True, help="Steps per epoch.")
+@click.option("--epochs", type=int, default=20, show_default=True, help="At most this many.")
+@click.option("--patience", type=int, default=4, show_default=True)
+@click.option(
+    "--max-minutes", type=float, default=30.0, show_default=True, help="Wall-clock budget."
+)
+@click.option("--lr", type=float, default=0.01, show_default=True, help="Initial SGD rate.")
+@click.option(
+    "--pose-jitter",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Rotate training images by up to this many degrees (for pools without pose changes).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@quiet_option
+def regad_train(
+    pool, out, exclude, backbone, weights, image_size, shots, batch_size, steps, epochs,
+    patience, max_minutes, lr, pose_jitter, seed, quiet,
+) -> None:  # fmt: skip
+    """Train a registration network on the normal images of the POOL categories.
+
+    Each POOL entry is one category: an MVTec-layout root (its train/good is read) or a folder
+    of normal images. Each category holds out 10 % of its images; the loss on those picks the
+    epoch (never a test set). The backbone stays frozen; only the spatial transformers and the
+    head train. Interrupting saves nothing.
+    """
+    from defectlens.training.registration import RegistrationConfig, build_registration
+
+    config = RegistrationConfig(
+        shots=shots,
+        batch_size=batch_size,
+        steps_per_epoch=steps,
+        max_epochs=epochs,
+        patience=patience,
+        max_minutes=max_minutes,
+        learning_rate=lr,
+        pose_jitter=pose_jitter,
+        seed=seed,
+    )
+    try:
+        path, record = build_registration(
+            pool, out, backbone, weights, image_size, config, exclude, progress=not quiet
+        )
+    except KeyboardInterrupt:
+        echo(f"interrupted: nothing was saved; {out} is unchanged", err=True)
+        raise
+    best = min(record["history"], key=lambda r: r["val_loss"])
+    echo(
+        f"saved {path}: {len(record['categories'])} categories, {len(record['history'])} epochs "
+        f"in {record['seconds']:.0f} s, best validation loss {best['val_loss']:.4f} "
+        f"(epoch {best['epoch'] + 1})"
+    )
+
+
 @cli.command()
 def backbones() -> None:
     """List the registered backbones, their feature taps and whether weights are available."""

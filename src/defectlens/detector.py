@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from defectlens.backbones import FeatureExtractor, build_extractor, get_spec
+from defectlens.components.augment import N_SUPPORT_VERSIONS, augment_support
 from defectlens.components.resample import resample
 from defectlens.data.dataset import find_normal_images
 from defectlens.data.images import probe_image
@@ -94,6 +95,9 @@ class Detector(Predictor):
         target_far: float = 0.01,
         seed: int = 0,
         method_params: dict[str, Any] | None = None,
+        shots: int | None = None,
+        shot_seed: int = 0,
+        augment_support: bool | None = None,
     ) -> None:
         method_class = get_method(method)  # "unknown method ...; choose one of ..."
         get_spec(backbone)  # "unknown backbone ...; choose one of ..."
@@ -112,6 +116,13 @@ class Detector(Predictor):
         if method_params is not None and not isinstance(method_params, dict):
             raise ParameterError(f"method_params must be a mapping, not {method_params!r}")
         self.method_params = dict(method_params or {})
+        self.shots = None if shots is None else check_int("shots", shots, 1, 100_000)
+        self.shot_seed = check_seed("shot_seed", shot_seed)
+        if augment_support is None:  # the method's own default: on for RegAD
+            augment_support = method_class.augments_support
+        if not isinstance(augment_support, bool):
+            raise ParameterError(f"augment_support must be true or false, not {augment_support!r}")
+        self.augment_support = augment_support
         unknown = sorted(set(self.method_params) - set(method_class.param_names()))
         if unknown:
             raise ParameterError(
@@ -146,6 +157,9 @@ class Detector(Predictor):
             "target_far": self.target_far,
             "seed": self.seed,
             "method_params": self.model_.params(),
+            "shots": self.shots,
+            "shot_seed": self.shot_seed,
+            "augment_support": self.augment_support,
         }
 
     def ensure_extractor(self) -> FeatureExtractor:
@@ -180,6 +194,21 @@ class Detector(Predictor):
         fit = sorted(order[n_val:].tolist())
         return [images[i] for i in fit], [images[i] for i in val]
 
+    def split_shots(self, images: list[ImageInput], need_rest: bool) -> tuple[list, list]:
+        """Few-shot: `shots` seeded random images (by `shot_seed`) to fit on, in their listed
+        order, and all the others (free for validation; `need_rest`: at least one)."""
+        need = self.shots + (1 if need_rest else 0)
+        if len(images) < need:
+            rest = " plus at least one for validation" if need_rest else ""
+            raise DataError(
+                f"--shots {self.shots} needs {self.shots} normal images{rest}, but only "
+                f"{len(images)} exist; lower --shots or add images"
+            )
+        chosen = np.random.default_rng(self.shot_seed).choice(len(images), self.shots, False)
+        keep = set(chosen.tolist())
+        support = [images[i] for i in sorted(keep)]
+        return support, [img for i, img in enumerate(images) if i not in keep]
+
     def fit(
         self,
         images: str | Path | Sequence[ImageInput],
@@ -188,10 +217,18 @@ class Detector(Predictor):
     ) -> Detector:
         """Fit on normal images, then set thresholds from normal validation images.
 
-        Without `val_images`, `val_fraction` of `images` is held out (never fitted on).
+        Without `val_images`, `val_fraction` of `images` is held out (never fitted on). In
+        few-shot mode (`shots`), only `shots` seeded images are fitted on and, without
+        `val_images`, all the others validate. `augment_support` fits on each fit image and
+        its 21 fixed augmented versions (`components.augment.augment_support`).
         """
         images = resolve_images(images)
-        if val_images is None:
+        if self.shots is not None:
+            fit_images, rest = self.split_shots(images, need_rest=val_images is None)
+            val = rest if val_images is None else resolve_images(val_images)
+            if val_images is not None:
+                _warn_if_overlapping(fit_images, val)
+        elif val_images is None:
             fit_images, val = self.split_validation(images)
         else:
             fit_images, val = images, resolve_images(val_images)
@@ -201,13 +238,23 @@ class Detector(Predictor):
         torch.manual_seed(self.seed)
         extractor = self.ensure_extractor()  # missing weights: said before image problems
         check_readable([*fit_images, *val])
+        # What was fitted on, by name: in few-shot mode, the support set to report.
+        self.fit_images_ = [
+            f"<array {i}>" if isinstance(p, np.ndarray) else str(p)
+            for i, p in enumerate(fit_images)
+        ]
         bar = tqdm(
             total=len(fit_images), desc=f"fit {self.method}", disable=not progress, unit="img"
         )
 
         def batches() -> Iterator[torch.Tensor]:
-            for batch in iter_batches(fit_images, self.image_size, self.batch_size):
-                yield torch.from_numpy(batch.images)
+            # With augmentation, fewer source images per batch keep the batch at batch_size.
+            per_batch = self.batch_size
+            if self.augment_support:
+                per_batch = max(1, self.batch_size // N_SUPPORT_VERSIONS)
+            for batch in iter_batches(fit_images, self.image_size, per_batch):
+                images = torch.from_numpy(batch.images)
+                yield augment_support(images) if self.augment_support else images
                 bar.update(len(batch.sources))
 
         try:

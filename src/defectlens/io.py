@@ -53,6 +53,9 @@ _TOP_KEYS = {
     "thresholds",
     "tensors_sha256",
 }
+# Detector parameters added after format version 2 was fixed, with the value that reproduces
+# the older models' behaviour.
+_ADDED_DETECTOR_KEYS = {"shots": None, "shot_seed": 0, "augment_support": False}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -163,6 +166,8 @@ def load_detector(path: str | Path, weights: str | None = None, backend: str | N
     config_path = path / CONFIG
     thresholds = _checked_thresholds(config_path, config["thresholds"])
     params = dict(config["detector"])
+    for key, default in _ADDED_DETECTOR_KEYS.items():  # models saved before they existed
+        params.setdefault(key, default)
     _check_keys(config_path, "detector.", params, set(Detector.param_names()))
     if weights is not None:
         params["weights"] = weights

@@ -43,6 +43,7 @@ MODEL_CONFIG = "config.json"
 MODEL_TENSORS = "model.safetensors"
 MODEL_FILES = frozenset({MODEL_CONFIG, MODEL_TENSORS})
 EXPORT_FORMAT = "defectlens-export"
+REGISTRATION_FORMAT = "defectlens-registration"
 RESULTS_MARKER = ".defectlens-results.json"
 RESULTS_FORMAT = "defectlens-results"
 _TMP_TAG = "defectlens-tmp"
@@ -107,6 +108,16 @@ def is_model_folder(path: Path) -> bool:
         bool(names)
         and names <= MODEL_FILES
         and _read_config(path / MODEL_CONFIG, MODEL_FORMAT) is not None
+    )
+
+
+def is_registration_folder(path: Path) -> bool:
+    """A real folder with only a registration model's two files (`defectlens regad train`)."""
+    names = _entries(path)
+    return (
+        bool(names)
+        and names <= MODEL_FILES
+        and _read_config(path / MODEL_CONFIG, REGISTRATION_FORMAT) is not None
     )
 
 
@@ -190,11 +201,13 @@ def check_model_target(
     """Refuse, before any work, a model destination we must not or cannot write.
 
     `protect` lists the folders the command reads; the model must not replace them. `kind` is
-    "model" (a saved model may be replaced) or "export" (a deployment export may be).
+    "model" (a saved model may be replaced), "export" (a deployment export may be) or
+    "registration" (a registration model may be).
     """
     replaceable, what = {
         "model": (is_model_folder, "a defectlens model"),
         "export": (is_export_folder, "a defectlens export"),
+        "registration": (is_registration_folder, "a defectlens registration model"),
     }[kind]
     if not str(path):
         raise OutputError(f"the {kind} folder's path is empty")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from defectlens.backbones.registry import BackboneSpec, register
+from defectlens.backbones.registry import BackboneSpec, Between, register
 from defectlens.errors import WeightsError
 
 # Index of the last MBConv block at each stride, and its output channels, per variant.
@@ -41,7 +41,9 @@ class TappedEfficientNet(nn.Module):
         self.model = EfficientNet.from_name(arch, image_size=image_size)
         self.ends = {stride: end for stride, (end, _) in _LAYOUT[variant].items()}
 
-    def forward(self, x: torch.Tensor, strides: Sequence[int]) -> list[torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, strides: Sequence[int], between: Between | None = None
+    ) -> list[torch.Tensor]:
         m = self.model
         wanted = {self.ends[s]: s for s in strides}
         last = max(wanted)
@@ -50,6 +52,8 @@ class TappedEfficientNet(nn.Module):
         for i, block in enumerate(m._blocks[: last + 1]):
             x = block(x)
             if i in wanted:
+                if between is not None:
+                    x = between(wanted[i], x)
                 outs[wanted[i]] = x
         return [outs[s] for s in strides]
 

@@ -12,6 +12,10 @@ from torch import nn
 from defectlens.errors import WeightsError
 from defectlens.outputs import file_sha256
 
+# A hook between a backbone's stages: (stride, feature map) -> the map the next stage reads and
+# the tap returns (RegAD registers each stage's output with a spatial transformer).
+Between = Callable[[int, torch.Tensor], torch.Tensor]
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -124,8 +128,13 @@ class FeatureExtractor(nn.Module):
     def channels(self) -> list[int]:
         return [self.spec.taps[s] for s in self.strides]
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.net((images - self.mean) / self.std, self.strides)
+    def forward(self, images: torch.Tensor, between: Between | None = None) -> list[torch.Tensor]:
+        """Maps at `strides`; `between(stride, map)`, if given, replaces each tapped map, both
+        as returned and as the next stage's input."""
+        normalised = (images - self.mean) / self.std
+        if between is None:
+            return self.net(normalised, self.strides)
+        return self.net(normalised, self.strides, between)
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         # The backbone is frozen: BatchNorm must keep its ImageNet statistics whatever the caller
@@ -136,6 +145,7 @@ class FeatureExtractor(nn.Module):
     def use_backend(self, backend: Callable[[torch.Tensor], list[torch.Tensor]] | None) -> None:
         """Run `fast` on `backend` (images (B, 3, H, W) in [0, 1] -> maps at `strides`)."""
         self.backend = backend
+        self.__dict__.pop("_compiled", None)
 
     @torch.no_grad()
     def fast(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -143,10 +153,35 @@ class FeatureExtractor(nn.Module):
             return self.backend(images)
         return self.forward(images.contiguous(memory_format=torch.channels_last))
 
+    def fast_module(
+        self, module: nn.Module, key: str, count: int
+    ) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+        """`module` (images in [0, 1] -> `count` maps, computed with this extractor) on the
+        same backend as `fast`: a method whose features are not the backbone's taps (RegAD's
+        registered stages) runs them as fast as the others. `key` must identify the module's
+        weights; the backend may cache a compiled graph under it. Compiled once per key."""
+        cache = self.__dict__.setdefault("_compiled", {})
+        if key not in cache:
+            compile_module = getattr(self.backend, "compile", None)
+            compiled = None
+            if compile_module is not None:  # None from a backend that cannot: run eagerly
+                name = f"{key}-{self.spec.name}-{self.weights_sha256}-{self.image_size}"
+                compiled = compile_module(module, name, count)
+            cache[key] = compiled or _eager(module)
+        return cache[key]
+
     def all_taps(self) -> nn.Module:
         """A module mapping images in [0, 1] to a tuple of every tap of the backbone, in
         stride order: the form exporters take (one graph then serves every method)."""
         return _AllTaps(self)
+
+
+def _eager(module: nn.Module) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    @torch.no_grad()
+    def run(images: torch.Tensor) -> list[torch.Tensor]:
+        return list(module(images.contiguous(memory_format=torch.channels_last)))
+
+    return run
 
 
 class _AllTaps(nn.Module):

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from defectlens.backbones.registry import BackboneSpec, register
+from defectlens.backbones.registry import BackboneSpec, Between, register
 from defectlens.errors import WeightsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -97,13 +97,17 @@ class TappedResNet(nn.Module):
             setattr(self, f"layer{index + 1}", nn.Sequential(*blocks))
         self.fc = nn.Linear(512 * block.expansion, 1000)
 
-    def forward(self, x: torch.Tensor, strides: Sequence[int]) -> list[torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, strides: Sequence[int], between: Between | None = None
+    ) -> list[torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         outs: dict[int, torch.Tensor] = {}
         for stride in (4, 8, 16, 32):
             if stride > max(strides):
                 break
             x = getattr(self, self._STRIDE_OF_LAYER[stride])(x)
+            if between is not None and stride in strides:
+                x = between(stride, x)
             outs[stride] = x
         return [outs[s] for s in strides]
 

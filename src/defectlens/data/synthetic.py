@@ -143,3 +143,67 @@ def make_category(
 def make_dataset(root: str | Path, textures: Sequence[str] = TEXTURES, **kwargs) -> list[Path]:
     """Write every requested texture category; return their folders."""
     return [make_category(root, t, **kwargs) for t in textures]
+
+
+# Sample images bundled with scikit-image whose documentation releases them into the public
+# domain or under CC0: the shipped registration model is trained on these alone.
+POSE_SOURCES = (
+    "astronaut", "camera", "cat", "clock", "coffee", "coins", "horse", "rocket", "text",
+    "cell", "microaneurysms", "immunohistochemistry", "brick", "gravel", "grass",
+)  # fmt: skip
+
+
+def load_sample(name: str) -> np.ndarray:
+    """A scikit-image sample image as RGB float in [0, 1], centre-cropped to a square."""
+    import skimage.data
+
+    if name not in POSE_SOURCES:
+        raise ValueError(f"unknown sample {name!r}; choose from {', '.join(POSE_SOURCES)}")
+    image = getattr(skimage.data, name)().astype(np.float64) / 255.0
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    image = image[:, :, :3]
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return image[top : top + side, left : left + side]
+
+
+def make_pose_category(
+    root: str | Path,
+    name: str,
+    n: int = 48,
+    size: int = 256,
+    max_angle: float = 30.0,
+    max_shift: float = 0.1,
+    seed: int = 0,
+) -> Path:
+    """One object seen in `n` poses (rotation up to `max_angle` degrees, shift up to
+    `max_shift` of the side, scale 0.9-1.1, small brightness/contrast changes and noise),
+    written as `root/name/train/good/NNN.png`: a category whose images differ by the pose a
+    registration network learns to undo."""
+    out = Path(root) / name / "train" / "good"
+    rng = np.random.default_rng([seed, POSE_SOURCES.index(name)])
+    image = load_sample(name)
+    zoom = size / image.shape[0]
+    base = np.stack([ndimage.zoom(image[:, :, c], zoom, order=1) for c in range(3)], axis=2)
+    base = base[:size, :size]
+    centre = (np.array(base.shape[:2]) - 1) / 2.0
+    for i in range(n):
+        angle = np.deg2rad(rng.uniform(-max_angle, max_angle))
+        scale = rng.uniform(0.9, 1.1)
+        shift = rng.uniform(-max_shift, max_shift, 2) * size
+        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+        matrix = np.array([[cos, -sin], [sin, cos]])
+        offset = centre - matrix @ (centre + shift)
+        posed = np.stack(
+            [
+                ndimage.affine_transform(base[:, :, c], matrix, offset, order=1, mode="reflect")
+                for c in range(3)
+            ],
+            axis=2,
+        )
+        posed = (posed - 0.5) * rng.uniform(0.9, 1.1) + 0.5 + rng.uniform(-0.05, 0.05)
+        posed = posed + rng.normal(0.0, 0.01, posed.shape)
+        _save(posed, out / f"{i:03d}.png")
+    return out.parent.parent

@@ -7,6 +7,7 @@ from defectlens.methods.base import METHODS, AnomalyMethod, MethodOutput, get_me
 from defectlens.methods.differnet import DifferNet
 from defectlens.methods.padim import Padim
 from defectlens.methods.patchcore import PatchCore
+from defectlens.methods.regad import Regad
 from defectlens.methods.spade import Spade
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "MethodOutput",
     "Padim",
     "PatchCore",
+    "Regad",
     "Spade",
     "get_method",
 ]

@@ -58,6 +58,8 @@ class AnomalyMethod(nn.Module):
     fitted_buffers: ClassVar[tuple[str, ...]]
     # Fitting only gathers statistics (no network trains): an int8 export can refit it.
     training_free: ClassVar[bool] = True
+    # Whether a fit augments its images with RegAD's fixed support set unless told otherwise.
+    augments_support: ClassVar[bool] = False
     # Feature strides the method reads from the backbone; a subclass may make it a parameter.
     strides: tuple[int, ...]
 

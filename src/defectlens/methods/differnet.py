@@ -18,13 +18,10 @@ in the original image's coordinates.
 
 from __future__ import annotations
 
-import copy
-import time
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from defectlens.backbones import FeatureExtractor
 from defectlens.components.augment import TransformRanges, apply_transforms, sample_parameters
@@ -32,6 +29,7 @@ from defectlens.components.scale import downscale
 from defectlens.errors import ModelFileError, ParameterError
 from defectlens.methods.base import AnomalyMethod, MethodOutput
 from defectlens.params import check_float, check_int, check_seed
+from defectlens.training.loop import StopRule, train_epochs
 
 SCALES = (1.0, 0.5, 0.25)
 
@@ -179,12 +177,8 @@ class DifferNet(AnomalyMethod):
             self.flow.parameters(), lr=self.learning_rate, weight_decay=1e-5
         )
         generator = torch.Generator().manual_seed(self.seed + 2)
-        best, best_state, stale = float("inf"), None, 0
-        deadline = time.monotonic() + 60.0 * self.max_minutes
-        self.history = []
-        bar = tqdm(range(self.max_epochs), desc="train flow", disable=not progress, unit="epoch")
-        for epoch in bar:
-            self.flow.train()
+
+        def run_epoch(epoch: int) -> float:
             order = torch.randperm(train.shape[0], generator=generator)
             total = 0.0
             for start in range(0, train.shape[0], self.batch_size):
@@ -193,24 +187,17 @@ class DifferNet(AnomalyMethod):
                 loss.backward()
                 optimiser.step()
                 total += loss.item() * min(self.batch_size, train.shape[0] - start)
-            self.flow.eval()
-            record = {"epoch": epoch, "train_loss": total / train.shape[0]}
-            monitored = record["train_loss"]
-            if val is not None:
-                with torch.no_grad():
-                    monitored = record["val_loss"] = float(self.nll(val).mean())
-            self.history.append(record)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "epoch"})
-            if monitored < best - 1e-4:
-                best, best_state, stale = monitored, copy.deepcopy(self.flow.state_dict()), 0
-            else:
-                stale += 1
-            if stale >= self.patience or time.monotonic() > deadline:
-                break
-        bar.close()
-        if best_state is not None:
-            self.flow.load_state_dict(best_state)
-        self.flow.eval().requires_grad_(False)
+            return total / train.shape[0]
+
+        def validate() -> float:
+            with torch.no_grad():
+                return float(self.nll(val).mean())
+
+        rule = StopRule(self.max_epochs, self.patience, self.max_minutes)
+        self.history = train_epochs(
+            self.flow, run_epoch, None if val is None else validate, rule, progress, "train flow"
+        )
+        self.flow.requires_grad_(False)
 
     # -- persistence -----------------------------------------------------------------------
     def check_geometry(self, image_size: int, taps: dict[int, int]) -> None:

@@ -27,7 +27,7 @@ import torch
 
 from defectlens.backbones import FeatureExtractor
 from defectlens.errors import DefectLensError, DefectLensWarning, ParameterError
-from defectlens.runtime.onnx_graph import INPUT, backbone_model, output_name
+from defectlens.runtime.onnx_graph import INPUT, backbone_model, module_graph, output_name
 from defectlens.runtime.sessions import OnnxRuntimeSession, OpenVinoSession, Session
 
 DEFAULT_BACKEND = "onnxruntime"
@@ -64,14 +64,40 @@ class SessionBackend:
         self.outputs = [output_name(s) for s in extractor.strides]
         if graph is None:
             graph = backbone_model(extractor, self.outputs).SerializeToString()
-        self.session = self.open(graph, threads or torch.get_num_threads())
+        self.threads = threads or torch.get_num_threads()
+        self.image_size = extractor.image_size
+        self.session = self.open(graph, self.threads, self.outputs)
 
-    def open(self, graph: bytes, threads: int) -> Session:
+    def open(self, graph: bytes, threads: int, outputs: list[str]) -> Session:
         raise NotImplementedError
 
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
-        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        return [torch.from_numpy(o) for o in self.session.run({INPUT: array})]
+        return _run(self.session, images)
+
+    def compile(self, module: torch.nn.Module, key: str, count: int):
+        """A method's feature module (images -> `count` maps) exported once to a cached graph
+        (named by `key`) and run on this engine; None, with a warning, if it cannot (the
+        extractor then runs it in eager torch)."""
+        outputs = [f"features{i}" for i in range(count)]
+        try:
+            path = module_graph(module, key, self.image_size, outputs)
+            session = self.open(path.read_bytes(), self.threads, outputs)
+        except DefectLensError:
+            raise
+        except Exception as exc:  # exporters and runtimes raise many types
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            warnings.warn(
+                f"the {self.name} backend cannot run this method's features ({first}); using torch",
+                DefectLensWarning,
+                stacklevel=2,
+            )
+            return None  # the extractor runs it eagerly
+        return lambda images: _run(session, images)
+
+
+def _run(session: Session, images: torch.Tensor) -> list[torch.Tensor]:
+    array = images.detach().to("cpu", torch.float32).contiguous().numpy()
+    return [torch.from_numpy(o) for o in session.run({INPUT: array})]
 
 
 class OnnxRuntimeBackend(SessionBackend):
@@ -80,8 +106,8 @@ class OnnxRuntimeBackend(SessionBackend):
 
     name = "onnxruntime"
 
-    def open(self, graph: bytes, threads: int) -> Session:
-        return OnnxRuntimeSession(graph, self.outputs, threads)
+    def open(self, graph: bytes, threads: int, outputs: list[str]) -> Session:
+        return OnnxRuntimeSession(graph, outputs, threads)
 
 
 class OpenVinoBackend(SessionBackend):
@@ -89,11 +115,11 @@ class OpenVinoBackend(SessionBackend):
 
     name = "openvino"
 
-    def open(self, graph: bytes, threads: int) -> Session:
+    def open(self, graph: bytes, threads: int, outputs: list[str]) -> Session:
         with tempfile.TemporaryDirectory(prefix="defectlens-ov-") as folder:
             path = Path(folder) / "backbone.onnx"  # OpenVINO reads graphs from files
             path.write_bytes(graph)
-            return OpenVinoSession(path, self.outputs, threads)
+            return OpenVinoSession(path, outputs, threads)
 
 
 BACKENDS: dict[str, Callable[..., Callable[[torch.Tensor], list[torch.Tensor]]]] = {

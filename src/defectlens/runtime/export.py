@@ -5,7 +5,8 @@
 The folder holds two graphs and what the method needs beside them:
 - `backbone.onnx`: images (B, 3, S, S) in [0, 1] -> the feature maps the method reads (the
   backbone's cached graph, cut to those taps; normalisation included), or the method's own
-  first graph from `export_features()` (DifferNet: transformed copies, three scales, pooled),
+  first graph from `export_features()` (DifferNet: transformed copies, three scales, pooled;
+  RegAD: the backbone with its spatial transformers, each stage returned to the image frame),
 - `head.onnx`: feature maps -> the tensors the finish reads (PaDiM: the pyramid's maps, aligned;
   PatchCore: patch features; SPADE: pooled features and the pyramid's maps; DifferNet: image
   scores), exported with torch's dynamo exporter from the method's `export_head()`,
@@ -165,9 +166,15 @@ def export_detector(
     features_module = model.export_features(extractor)
     if features_module is not None and backbone_graph is not None:
         raise ParameterError(f"{detector.method} cannot be exported in int8")
-    # The first graph's outputs: the backbone's taps, or the method's own features.
+    # The first graph's outputs: the backbone's taps, or the method's own features (one
+    # tensor, or a tuple of them: RegAD's registered stages).
     taps = [output_name(s) for s in extractor.strides]
-    names = taps if features_module is None else ["features"]
+    names = taps
+    if features_module is not None:
+        with torch.no_grad():
+            probe = features_module(torch.from_numpy(check_images(detector.image_size, 1)))
+        count = len(probe) if isinstance(probe, tuple | list) else 0
+        names = [f"features{i}" for i in range(count)] if count else ["features"]
     from defectlens.runtime.finish import Finish
 
     tmp = temporary_sibling(target)
@@ -187,7 +194,8 @@ def export_detector(
                 external_data_bytes,
             )
             with torch.no_grad():
-                features = [features_module(example)]
+                features = features_module(example)
+            features = list(features) if isinstance(features, tuple | list) else [features]
         with torch.no_grad():
             out = head(*features)
         count = len(out) if isinstance(out, tuple | list) else 1

@@ -114,8 +114,39 @@ def backbone_graph(extractor: FeatureExtractor) -> Path:
     """The cached graph for this backbone and weights, exported first if needed. Without a
     writable cache the graph goes to a temporary folder (see `is_temporary`) that the caller
     removes once the graph is loaded."""
+    name = f"{extractor.spec.name}-{graph_key(extractor)[:24]}.onnx"
+    return cached_graph(name, lambda path: export_backbone(extractor, path))
+
+
+def export_module(module: torch.nn.Module, image_size: int, outputs: list[str], path: Path) -> None:
+    """Write `module` (`forward(*inputs)` with inputs (images,), images (B, 3, S, S) in
+    [0, 1], -> tensors) as ONNX with a free batch."""
+    example = torch.rand(2, 3, image_size, image_size)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = dynamo_export(
+        module.eval(),
+        (example,),
+        input_names=[INPUT],
+        output_names=outputs,
+        dynamic_shapes=(({0: batch},),),  # forward(*inputs), as export heads are written
+    )
+    program.save(str(path))
+
+
+def module_graph(module: torch.nn.Module, key: str, image_size: int, outputs: list[str]) -> Path:
+    """A method's own feature module as a cached graph, named by `key` (which must identify
+    the module's weights and the backbone's, e.g. hashes of both)."""
+    identity = {"key": key, "torch": torch.__version__, "export_version": EXPORT_VERSION}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+    return cached_graph(
+        f"features-{digest}.onnx", lambda path: export_module(module, image_size, outputs, path)
+    )
+
+
+def cached_graph(name: str, export) -> Path:
+    """`cache_dir()/onnx/name`, written first by `export(path)` if missing (atomically)."""
     folder = cache_dir() / "onnx"
-    path = folder / f"{extractor.spec.name}-{graph_key(extractor)[:24]}.onnx"
+    path = folder / name
     if path.is_file():
         return path
     try:
@@ -127,7 +158,7 @@ def backbone_graph(extractor: FeatureExtractor) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=target_folder)
     os.close(fd)
     try:
-        export_backbone(extractor, Path(tmp))
+        export(Path(tmp))
         os.replace(tmp, path)  # whole file or nothing: a concurrent exporter just replaces it
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,194 @@
+"""Few-shot benchmark: leave one category out, train RegAD's registration on the others, fit
+every method on the same K support images (same seeded draws, same augmentations), evaluate
+on the left-out category's test set.
+
+    python benchmarks/fewshot.py ../shared/data --out benchmarks/results/fewshot.jsonl
+
+Each category in DATA (an MVTec-layout root per folder) is left out in turn. Its train/good
+images are split once (seed 0): 20 validation images (thresholds only; they never affect
+AUROC) and the rest, from which each draw takes K support images (`--shots`, `shot_seed` =
+draw). Methods (`--methods`):
+- regad: registration trained on the other categories (cached in --registrations),
+- regad_identity: untrained transformers (PaDiM on the augmented supports, RegAD's ablation),
+- regad_default: the registration model shipped with defectlens,
+- padim, patchcore, spade, differnet: the same supports and augmentation,
+- padim_full: PaDiM on every train/good image except the validation ones, no augmentation,
+  once per category (the reference the gap is measured to).
+One JSON line per (category, method, K, draw) is appended to --out; finished rows are skipped
+on a rerun, so the run can be resumed. `--summary` prints the Markdown tables from --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from defectlens import Detector
+from defectlens.data.dataset import find_normal_images
+from defectlens.evaluation import evaluate
+
+N_VAL = 20
+FEW_SHOT = ("regad", "regad_identity", "regad_default", "padim", "patchcore", "spade", "differnet")
+
+
+def registration_for(category: Path, data: list[Path], folder: Path, args) -> Path:
+    """The registration trained without `category` (trained now if not cached)."""
+    from defectlens.training.registration import RegistrationConfig, build_registration
+
+    path = folder / f"reg-{category.name}"
+    if not (path / "config.json").is_file():
+        config = RegistrationConfig(max_epochs=args.reg_epochs, max_minutes=args.reg_minutes)
+        pool = [d for d in data if d != category]
+        build_registration(pool, path, image_size=args.image_size, config=config, progress=True)
+    return path
+
+
+def detector_for(name: str, k: int | None, draw: int, registration: Path, image_size: int):
+    params = {}
+    method = name
+    if name.startswith("regad"):
+        method = "regad"
+        params["registration"] = {
+            "regad": str(registration),
+            "regad_identity": "identity",
+            "regad_default": None,
+        }[name]
+        params = {k2: v for k2, v in params.items() if v is not None}
+    if name == "padim_full":
+        method = "padim"
+    return Detector(
+        method=method,
+        image_size=image_size,
+        method_params=params,
+        shots=k,
+        shot_seed=draw,
+        augment_support=name != "padim_full",
+    )
+
+
+def run(args) -> None:
+    torch.set_num_threads(2)
+    data = sorted(Path(d) for d in args.data)
+    if len(data) == 1 and not (data[0] / "train").is_dir():
+        data = sorted(p for p in data[0].iterdir() if (p / "train" / "good").is_dir())
+    chosen = [d for d in data if d.name in args.categories] if args.categories else data
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.is_file():
+        for line in out.read_text().splitlines():
+            row = json.loads(line)
+            done.add((row["category"], row["method"], row["shots"], row["draw"]))
+    folder = Path(args.registrations)
+    folder.mkdir(parents=True, exist_ok=True)
+    for category in chosen:
+        images = find_normal_images(category)
+        order = np.random.default_rng(0).permutation(len(images))
+        val = [images[i] for i in sorted(order[:N_VAL])]
+        candidates = [images[i] for i in sorted(order[N_VAL:])]
+        registration = None
+        if "regad" in args.methods:
+            registration = registration_for(category, data, folder, args)
+        jobs = [(m, k, d) for k in args.shots for d in range(args.draws) for m in args.methods]
+        if "padim_full" in args.methods:
+            jobs = [("padim_full", None, 0)] + [j for j in jobs if j[0] != "padim_full"]
+        for method, k, draw in jobs:
+            if (category.name, method, k, draw) in done:
+                continue
+            detector = detector_for(method, k, draw, registration, args.image_size)
+            start = time.perf_counter()
+            detector.fit(candidates, val_images=val)
+            fit_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            result = evaluate(detector, category, report=False)
+            eval_seconds = time.perf_counter() - start
+            row = {
+                "category": category.name,
+                "method": method,
+                "shots": k,
+                "draw": draw,
+                "image_auroc": result.metrics.get("image_auroc"),
+                "pixel_auroc": result.metrics.get("pixel_auroc"),
+                "aupro": result.metrics.get("aupro"),
+                "fit_s": round(fit_seconds, 2),
+                "images_per_s": round(len(result.samples) / eval_seconds, 2),
+                "support": [Path(p).name for p in detector.fit_images_] if k else None,
+            }
+            print(json.dumps(row), flush=True)
+            with out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+
+def summary(path: Path) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["category"], r["method"], r["shots"])].append(r)
+    categories = sorted({r["category"] for r in rows})
+    methods = [m for m in ("padim_full", *FEW_SHOT) if any(r["method"] == m for r in rows)]
+    shots = sorted({r["shots"] for r in rows if r["shots"] is not None})
+    for metric in ("image_auroc", "pixel_auroc"):
+        print(f"\n{metric} (mean ± std over draws)\n")
+        print("| category | K | " + " | ".join(methods) + " |")
+        print("|---|---|" + "---|" * len(methods))
+        for c in categories:
+            for k in shots:
+                cells = []
+                for m in methods:
+                    g = groups.get((c, m, None if m == "padim_full" else k), [])
+                    values = [r[metric] for r in g if r[metric] is not None]
+                    values = [v for v in values if not math.isnan(v)]
+                    if not values:
+                        cells.append("–")
+                    elif len(values) == 1:
+                        cells.append(f"{values[0]:.3f}")
+                    else:
+                        cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}")
+                print(f"| {c} | {k} | " + " | ".join(cells) + " |")
+        print("| mean | | " + " | ".join(mean_cell(rows, m, metric) for m in methods) + " |")
+    print("\nfit seconds / scoring img/s (mean over rows)\n")
+    for m in methods:
+        g = [r for r in rows if r["method"] == m]
+        fit = np.mean([r["fit_s"] for r in g])
+        speed = np.mean([r["images_per_s"] for r in g])
+        print(f"- {m}: fit {fit:.1f} s, evaluate {speed:.1f} img/s")
+
+
+def mean_cell(rows: list[dict], method: str, metric: str) -> str:
+    by_k = defaultdict(list)
+    for r in rows:
+        if r["method"] == method and r[metric] is not None and not math.isnan(r[metric]):
+            by_k[r["shots"]].append(r[metric])
+    return " / ".join(f"{np.mean(v):.3f}" for _, v in sorted(by_k.items(), key=lambda x: x[0] or 0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", nargs="+", help="a folder of categories, or category roots")
+    parser.add_argument("--out", default="benchmarks/results/fewshot.jsonl")
+    parser.add_argument("--categories", nargs="*", help="leave out only these")
+    parser.add_argument("--methods", nargs="+", default=["regad", "regad_identity", "padim"])
+    parser.add_argument("--shots", nargs="+", type=int, default=[2, 4, 8])
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--registrations", default="/tmp/defectlens-fewshot-registrations")
+    parser.add_argument("--reg-epochs", type=int, default=10)
+    parser.add_argument("--reg-minutes", type=float, default=8.0)
+    parser.add_argument("--summary", action="store_true", help="only print the tables")
+    args = parser.parse_args()
+    if args.summary:
+        summary(Path(args.out))
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Affine warps in normalised coordinates: the one place images and feature maps are rotated.
+
+A warp follows the spatial-transformer convention: `theta` (B, 2, 3) maps each *output*
+position (x, y in [-1, 1], pixel centres, `align_corners=False`) to the *input* position it
+samples, bilinearly, with reflection at the borders. In that normalised frame the same theta is
+the same geometric transform at every resolution, so a transform estimated on a 16 x 16 feature
+map can be undone on a 64 x 64 one. Composition and inversion are closed-form 3 x 3 products
+on any device (RegAD's released code inverts on the CPU with numpy and copies to CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Sample `x` (B, C, H, W) at `theta` (B, 2, 3) applied to the output grid."""
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def rotation(angle: torch.Tensor) -> torch.Tensor:
+    """Rotations by `angle` (B,) radians as thetas (B, 2, 3)."""
+    cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
+    return torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+
+
+def translation(shift: torch.Tensor) -> torch.Tensor:
+    """Translations by `shift` (B, 2) in normalised units (2 = the whole side) as thetas."""
+    b = shift.shape[0]
+    theta = torch.eye(2, 3, dtype=shift.dtype, device=shift.device).repeat(b, 1, 1)
+    theta[:, :, 2] = shift
+    return theta
+
+
+def _homogeneous(theta: torch.Tensor) -> torch.Tensor:
+    bottom = theta.new_tensor([0.0, 0.0, 1.0]).expand(theta.shape[0], 1, 3)
+    return torch.cat([theta, bottom], dim=1)
+
+
+def compose(*thetas: torch.Tensor) -> torch.Tensor:
+    """One theta equal to warping by the first, then the result by the second, and so on:
+    warp(warp(x, a), b) == warp(x, compose(a, b)) up to resampling (sampling positions
+    compose as a @ b). One warp instead of a chain resamples, and blurs, only once."""
+    result = _homogeneous(thetas[0])
+    for theta in thetas[1:]:
+        result = result @ _homogeneous(theta)
+    return result[:, :2]
+
+
+def invert(theta: torch.Tensor) -> torch.Tensor:
+    """The inverse transforms (B, 2, 3): A^-1 and -A^-1 t, in closed form."""
+    a, t = theta[:, :, :2], theta[:, :, 2:]
+    det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
+    adjugate = torch.stack(
+        [torch.stack([a[:, 1, 1], -a[:, 0, 1]], 1), torch.stack([-a[:, 1, 0], a[:, 0, 0]], 1)], 1
+    )
+    inverse = adjugate / det.view(-1, 1, 1)
+    return torch.cat([inverse, -inverse @ t], dim=2)

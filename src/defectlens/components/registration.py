@@ -1,0 +1,247 @@
+"""RegAD's registration network (Huang et al., ECCV 2022) and its file format.
+
+A spatial transformer after each tapped stage of a frozen backbone registers the features
+(the next stage reads the warped map), and a SimSiam-style head on the last stage trains the
+transformers: a query and the mean of its same-category supports must agree position by
+position, which they can only do once both are aligned. At inference the head is not used;
+each stage's registered map is warped back to the image frame (one composed inverse warp, not
+RegAD's chain of three, so features are resampled once) and the maps feed a per-position
+Gaussian (`methods.regad`).
+
+Only the transformers and the head are trained; the backbone stays frozen (its ImageNet
+batch-norm statistics included, as CPU batch sizes cannot re-estimate them), so a registration
+model is a few hundred kB of safetensors plus a JSON config naming the backbone, its weights'
+hash and the image size it was trained for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from defectlens.backbones import FeatureExtractor
+from defectlens.components.geometry import compose, invert, warp
+from defectlens.components.stn import MODES, SpatialTransformer
+from defectlens.errors import ModelFileError
+from defectlens.outputs import (
+    MODEL_CONFIG,
+    MODEL_TENSORS,
+    REGISTRATION_FORMAT,
+    check_model_target,
+    clean_leftovers,
+    file_sha256,
+    read_folder_config,
+    replace_folder,
+    temporary_sibling,
+)
+
+REGISTRATION_VERSION = 1
+
+
+def _head(channels: int, layers: int) -> nn.Sequential:
+    """1x1 convolutions, batch-norm + ReLU between them (SimSiam's projector and predictor,
+    per position)."""
+    modules: list[nn.Module] = []
+    for i in range(layers):
+        last = i == layers - 1
+        modules.append(nn.Conv2d(channels, channels, 1, bias=last))
+        if not last:
+            modules += [nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+    return nn.Sequential(*modules)
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """-cos(p, sg(z)) over channels, averaged over images and positions."""
+    return -F.cosine_similarity(p, z.detach(), dim=1).mean()
+
+
+class RegistrationNet(nn.Module):
+    """Transformers after the stages at `strides` (with `channels`), head on the last one."""
+
+    def __init__(
+        self,
+        strides: Sequence[int],
+        channels: Sequence[int],
+        mode: str = "rotation_scale",
+        hidden: int = 128,
+        pooled: int = 4,
+    ) -> None:
+        super().__init__()
+        self.strides = tuple(strides)
+        self.channels = tuple(channels)
+        self.mode, self.hidden, self.pooled = mode, hidden, pooled
+        self.transformers = nn.ModuleDict(
+            {
+                str(s): SpatialTransformer(c, mode, hidden, pooled)
+                for s, c in zip(strides, channels, strict=True)
+            }
+        )
+        self.encoder = _head(self.channels[-1], 3)
+        self.predictor = _head(self.channels[-1], 2)
+
+    def architecture(self) -> dict[str, Any]:
+        return {
+            "strides": list(self.strides),
+            "channels": list(self.channels),
+            "mode": self.mode,
+            "hidden": self.hidden,
+            "pooled": self.pooled,
+        }
+
+    def register(
+        self, extractor: FeatureExtractor, images: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Registered maps at `strides` and each stage's transform (B, 2, 3)."""
+        thetas: list[torch.Tensor] = []
+
+        def between(stride: int, x: torch.Tensor) -> torch.Tensor:
+            warped, theta = self.transformers[str(stride)](x)
+            thetas.append(theta)
+            return warped
+
+        return extractor(images, between=between), thetas
+
+    @staticmethod
+    def to_image_frame(maps: list[torch.Tensor], thetas: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each registered map warped back to the image frame. Stage i's map is sampled at
+        T_1 ... T_i p (each stage warps the previous stage's warped map), so it is undone by
+        one warp with T_i^-1 ... T_1^-1."""
+        inverses = [invert(t) for t in thetas]
+        return [warp(m, compose(*reversed(inverses[: i + 1]))) for i, m in enumerate(maps)]
+
+    def image_frame_features(
+        self, extractor: FeatureExtractor, images: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """The features RegAD's Gaussian reads: registered, then returned to the image frame."""
+        return self.to_image_frame(*self.register(extractor, images))
+
+    def loss(self, query: torch.Tensor, supports: torch.Tensor) -> torch.Tensor:
+        """Symmetric SimSiam loss between registered last-stage maps of queries (B, C, h, w)
+        and the means of their supports (B, C, h, w), per position."""
+        z1, z2 = self.encoder(query), self.encoder(supports)
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        return 0.5 * negative_cosine(p1, z2) + 0.5 * negative_cosine(p2, z1)
+
+
+def transformer_state(net: RegistrationNet) -> dict[str, torch.Tensor]:
+    """What inference needs (the transformers; not the training head)."""
+    return {k: v.contiguous() for k, v in net.transformers.state_dict().items()}
+
+
+def net_from_transformer_state(state: dict[str, torch.Tensor]) -> RegistrationNet:
+    """Rebuild the transformers from their tensors alone (shapes give the architecture), for a
+    saved detector that must not depend on the registration folder it was fitted with."""
+    try:
+        strides = sorted({int(k.split(".")[0]) for k in state})
+        first = {s: state[f"{s}.localise.0.weight"] for s in strides}
+        fc1 = state[f"{strides[0]}.localise.9.weight"]
+        n_params = state[f"{strides[0]}.localise.11.weight"].shape[0]
+    except (KeyError, ValueError):
+        raise ModelFileError("registration tensors are incomplete") from None
+    modes = [m for m, (_, identity) in MODES.items() if len(identity) == n_params]
+    pooled = math.isqrt(fc1.shape[1] // 16)
+    if not modes:
+        raise ModelFileError("registration tensors have an unknown transform")
+    net = RegistrationNet(
+        strides, [first[s].shape[1] for s in strides], modes[0], fc1.shape[0], pooled
+    )
+    try:
+        net.transformers.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelFileError(f"registration tensors do not match: {str(exc)[:160]}") from None
+    return net.eval().requires_grad_(False)
+
+
+def save_registration(
+    net: RegistrationNet, path: str | Path, info: dict[str, Any], protect: Sequence[str | Path] = ()
+) -> Path:
+    """Write config.json + model.safetensors atomically (an existing registration folder is
+    replaced, anything else refused). `info`: backbone, weights' hash, image size, training."""
+    path = check_model_target(path, protect, kind="registration")
+    clean_leftovers(path)
+    tmp = temporary_sibling(path)
+    try:
+        state = {f"transformers.{k}": v for k, v in transformer_state(net).items()}
+        state.update({f"encoder.{k}": v.contiguous() for k, v in net.encoder.state_dict().items()})
+        state.update(
+            {f"predictor.{k}": v.contiguous() for k, v in net.predictor.state_dict().items()}
+        )
+        save_file(state, str(tmp / MODEL_TENSORS))
+        config = {
+            "format": REGISTRATION_FORMAT,
+            "format_version": REGISTRATION_VERSION,
+            "architecture": net.architecture(),
+            **info,
+            "tensors_sha256": file_sha256(tmp / MODEL_TENSORS),
+        }
+        (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
+        for item in [tmp, *tmp.iterdir()]:
+            item.chmod(0o755 if item.is_dir() else 0o644)
+        replace_folder(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_registration(path: str | Path) -> tuple[RegistrationNet, dict[str, Any]]:
+    """A registration folder -> (the net in eval mode, its config); one-line errors."""
+    path = Path(path)
+    config_path, config = read_folder_config(path, "registration model", REGISTRATION_FORMAT)
+    if config.get("format_version") != REGISTRATION_VERSION:
+        raise ModelFileError(
+            f"{config_path}: registration format version {config.get('format_version')!r}; "
+            f"this defectlens reads version {REGISTRATION_VERSION}"
+        )
+    tensors_path = path / MODEL_TENSORS
+    if not tensors_path.is_file():
+        raise ModelFileError(f"{path}: missing {MODEL_TENSORS}")
+    if file_sha256(tensors_path) != config.get("tensors_sha256"):
+        raise ModelFileError(f"{tensors_path}: checksum mismatch, the file is corrupt or altered")
+    try:
+        tensors = load_file(str(tensors_path))
+        arch = config["architecture"]
+        net = RegistrationNet(
+            arch["strides"], arch["channels"], arch["mode"], arch["hidden"], arch["pooled"]
+        )
+        net.load_state_dict({k: v.clone() for k, v in tensors.items()}, strict=True)
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(
+            f"{path}: not a usable registration model ({str(exc)[:160]})"
+        ) from None
+    for key in ("backbone", "weights_sha256", "image_size"):
+        if key not in config:
+            raise ModelFileError(f"{config_path}: missing key {key!r}")
+    return net.eval().requires_grad_(False), config
+
+
+def check_registration_fits(
+    config: dict[str, Any], extractor: FeatureExtractor, where: str
+) -> None:
+    """Refuse a registration trained for another backbone, weights, image size or taps."""
+    arch = config["architecture"]
+    problems = []
+    if config["backbone"] != extractor.spec.name:
+        problems.append(f"backbone {config['backbone']}, not {extractor.spec.name}")
+    elif config["weights_sha256"] != extractor.weights_sha256:
+        problems.append("other backbone weights (sha256 differs)")
+    if config["image_size"] != extractor.image_size:
+        problems.append(f"image size {config['image_size']}, not {extractor.image_size}")
+    if tuple(arch["strides"]) != tuple(extractor.strides):
+        problems.append(f"strides {arch['strides']}, not {list(extractor.strides)}")
+    if problems:
+        raise ModelFileError(
+            f"{where}: this registration model was trained for {'; '.join(problems)}. "
+            "Train one for this setup with `defectlens regad train`, or fit with "
+            "--registration identity"
+        )

@@ -1,0 +1,1 @@
+"""Training: the one epoch loop every trained network uses, and RegAD's registration training."""

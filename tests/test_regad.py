@@ -1,0 +1,259 @@
+"""RegAD: spatial transformers, the registration network, its training and file, the few-shot
+method built on it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from defectlens import Detector
+from defectlens.backbones import build_extractor
+from defectlens.components.geometry import compose, invert, rotation, translation, warp
+from defectlens.components.registration import (
+    RegistrationNet,
+    load_registration,
+)
+from defectlens.components.stn import MODES, SpatialTransformer
+from defectlens.data import find_test_samples
+from defectlens.data.synthetic import make_pose_category
+from defectlens.errors import ModelFileError, WeightsError
+from defectlens.training.registration import RegistrationConfig, build_registration
+
+from .conftest import IMAGE_SIZE, run_cli
+
+
+def smooth_map(size: int = 64, channels: int = 2) -> torch.Tensor:
+    y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    return torch.stack([torch.sin(2 * x + y), torch.cos(x - 3 * y)][:channels]).unsqueeze(0)
+
+
+def interior(t: torch.Tensor, margin: int) -> torch.Tensor:
+    return t[..., margin:-margin, margin:-margin]
+
+
+def test_inverse_and_composition_are_exact():
+    theta = torch.tensor(
+        [[[0.9, -0.4, 0.1], [0.3, 1.1, -0.05]], [[1.0, 0.0, 0.2], [0.0, 1.0, 0.0]]]
+    )
+    identity = torch.eye(2, 3).expand(2, 2, 3)
+    assert torch.allclose(compose(theta, invert(theta)), identity, atol=1e-6)
+    assert torch.allclose(compose(invert(theta), theta), identity, atol=1e-6)
+    # composing is warping twice (up to resampling of a smooth map)
+    f = smooth_map()
+    a, b = rotation(torch.tensor([0.2])), translation(torch.tensor([[0.1, -0.05]]))
+    twice, once = warp(warp(f, a), b), warp(f, compose(a, b))
+    assert float(interior(twice - once, 12).abs().max()) < 0.02
+
+
+def test_a_known_rotation_is_undone_in_the_image_frame():
+    """Stage maps registered by chained transforms come back to the image frame."""
+    f1, f2 = smooth_map(64), smooth_map(32)
+    t1 = rotation(torch.tensor([0.3]))
+    t2 = compose(rotation(torch.tensor([-0.1])), translation(torch.tensor([[0.05, 0.0]])))
+    registered = [warp(f1, t1), warp(f2, compose(t1, t2))]  # stage 2 sees stage 1's frame
+    back = RegistrationNet.to_image_frame(registered, [t1, t2])
+    assert float(interior(registered[0] - f1, 16).abs().max()) > 0.3  # the warp moved it
+    for original, restored, margin in ((f1, back[0], 16), (f2, back[1], 8)):
+        assert float(interior(restored - original, margin).abs().max()) < 0.03
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_untrained_transformers_are_exactly_the_identity(mode):
+    stn = SpatialTransformer(8, mode).eval()
+    x = torch.rand(2, 8, 16, 16)
+    with torch.no_grad():
+        warped, theta = stn(x)
+    assert torch.allclose(theta, torch.eye(2, 3).expand(2, 2, 3))
+    assert float((warped - x).abs().max()) < 1e-5
+
+
+def test_rotation_scale_scales_only_the_diagonal_as_regad_does():
+    to_theta, _ = MODES["rotation_scale"]
+    theta = to_theta(torch.tensor([[math.pi / 6, 2.0, 0.5]]))[0]
+    c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
+    assert torch.allclose(theta, torch.tensor([[2 * c, -s, 0.0], [s, 0.5 * c, 0.0]]))
+
+
+@pytest.fixture(scope="module")
+def pose_pool(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pose")
+    return [make_pose_category(root, n, n=12, size=64) for n in ("coins", "camera", "clock")]
+
+
+@pytest.fixture(scope="module")
+def registration(pose_pool, tmp_path_factory):
+    config = RegistrationConfig(
+        shots=2, batch_size=4, steps_per_epoch=6, max_epochs=4, patience=10, pose_jitter=20.0
+    )
+    out = tmp_path_factory.mktemp("reg") / "reg"
+    path, record = build_registration(pose_pool, out, image_size=IMAGE_SIZE, config=config)
+    return path, record
+
+
+def test_registration_training_lowers_its_loss_and_is_saved_small(registration):
+    path, record = registration
+    history = record["history"]
+    assert len(history) == 4
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert min(h["val_loss"] for h in history) < history[0]["val_loss"]
+    config = json.loads((path / "config.json").read_text())
+    assert config["backbone"] == "efficientnet_lite0" and config["image_size"] == IMAGE_SIZE
+    assert set(config["training"]["categories"]) == {"coins", "camera", "clock"}
+    assert (path / "model.safetensors").stat().st_size < 2_000_000
+    net, _ = load_registration(path)
+    for p in net.parameters():
+        assert not p.requires_grad
+    # training moved the transformers away from the identity
+    bias = net.transformers["16"].localise[-1]
+    assert float(bias.weight.abs().max()) > 0
+
+
+def test_the_epoch_is_chosen_on_held_out_training_images_only(pose_pool, tmp_path):
+    config = RegistrationConfig(steps_per_epoch=2, max_epochs=2, batch_size=2, val_fraction=0.25)
+    _, record = build_registration(
+        pose_pool, tmp_path / "r", image_size=IMAGE_SIZE, config=config, exclude=["clock"]
+    )
+    assert record["excluded"] == ["clock"]
+    assert record["categories"] == {
+        "coins": {"train": 9, "val": 3},
+        "camera": {"train": 9, "val": 3},
+    }
+
+
+def test_registration_folder_problems_are_one_line_errors(registration, tmp_path):
+    path, _ = registration
+    with pytest.raises(ModelFileError, match="no such registration model"):
+        load_registration(tmp_path / "missing")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (broken / name).write_bytes((path / name).read_bytes())
+    with open(broken / "model.safetensors", "r+b") as fh:
+        fh.seek(-8, 2)
+        fh.write(b"\x00" * 8)
+    with pytest.raises(ModelFileError, match="checksum mismatch"):
+        load_registration(broken)
+
+
+def test_a_registration_for_another_size_or_backbone_is_refused_at_fit(registration, brick_root):
+    path, _ = registration
+    detector = Detector(
+        method="regad", image_size=96, shots=2, method_params={"registration": str(path)}
+    )
+    with pytest.raises(ModelFileError, match="image size 64, not 96"):
+        detector.fit(brick_root)
+    other = Detector(method="regad", backbone="efficientnet_lite0", image_size=IMAGE_SIZE, shots=2)
+    with pytest.raises(WeightsError, match="no registration model ships"):
+        other.fit(brick_root)
+
+
+def test_identity_regad_is_padim_on_the_augmented_support(brick_root):
+    kwargs = {"image_size": IMAGE_SIZE, "shots": 3, "shot_seed": 4, "batch_size": 8}
+    regad = Detector(method="regad", method_params={"registration": "identity"}, **kwargs)
+    padim = Detector(method="padim", augment_support=True, **kwargs)
+    regad.use_backend("torch").fit(brick_root)
+    padim.use_backend("torch").fit(brick_root)
+    assert regad.fit_images_ == padim.fit_images_
+    assert torch.allclose(regad.model_.mean, padim.model_.mean, atol=1e-4)
+    paths = [s.path for s in find_test_samples(brick_root)][:6]
+    for a, b in zip(regad.predict(paths), padim.predict(paths), strict=True):
+        assert a.score == pytest.approx(b.score, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def regad_detector(registration, brick_root):
+    path, _ = registration
+    return Detector(
+        method="regad", image_size=IMAGE_SIZE, shots=4, method_params={"registration": str(path)}
+    ).fit(brick_root)
+
+
+def test_regad_scores_defects_higher_and_round_trips_exactly(regad_detector, brick_root, tmp_path):
+    assert regad_detector.augment_support  # RegAD's default
+    samples = find_test_samples(brick_root)
+    predictions = regad_detector.predict([s.path for s in samples])
+    scores = np.array([p.score for p in predictions])
+    labels = np.array([s.label for s in samples])
+    assert scores[labels == 1].mean() > scores[labels == 0].mean()
+    saved = regad_detector.save(tmp_path / "m")
+    config = json.loads((saved / "config.json").read_text())
+    assert config["detector"]["shots"] == 4 and config["detector"]["augment_support"] is True
+    loaded = Detector.load(saved)
+    for a, b in zip(predictions, loaded.predict([s.path for s in samples]), strict=True):
+        assert a.score == b.score
+        assert np.array_equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_regad_model_needs_its_registration_tensors(regad_detector, tmp_path):
+    from safetensors.torch import load_file
+
+    saved = regad_detector.save(tmp_path / "m")
+    tensors = load_file(str(saved / "model.safetensors"))
+    regad = type(regad_detector.model_)()
+    with pytest.raises(ModelFileError, match="registration"):
+        regad.load_fitted_state({k: v for k, v in tensors.items() if not k.startswith("reg")})
+
+
+def test_regad_cli_trains_a_registration_and_fits_few_shot(
+    monkeypatch, capsys, pose_pool, brick_root, tmp_path
+):
+    code, out, err = run_cli(
+        monkeypatch, capsys, "regad", "train", *pose_pool, "--out", tmp_path / "reg",
+        "--image-size", IMAGE_SIZE, "--steps", 2, "--epochs", 1, "--batch-size", 2, "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "3 categories, 1 epochs" in out
+    code, out, err = run_cli(
+        monkeypatch, capsys, "fit", brick_root, "--method", "regad", "--shots", 2,
+        "--registration", tmp_path / "reg", "--image-size", IMAGE_SIZE, "--out",
+        tmp_path / "model", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "fitted on 2 image(s)" in out
+    code, out, err = run_cli(
+        monkeypatch, capsys, "regad", "train", pose_pool[0], "--out", tmp_path / "one",
+        "--image-size", IMAGE_SIZE, "-q",
+    )  # fmt: skip
+    assert code == 2 and "at least two categories" in err
+    code, out, err = run_cli(
+        monkeypatch, capsys, "regad", "train", *pose_pool, "--out", tmp_path / "x",
+        "--exclude", "nothere", "-q",
+    )  # fmt: skip
+    assert code == 2 and "no pool category has that name" in err
+
+
+def test_backbone_hook_replaces_each_stage_output():
+    extractor = build_extractor("efficientnet_lite0", (4, 8, 16), IMAGE_SIZE)
+    images = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    seen = []
+
+    def zero_stride_4(stride: int, x: torch.Tensor) -> torch.Tensor:
+        seen.append(stride)
+        return torch.zeros_like(x) if stride == 4 else x
+
+    plain = extractor(images)
+    hooked = extractor(images, between=zero_stride_4)
+    assert seen == [4, 8, 16]
+    assert float(hooked[0].abs().max()) == 0
+    assert not torch.allclose(hooked[1], plain[1])  # the next stage read the replaced map
+
+
+def test_regad_exports_with_parity_and_backends_agree(regad_detector, brick_root, tmp_path):
+    from defectlens.runtime.deployed import ExportedModel
+    from defectlens.runtime.export import export_detector
+
+    from .test_export import assert_same_predictions
+
+    thetas = regad_detector.model_.net.transformers["4"].localise[-1].bias
+    assert not torch.allclose(thetas, torch.tensor([0.0, 1.0, 1.0]))  # a trained registration
+    paths = [s.path for s in find_test_samples(brick_root)]
+    expected = regad_detector.predict(paths)
+    report = export_detector(regad_detector, tmp_path / "export", "onnx")
+    assert report.max_relative_difference < 1e-4 and report.has_maps
+    assert_same_predictions(expected, ExportedModel(report.path).predict(paths))
+    on_torch = Detector.load(regad_detector.save(tmp_path / "m"), backend="torch")
+    assert_same_predictions(expected, on_torch.predict(paths))
