@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean registration
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ demo: install
 test: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
+
+# Rebuild the shipped RegAD registration model from freely licensed images (~10 min, 2 cores).
+registration: install
+	$(BIN)/python -m defectlens.training.default_registration
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -26,6 +26,7 @@ EXPORTABLE = {
     "padim": {},
     "spade": {"k_images": 3},
     "patchcore": {"coreset_ratio": 0.2},
+    "regad": {"registration": "identity"},  # a trained registration: tests/test_regad.py
 }
 
 

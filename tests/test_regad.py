@@ -114,8 +114,9 @@ def test_registration_training_lowers_its_loss_and_is_saved_small(registration):
 
 def test_the_epoch_is_chosen_on_held_out_training_images_only(pose_pool, tmp_path):
     config = RegistrationConfig(steps_per_epoch=2, max_epochs=2, batch_size=2, val_fraction=0.25)
+    pool = [pose_pool[0] / "train" / "good", *pose_pool[1:]]  # named coins, not good
     _, record = build_registration(
-        pose_pool, tmp_path / "r", image_size=IMAGE_SIZE, config=config, exclude=["clock"]
+        pool, tmp_path / "r", image_size=IMAGE_SIZE, config=config, exclude=["clock"]
     )
     assert record["excluded"] == ["clock"]
     assert record["categories"] == {

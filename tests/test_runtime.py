@@ -19,6 +19,7 @@ METHODS = {
     "padim": ({}, IMAGE_SIZE),
     "spade": ({"k_images": 3}, IMAGE_SIZE),
     "patchcore": ({"coreset_ratio": 0.2}, IMAGE_SIZE),
+    "regad": ({"registration": "identity"}, IMAGE_SIZE),  # trained: tests/test_regad.py
     "differnet": (
         {"hidden": 32, "blocks": 2, "max_epochs": 2, "n_transforms": 2, "n_transforms_test": 2},
         128,

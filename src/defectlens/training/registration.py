@@ -79,6 +79,14 @@ def _to_uint8(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.rint(images * 255.0).astype(np.uint8))
 
 
+def category_name(source: str | Path) -> str:
+    """A pool entry's category name: its folder's name (`cat/train/good` is `cat`)."""
+    path = Path(source).resolve()
+    if path.name == "good" and path.parent.name == "train":
+        return path.parent.parent.name
+    return path.name
+
+
 def load_pool(
     sources: Sequence[str | Path],
     image_size: int,
@@ -88,7 +96,7 @@ def load_pool(
     """Each source (an MVTec-layout root: its train/good; or a folder of images) is one
     category, named after its folder. Each needs shots + 1 training images and one
     validation image at least."""
-    names = [Path(s).resolve().name for s in sources]
+    names = [category_name(s) for s in sources]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DataError(f"two pool categories are both named {duplicates[0]!r}")
@@ -137,9 +145,11 @@ def _episode(
     b = min(config.batch_size, n)
     queries = torch.randperm(n, generator=generator)[:b]
     m = category.train.shape[0]
-    supports = torch.randint(0, m - 1, (b, config.shots), generator=generator)
-    if source is category.train:  # skip the query's own index
+    if source is category.train:  # draw among the m - 1 others, skipping the query's index
+        supports = torch.randint(0, m - 1, (b, config.shots), generator=generator)
         supports = supports + (supports >= queries.unsqueeze(1)).long()
+    else:
+        supports = torch.randint(0, m, (b, config.shots), generator=generator)
     return source[queries], category.train[supports.flatten()]
 
 
@@ -230,10 +240,10 @@ def build_registration(
 
     config = config or RegistrationConfig()
     check_model_target(out, list(sources), kind="registration")
-    unknown = set(exclude) - {Path(s).resolve().name for s in sources}
+    unknown = set(exclude) - {category_name(s) for s in sources}
     if unknown:
         raise DataError(f"--exclude {sorted(unknown)[0]}: no pool category has that name")
-    kept = [s for s in sources if Path(s).resolve().name not in set(exclude)]
+    kept = [s for s in sources if category_name(s) not in set(exclude)]
     extractor = build_extractor(backbone, (4, 8, 16), image_size, weights)
     pool = load_pool(kept, image_size, config, progress)
     start = time.monotonic()
