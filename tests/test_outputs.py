@@ -16,7 +16,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import defectlens.io as model_io
 from defectlens import Detector, load
 from defectlens.data import find_test_samples
 from defectlens.errors import DefectLensError, ModelFileError, OutputError
@@ -40,7 +39,9 @@ def test_interrupted_save_keeps_the_old_model_and_leaves_nothing(fitted, tmp_pat
     def killed(new, target):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(model_io, "replace_folder", killed)
+    import defectlens.outputs as outputs
+
+    monkeypatch.setattr(outputs, "replace_folder", killed)
     with pytest.raises(KeyboardInterrupt):
         fitted.save(path)
     assert snapshot(tmp_path) == before  # old model intact, temporary folder removed

@@ -49,6 +49,16 @@ def test_inverse_and_composition_are_exact():
     assert float(interior(twice - once, 12).abs().max()) < 0.02
 
 
+@pytest.mark.parametrize("size", [(64, 64), (16, 24), (5, 7)])
+def test_the_exported_warp_equals_grid_sample(size):
+    from defectlens.components.geometry import warp_by_gather
+
+    x = torch.rand(4, 3, *size)
+    theta = compose(rotation(torch.tensor([0.0, 0.5, -1.2, 3.0])), translation(torch.rand(4, 2)))
+    theta[:, 0, 0] *= 1.3  # a scale too, and shifts that reach past the borders
+    assert torch.allclose(warp_by_gather(x, theta), warp(x, theta), atol=1e-5)
+
+
 def test_a_known_rotation_is_undone_in_the_image_frame():
     """Stage maps registered by chained transforms come back to the image frame."""
     f1, f2 = smooth_map(64), smooth_map(32)
@@ -258,3 +268,22 @@ def test_regad_exports_with_parity_and_backends_agree(regad_detector, brick_root
     assert_same_predictions(expected, ExportedModel(report.path).predict(paths))
     on_torch = Detector.load(regad_detector.save(tmp_path / "m"), backend="torch")
     assert_same_predictions(expected, on_torch.predict(paths))
+
+
+def test_the_shipped_registration_loads_offline_and_fits_the_default_backbone():
+    from defectlens.components.registration import check_registration_fits
+    from defectlens.methods.regad import default_registration
+
+    path = default_registration("efficientnet_lite0", 256)
+    assert path is not None and (path / "model.safetensors").stat().st_size < 2_000_000
+    net, config = load_registration(path)
+    extractor = build_extractor("efficientnet_lite0", (4, 8, 16), 256)
+    check_registration_fits(config, extractor, str(path))  # same weights, size and taps
+    # trained only on the freely licensed pose categories
+    from defectlens.data.synthetic import POSE_SOURCES
+
+    assert set(config["training"]["categories"]) == set(POSE_SOURCES)
+    with torch.no_grad():
+        maps = net.image_frame_features(extractor, torch.rand(1, 3, 256, 256))
+    assert [m.shape[1] for m in maps] == [24, 40, 112]
+    assert default_registration("efficientnet_lite0", 512) is None

@@ -238,11 +238,6 @@ class Detector(Predictor):
         torch.manual_seed(self.seed)
         extractor = self.ensure_extractor()  # missing weights: said before image problems
         check_readable([*fit_images, *val])
-        # What was fitted on, by name: in few-shot mode, the support set to report.
-        self.fit_images_ = [
-            f"<array {i}>" if isinstance(p, np.ndarray) else str(p)
-            for i, p in enumerate(fit_images)
-        ]
         bar = tqdm(
             total=len(fit_images), desc=f"fit {self.method}", disable=not progress, unit="img"
         )
@@ -272,6 +267,11 @@ class Detector(Predictor):
         finally:
             bar.close()
         self.thresholds_ = None
+        # What was fitted on, by name: in few-shot mode, the support set to report.
+        self.fit_images_ = [
+            f"<array {i}>" if isinstance(p, np.ndarray) else str(p)
+            for i, p in enumerate(fit_images)
+        ]
         # Only each validation image's score and map peak are kept, not its map.
         peaks = [
             (p.score, float(p.anomaly_map.max()))

@@ -14,9 +14,7 @@ is never replaced.
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +29,9 @@ from defectlens.outputs import (
     MODEL_FORMAT,
     MODEL_TENSORS,
     check_model_target,
-    clean_leftovers,
     file_sha256,
     read_folder_config,
-    replace_folder,
-    temporary_sibling,
+    write_folder,
 )
 from defectlens.thresholds import Thresholds
 
@@ -64,34 +60,20 @@ def save_detector(detector, path: str | Path, protect: tuple[str | Path, ...] = 
     if not detector.model_.is_fitted or detector.thresholds_ is None:
         raise DefectLensError("nothing to save: the detector is not fitted")
     path = check_model_target(path, protect)
-    clean_leftovers(path)
-    tmp = temporary_sibling(path)
-    try:
-        save_file(detector.model_.fitted_state(), str(tmp / TENSORS))
-        extractor = detector.ensure_extractor()
-        config = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "defectlens_version": __version__,
-            "detector": detector.params(),
-            "backbone_weights": {
-                "path": str(extractor.weights_path),
-                "sha256": extractor.weights_sha256,
-            },
-            "thresholds": detector.thresholds_.to_dict(),
-            "tensors_sha256": file_sha256(tmp / TENSORS),
-        }
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
-        for item in [tmp, *tmp.iterdir()]:
-            item.chmod(0o755 if item.is_dir() else 0o644)  # mkdir/mkstemp may make them private
-        replace_folder(tmp, path)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise DefectLensError(
-                f"{path}: saving the model failed ({exc.strerror or exc})"
-            ) from None
-        raise
+    extractor = detector.ensure_extractor()
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "defectlens_version": __version__,
+        "detector": detector.params(),
+        "backbone_weights": {
+            "path": str(extractor.weights_path),
+            "sha256": extractor.weights_sha256,
+        },
+        "thresholds": detector.thresholds_.to_dict(),
+    }
+    state = detector.model_.fitted_state()
+    write_folder(path, lambda target: save_file(state, str(target)), config, "model")
     return path
 
 

@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from defectlens.errors import DefectLensWarning, ModelFileError, OutputError
@@ -323,6 +323,29 @@ def _exchange(a: Path, b: Path) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
         return False
     raise OSError(code, os.strerror(code), str(b))
+
+
+def write_folder(
+    path: Path, write_tensors: Callable[[Path], None], config: dict, what: str
+) -> None:
+    """Write a model-like folder at `path` (already checked): `write_tensors(file)` writes
+    model.safetensors, then config.json gets `config` plus that file's SHA-256. Assembled in a
+    hidden sibling and swapped in atomically (see `replace_folder`); nothing is left behind on
+    failure, and an OS error is one line naming `what` was being saved."""
+    clean_leftovers(path)
+    tmp = temporary_sibling(path)
+    try:
+        write_tensors(tmp / MODEL_TENSORS)
+        config = {**config, "tensors_sha256": file_sha256(tmp / MODEL_TENSORS)}
+        (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
+        for item in [tmp, *tmp.iterdir()]:
+            item.chmod(0o755 if item.is_dir() else 0o644)  # mkdir/mkstemp may make them private
+        replace_folder(tmp, path)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{path}: saving the {what} failed ({exc.strerror or exc})") from None
+        raise
 
 
 def replace_folder(new: Path, path: Path) -> None:

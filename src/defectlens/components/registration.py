@@ -16,9 +16,7 @@ hash and the image size it was trained for.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,15 +32,12 @@ from defectlens.components.geometry import compose, invert, warp
 from defectlens.components.stn import MODES, SpatialTransformer
 from defectlens.errors import ModelFileError
 from defectlens.outputs import (
-    MODEL_CONFIG,
     MODEL_TENSORS,
     REGISTRATION_FORMAT,
     check_model_target,
-    clean_leftovers,
     file_sha256,
     read_folder_config,
-    replace_folder,
-    temporary_sibling,
+    write_folder,
 )
 
 REGISTRATION_VERSION = 1
@@ -168,29 +163,16 @@ def save_registration(
     """Write config.json + model.safetensors atomically (an existing registration folder is
     replaced, anything else refused). `info`: backbone, weights' hash, image size, training."""
     path = check_model_target(path, protect, kind="registration")
-    clean_leftovers(path)
-    tmp = temporary_sibling(path)
-    try:
-        state = {f"transformers.{k}": v for k, v in transformer_state(net).items()}
-        state.update({f"encoder.{k}": v.contiguous() for k, v in net.encoder.state_dict().items()})
-        state.update(
-            {f"predictor.{k}": v.contiguous() for k, v in net.predictor.state_dict().items()}
-        )
-        save_file(state, str(tmp / MODEL_TENSORS))
-        config = {
-            "format": REGISTRATION_FORMAT,
-            "format_version": REGISTRATION_VERSION,
-            "architecture": net.architecture(),
-            **info,
-            "tensors_sha256": file_sha256(tmp / MODEL_TENSORS),
-        }
-        (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
-        for item in [tmp, *tmp.iterdir()]:
-            item.chmod(0o755 if item.is_dir() else 0o644)
-        replace_folder(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    state = {f"transformers.{k}": v for k, v in transformer_state(net).items()}
+    for name, head in (("encoder", net.encoder), ("predictor", net.predictor)):
+        state.update({f"{name}.{k}": v.contiguous() for k, v in head.state_dict().items()})
+    config = {
+        "format": REGISTRATION_FORMAT,
+        "format_version": REGISTRATION_VERSION,
+        "architecture": net.architecture(),
+        **info,
+    }
+    write_folder(path, lambda target: save_file(state, str(target)), config, "registration")
     return path
 
 

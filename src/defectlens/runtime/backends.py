@@ -85,12 +85,7 @@ class SessionBackend:
         except DefectLensError:
             raise
         except Exception as exc:  # exporters and runtimes raise many types
-            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            warnings.warn(
-                f"the {self.name} backend cannot run this method's features ({first}); using torch",
-                DefectLensWarning,
-                stacklevel=2,
-            )
+            _warn_fallback(self.name, "this method's features", exc)
             return None  # the extractor runs it eagerly
         return lambda images: _run(session, images)
 
@@ -148,10 +143,15 @@ def make_backend(name: str, extractor: FeatureExtractor):
     except DefectLensError:  # e.g. OpenVINO asked for but not installed: say so, stop
         raise
     except Exception as exc:  # exporters and runtimes raise many types
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        warnings.warn(
-            f"the {name} backend cannot run {extractor.spec.name} ({first}); using torch",
-            DefectLensWarning,
-            stacklevel=2,
-        )
+        _warn_fallback(name, extractor.spec.name, exc)
         return TorchBackend(extractor)
+
+
+def _warn_fallback(backend: str, what: str, exc: Exception) -> None:
+    """Say, in one line, that `backend` cannot run `what` and eager torch takes over."""
+    first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    warnings.warn(
+        f"the {backend} backend cannot run {what} ({first}); using torch",
+        DefectLensWarning,
+        stacklevel=3,
+    )

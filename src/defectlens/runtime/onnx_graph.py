@@ -26,6 +26,7 @@ import torch
 from defectlens.backbones import FeatureExtractor
 
 EXPORT_VERSION = 1
+FEATURES_VERSION = 2  # methods' own feature graphs; 2: warps as gathers (geometry.warp)
 INPUT = "images"
 TEMPORARY_PREFIX = "defectlens-onnx-"
 
@@ -136,7 +137,7 @@ def export_module(module: torch.nn.Module, image_size: int, outputs: list[str], 
 def module_graph(module: torch.nn.Module, key: str, image_size: int, outputs: list[str]) -> Path:
     """A method's own feature module as a cached graph, named by `key` (which must identify
     the module's weights and the backbone's, e.g. hashes of both)."""
-    identity = {"key": key, "torch": torch.__version__, "export_version": EXPORT_VERSION}
+    identity = {"key": key, "torch": torch.__version__, "version": FEATURES_VERSION}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
     return cached_graph(
         f"features-{digest}.onnx", lambda path: export_module(module, image_size, outputs, path)
