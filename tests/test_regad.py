@@ -287,3 +287,21 @@ def test_the_shipped_registration_loads_offline_and_fits_the_default_backbone():
         maps = net.image_frame_features(extractor, torch.rand(1, 3, 256, 256))
     assert [m.shape[1] for m in maps] == [24, 40, 112]
     assert default_registration("efficientnet_lite0", 512) is None
+
+
+def test_training_devices_are_checked(monkeypatch, capsys, pose_pool, tmp_path):
+    from defectlens.errors import ParameterError
+    from defectlens.training.loop import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected and resolve_device(None).type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    for bad in ("tpu", "cpu:x", "meta"):
+        with pytest.raises(ParameterError, match="device"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(
+            monkeypatch, capsys, "regad", "train", *pose_pool, "--out", tmp_path / "r",
+            "--device", "cuda", "-q",
+        )  # fmt: skip
+        assert code == 2 and "no CUDA device" in err and not (tmp_path / "r").exists()

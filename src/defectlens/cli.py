@@ -715,10 +715,16 @@ def regad() -> None:
     help="Rotate training images by up to this many degrees (for pools without pose changes).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where to train: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N.",
+)
 @quiet_option
 def regad_train(
     pool, out, exclude, backbone, weights, image_size, shots, batch_size, steps, epochs,
-    patience, max_minutes, lr, pose_jitter, seed, quiet,
+    patience, max_minutes, lr, pose_jitter, seed, device, quiet,
 ) -> None:  # fmt: skip
     """Train a registration network on the normal images of the POOL categories.
 
@@ -742,7 +748,7 @@ def regad_train(
     )
     try:
         path, record = build_registration(
-            pool, out, backbone, weights, image_size, config, exclude, progress=not quiet
+            pool, out, backbone, weights, image_size, config, exclude, not quiet, device
         )
     except KeyboardInterrupt:
         echo(f"interrupted: nothing was saved; {out} is unchanged", err=True)

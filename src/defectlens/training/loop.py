@@ -15,8 +15,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from defectlens.errors import ParameterError
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`None` or "auto": CUDA when present, else the CPU; otherwise the named device, refused
+    with one line if this machine has no such device."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ParameterError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError(f"device {name!r} asked for, but this machine has no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ParameterError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 @dataclass(frozen=True)

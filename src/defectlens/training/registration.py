@@ -32,7 +32,7 @@ from defectlens.data.dataset import find_normal_images
 from defectlens.data.loader import iter_batches
 from defectlens.errors import DataError
 from defectlens.params import check_float, check_int, check_seed
-from defectlens.training.loop import StopRule, train_epochs
+from defectlens.training.loop import StopRule, resolve_device, train_epochs
 
 
 @dataclass
@@ -133,7 +133,7 @@ def _jitter(images: torch.Tensor, degrees: float, generator: torch.Generator) ->
     if degrees <= 0:
         return images
     angles = (torch.rand(images.shape[0], generator=generator) * 2 - 1) * math.radians(degrees)
-    return warp(images, rotation(angles))
+    return warp(images, rotation(angles.to(images.device)))
 
 
 def _episode(
@@ -161,7 +161,8 @@ def _loss(
     config: RegistrationConfig,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    q, s = _as_float(queries), _as_float(supports)
+    device = next(net.parameters()).device
+    q, s = _as_float(queries).to(device), _as_float(supports).to(device)
     if generator is not None:
         q = _jitter(q, config.pose_jitter, generator)
         s = _jitter(s, config.pose_jitter, generator)
@@ -177,11 +178,15 @@ def train_registration(
     pool: list[Category],
     config: RegistrationConfig,
     progress: bool = False,
+    device: torch.device | None = None,
 ) -> tuple[RegistrationNet, list[dict[str, float]]]:
-    """Train a registration network for `extractor` on `pool`; returns it (eval mode, the
-    best validation epoch's weights) and the loss history."""
+    """Train a registration network for `extractor` on `pool` on `device` (default: the CPU;
+    images move there a batch at a time); returns it on the CPU (eval mode, the best
+    validation epoch's weights) and the loss history."""
+    device = device or torch.device("cpu")
     torch.manual_seed(config.seed)
-    net = RegistrationNet(extractor.strides, extractor.channels)
+    net = RegistrationNet(extractor.strides, extractor.channels).to(device)
+    extractor.to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     optimiser = torch.optim.SGD(params, lr=config.learning_rate, momentum=config.momentum)
     generator = torch.Generator().manual_seed(config.seed)
@@ -217,8 +222,11 @@ def train_registration(
         return float(np.mean(losses))
 
     rule = StopRule(config.max_epochs, config.patience, config.max_minutes)
-    history = train_epochs(net, run_epoch, validate, rule, progress, "train registration")
-    return net.requires_grad_(False), history
+    try:
+        history = train_epochs(net, run_epoch, validate, rule, progress, "train registration")
+    finally:
+        extractor.to("cpu")
+    return net.cpu().requires_grad_(False), history
 
 
 def build_registration(
@@ -230,6 +238,7 @@ def build_registration(
     config: RegistrationConfig | None = None,
     exclude: Sequence[str] = (),
     progress: bool = False,
+    device: str | None = None,
 ) -> tuple[Path, dict]:
     """Read the pool (minus categories named in `exclude`), train, save to `out` (checked
     before any work). Returns the saved folder and its training record."""
@@ -239,6 +248,7 @@ def build_registration(
     from defectlens.outputs import check_model_target
 
     config = config or RegistrationConfig()
+    where = resolve_device(device)
     check_model_target(out, list(sources), kind="registration")
     unknown = set(exclude) - {category_name(s) for s in sources}
     if unknown:
@@ -247,13 +257,14 @@ def build_registration(
     extractor = build_extractor(backbone, (4, 8, 16), image_size, weights)
     pool = load_pool(kept, image_size, config, progress)
     start = time.monotonic()
-    net, history = train_registration(extractor, pool, config, progress)
+    net, history = train_registration(extractor, pool, config, progress, where)
     record = {
         "categories": {c.name: {"train": len(c.train), "val": len(c.val)} for c in pool},
         "excluded": sorted(exclude),
         "config": asdict(config),
         "history": history,
         "seconds": round(time.monotonic() - start, 1),
+        "device": str(where),
         "defectlens_version": __version__,
     }
     info = {
