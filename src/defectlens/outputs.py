@@ -33,7 +33,8 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from defectlens.errors import DefectLensWarning, ModelFileError, OutputError
@@ -332,19 +333,29 @@ def write_folder(
     model.safetensors, then config.json gets `config` plus that file's SHA-256. Assembled in a
     hidden sibling and swapped in atomically (see `replace_folder`); nothing is left behind on
     failure, and an OS error is one line naming `what` was being saved."""
-    clean_leftovers(path)
-    tmp = temporary_sibling(path)
-    try:
+    with assembling(path, f"saving the {what}") as tmp:
         write_tensors(tmp / MODEL_TENSORS)
         config = {**config, "tensors_sha256": file_sha256(tmp / MODEL_TENSORS)}
         (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
+
+
+@contextmanager
+def assembling(path: Path, what: str) -> Iterator[Path]:
+    """A hidden sibling folder in which to assemble `path`. On normal exit its entries are made
+    readable by all (mkdtemp/mkstemp make them private) and it replaces `path` atomically
+    (`replace_folder`); on any failure it is removed and `path` is untouched, and an OS error
+    becomes one line saying `what` failed."""
+    clean_leftovers(path)
+    tmp = temporary_sibling(path)
+    try:
+        yield tmp
         for item in [tmp, *tmp.iterdir()]:
-            item.chmod(0o755 if item.is_dir() else 0o644)  # mkdir/mkstemp may make them private
+            item.chmod(0o755 if item.is_dir() else 0o644)
         replace_folder(tmp, path)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
-            raise OutputError(f"{path}: saving the {what} failed ({exc.strerror or exc})") from None
+            raise OutputError(f"{path}: {what} failed ({exc.strerror or exc})") from None
         raise
 
 

@@ -26,7 +26,6 @@ relative, or the export is refused), and only then swapped into place.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,11 +40,9 @@ from defectlens.errors import DefectLensError, ModelFileError, ParameterError
 from defectlens.outputs import (
     EXPORT_FORMAT,
     MODEL_CONFIG,
+    assembling,
     check_model_target,
-    clean_leftovers,
     file_sha256,
-    replace_folder,
-    temporary_sibling,
 )
 from defectlens.runtime.deployed import ARRAYS, EXPORT_VERSION, INPUT, ExportedModel
 from defectlens.runtime.onnx_graph import backbone_model, dynamo_export, output_name
@@ -161,7 +158,6 @@ def export_detector(
     head = model.export_head()  # ParameterError for a method that cannot export
     spec, arrays = model.export_finish()
     target = check_model_target(out, protect, kind="export")
-    clean_leftovers(target)
     extractor = detector.ensure_extractor()
     features_module = model.export_features(extractor)
     if features_module is not None and backbone_graph is not None:
@@ -177,8 +173,7 @@ def export_detector(
         names = [f"features{i}" for i in range(count)] if count else ["features"]
     from defectlens.runtime.finish import Finish
 
-    tmp = temporary_sibling(target)
-    try:
+    with assembling(target, "exporting") as tmp:
         example = torch.from_numpy(check_images(detector.image_size, 2))
         if features_module is None:
             backbone = (backbone_graph or (lambda o: backbone_model(extractor, o)))(names)
@@ -235,8 +230,6 @@ def export_detector(
             "int8": extra_config,
         }
         (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
-        for item in [tmp, *tmp.iterdir()]:
-            item.chmod(0o755 if item.is_dir() else 0o644)
         try:
             exported = ExportedModel(tmp)
         except ModelFileError as exc:
@@ -255,12 +248,6 @@ def export_detector(
                 f"{difference:.2e} > {PARITY_TOLERANCE:g}); nothing was written"
             )
         sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        replace_folder(tmp, target)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise DefectLensError(f"{target}: exporting failed ({exc.strerror or exc})") from None
-        raise
     return ExportReport(target, sizes, time.perf_counter() - start, difference, has_maps)
 
 
