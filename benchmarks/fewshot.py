@@ -135,39 +135,56 @@ def summary(path: Path) -> None:
     categories = sorted({r["category"] for r in rows})
     methods = [m for m in ("padim_full", *FEW_SHOT) if any(r["method"] == m for r in rows)]
     shots = sorted({r["shots"] for r in rows if r["shots"] is not None})
+
+    def values(c: str, m: str, k: int | None, metric: str) -> list[float]:
+        g = groups.get((c, m, None if m == "padim_full" else k), [])
+        found = [r[metric] for r in g if r[metric] is not None]
+        return [v for v in found if not math.isnan(v)]
+
     for metric in ("image_auroc", "pixel_auroc"):
-        print(f"\n{metric} (mean ± std over draws)\n")
-        print("| category | K | " + " | ".join(methods) + " |")
+        print(f"\n{metric} (mean ± std over support draws)\n")
+        print("| left out | K | " + " | ".join(methods) + " |")
         print("|---|---|" + "---|" * len(methods))
         for c in categories:
             for k in shots:
+                if not any(groups.get((c, m, k)) for m in methods if m != "padim_full"):
+                    continue
                 cells = []
                 for m in methods:
-                    g = groups.get((c, m, None if m == "padim_full" else k), [])
-                    values = [r[metric] for r in g if r[metric] is not None]
-                    values = [v for v in values if not math.isnan(v)]
-                    if not values:
+                    v = values(c, m, k, metric)
+                    if not v:
                         cells.append("–")
-                    elif len(values) == 1:
-                        cells.append(f"{values[0]:.3f}")
+                    elif len(v) == 1:
+                        cells.append(f"{v[0]:.3f}")
                     else:
-                        cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}")
+                        cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f}")
                 print(f"| {c} | {k} | " + " | ".join(cells) + " |")
-        print("| mean | | " + " | ".join(mean_cell(rows, m, metric) for m in methods) + " |")
-    print("\nfit seconds / scoring img/s (mean over rows)\n")
+        # The mean over the sets that every method covers at K = 8.
+        covered = [c for c in categories if all(values(c, m, 8, metric) for m in methods)]
+        if covered:
+            means = [np.mean([np.mean(values(c, m, 8, metric)) for c in covered]) for m in methods]
+            print(f"| mean of {len(covered)} | 8 | " + " | ".join(f"{v:.3f}" for v in means) + " |")
+    print("\ngap to full-data PaDiM (image AUROC, padim_full minus the method), by K\n")
+    for m in ("regad", "regad_identity", "padim"):
+        # only the sets measured at every K, so that the K columns compare
+        sets = [
+            c
+            for c in categories
+            if values(c, "padim_full", None, "image_auroc")
+            and all(values(c, m, k, "image_auroc") for k in shots)
+        ]
+        if not sets:
+            continue
+        full = {c: np.mean(values(c, "padim_full", None, "image_auroc")) for c in sets}
+        gaps = {k: [full[c] - np.mean(values(c, m, k, "image_auroc")) for c in sets] for k in shots}
+        cells = [f"K={k}: {np.mean(gaps[k]):+.3f}" for k in shots]
+        print(f"- {m} ({', '.join(sets)}): " + ", ".join(cells))
+    print("\nfit seconds / evaluate img/s (mean over rows, machine shared with other jobs)\n")
     for m in methods:
         g = [r for r in rows if r["method"] == m]
         fit = np.mean([r["fit_s"] for r in g])
         speed = np.mean([r["images_per_s"] for r in g])
         print(f"- {m}: fit {fit:.1f} s, evaluate {speed:.1f} img/s")
-
-
-def mean_cell(rows: list[dict], method: str, metric: str) -> str:
-    by_k = defaultdict(list)
-    for r in rows:
-        if r["method"] == method and r[metric] is not None and not math.isnan(r[metric]):
-            by_k[r["shots"]].append(r[metric])
-    return " / ".join(f"{np.mean(v):.3f}" for _, v in sorted(by_k.items(), key=lambda x: x[0] or 0))
 
 
 def main() -> None:
