@@ -695,14 +695,31 @@ def regad() -> None:
     metavar="CATEGORY",
     help="Leave this pool category out (by folder name), e.g. the one you will test on.",
 )
-@click.option("--backbone", default="efficientnet_lite0", show_default=True)
+@click.option(
+    "--backbone",
+    default="efficientnet_lite0",
+    show_default=True,
+    help="Frozen backbone the registration is for; fits must use the same one.",
+)
 @weights_option
-@click.option("--image-size", type=int, default=256, show_default=True)
+@click.option(
+    "--image-size",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Image size the registration is for; fits must use the same one.",
+)
 @click.option("--shots", type=int, default=2, show_default=True, help="Supports per query image.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Queries per step.")
 @click.option("--steps", type=int, default=50, show_default=True, help="Steps per epoch.")
 @click.option("--epochs", type=int, default=20, show_default=True, help="At most this many.")
-@click.option("--patience", type=int, default=4, show_default=True)
+@click.option(
+    "--patience",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Stop after this many epochs without a better validation loss.",
+)
 @click.option(
     "--max-minutes", type=float, default=30.0, show_default=True, help="Wall-clock budget."
 )

@@ -88,7 +88,7 @@ class Regad(Padim):
 
     def _embed(self, extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
         # The registered trunk on the extractor's backend (a cached onnxruntime graph by
-        # default: 2.6x eager torch), named by the transformers' weights.
+        # default), named by the transformers' weights.
         if self._net_key is None:
             digest = hashlib.sha256()
             for name, tensor in sorted(transformer_state(self.net).items()):
