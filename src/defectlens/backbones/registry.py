@@ -123,6 +123,8 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.backend: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
+        # key -> a method's feature module compiled for `backend` (see `fast_module`)
+        self._compiled: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {}
 
     @property
     def channels(self) -> list[int]:
@@ -145,7 +147,7 @@ class FeatureExtractor(nn.Module):
     def use_backend(self, backend: Callable[[torch.Tensor], list[torch.Tensor]] | None) -> None:
         """Run `fast` on `backend` (images (B, 3, H, W) in [0, 1] -> maps at `strides`)."""
         self.backend = backend
-        self.__dict__.pop("_compiled", None)
+        self._compiled = {}
 
     @torch.no_grad()
     def fast(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -160,7 +162,7 @@ class FeatureExtractor(nn.Module):
         same backend as `fast`: a method whose features are not the backbone's taps (RegAD's
         registered stages) runs them as fast as the others. `key` must identify the module's
         weights; the backend may cache a compiled graph under it. Compiled once per key."""
-        cache = self.__dict__.setdefault("_compiled", {})
+        cache = self._compiled
         if key not in cache:
             compile_module = getattr(self.backend, "compile", None)
             compiled = None
