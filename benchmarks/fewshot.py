@@ -52,20 +52,11 @@ def registration_for(category: Path, data: list[Path], folder: Path, args) -> Pa
 
 
 def detector_for(name: str, k: int | None, draw: int, registration: Path, image_size: int):
-    params = {}
-    method = name
-    if name.startswith("regad"):
-        method = "regad"
-        params["registration"] = {
-            "regad": str(registration),
-            "regad_identity": "identity",
-            "regad_default": None,
-        }[name]
-        params = {k2: v for k2, v in params.items() if v is not None}
-    if name == "padim_full":
-        method = "padim"
+    # regad_default passes none: the registration shipped with defectlens
+    registrations = {"regad": str(registration), "regad_identity": "identity"}
+    params = {"registration": registrations[name]} if name in registrations else {}
     return Detector(
-        method=method,
+        method={"padim_full": "padim"}.get(name, name.split("_")[0]),
         image_size=image_size,
         method_params=params,
         shots=k,

@@ -50,6 +50,18 @@ class Interrupted(KeyboardInterrupt):
 
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+
+
+def backbone_option(help_text: str):
+    return click.option(
+        "--backbone", default="efficientnet_lite0", show_default=True, help=help_text
+    )
+
+
+def image_size_option(help_text: str):
+    return click.option("--image-size", type=int, default=256, show_default=True, help=help_text)
+
+
 backend_option = click.option(
     "--backend",
     type=click.Choice(["onnxruntime", "openvino", "torch"]),
@@ -102,20 +114,9 @@ def cli(debug: bool) -> None:
 @cli.command()
 @click.argument("data", type=click.Path())
 @click.option("--method", default="padim", show_default=True, help="Anomaly-detection method.")
-@click.option(
-    "--backbone",
-    default="efficientnet_lite0",
-    show_default=True,
-    help="Pretrained backbone; see `defectlens backbones`.",
-)
+@backbone_option("Pretrained backbone; see `defectlens backbones`.")
 @weights_option
-@click.option(
-    "--image-size",
-    type=int,
-    default=256,
-    show_default=True,
-    help="Images are resized to N x N (a multiple of 32, at most 2048) before scoring.",
-)
+@image_size_option("Images are resized to N x N (a multiple of 32, at most 2048) before scoring.")
 @click.option(
     "--out",
     "out",
@@ -695,20 +696,9 @@ def regad() -> None:
     metavar="CATEGORY",
     help="Leave this pool category out (by folder name), e.g. the one you will test on.",
 )
-@click.option(
-    "--backbone",
-    default="efficientnet_lite0",
-    show_default=True,
-    help="Frozen backbone the registration is for; fits must use the same one.",
-)
+@backbone_option("Frozen backbone the registration is for; fits must use the same one.")
 @weights_option
-@click.option(
-    "--image-size",
-    type=int,
-    default=256,
-    show_default=True,
-    help="Image size the registration is for; fits must use the same one.",
-)
+@image_size_option("Image size the registration is for; fits must use the same one.")
 @click.option("--shots", type=int, default=2, show_default=True, help="Supports per query image.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Queries per step.")
 @click.option("--steps", type=int, default=50, show_default=True, help="Steps per epoch.")

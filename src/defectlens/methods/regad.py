@@ -66,7 +66,7 @@ class Regad(Padim):
             raise ParameterError(f"registration must be a folder path, not {registration!r}")
         self.registration = registration
         self.net: RegistrationNet | None = None
-        self._net_key: str | None = None  # identifies the net's weights, see `_embed`
+        self._net_key = ""  # names the net's weights for the backend's graph cache
 
     @property
     def is_fitted(self) -> bool:
@@ -86,14 +86,16 @@ class Regad(Padim):
         check_registration_fits(config, extractor, str(path))
         return net
 
+    def _use(self, net: RegistrationNet) -> None:
+        """Take `net` as the registration, with the key its compiled graph is cached under."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(transformer_state(net).items()):
+            digest.update(name.encode() + tensor.numpy().tobytes())
+        self.net, self._net_key = net, f"regad-{digest.hexdigest()[:24]}"
+
     def _embed(self, extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
         # The registered trunk on the extractor's backend (a cached onnxruntime graph by
         # default), named by the transformers' weights.
-        if self._net_key is None:
-            digest = hashlib.sha256()
-            for name, tensor in sorted(transformer_state(self.net).items()):
-                digest.update(name.encode() + tensor.numpy().tobytes())
-            self._net_key = f"regad-{digest.hexdigest()[:24]}"
         run = extractor.fast_module(
             _RegisteredFeatures(self.net, extractor), self._net_key, len(self.strides)
         )
@@ -106,8 +108,7 @@ class Regad(Padim):
         progress: bool = False,
         val_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
     ) -> None:
-        self.net = self._load_net(extractor).requires_grad_(False)
-        self._net_key = None
+        self._use(self._load_net(extractor).requires_grad_(False))
         super().fit(extractor, batches, progress, val_batches)
 
     def fitted_state(self) -> dict[str, torch.Tensor]:
@@ -120,8 +121,7 @@ class Regad(Padim):
         if not registration:
             raise ModelFileError("regad model tensors lack the registration network")
         super().load_fitted_state({k: v for k, v in tensors.items() if not k.startswith(_PREFIX)})
-        self.net = net_from_transformer_state({k: v.clone() for k, v in registration.items()})
-        self._net_key = None
+        self._use(net_from_transformer_state({k: v.clone() for k, v in registration.items()}))
 
     def check_geometry(self, image_size: int, taps: dict[int, int]) -> None:
         super().check_geometry(image_size, taps)
