@@ -57,7 +57,7 @@ def main() -> None:
     batch_np = next(iter_batches(images[:32], args.image_size, 32)).images
     batch = torch.from_numpy(batch_np)
     rates = {}
-    if not args.fit_only:  # the bare backbone, measured first, on a quiet process
+    if not args.fit_only and detector.model_.strides:  # the bare backbone, on a quiet process
         extractor = detector.ensure_extractor()
         with torch.no_grad():
             rates["backbone_eager_img_s"] = round(rate(extractor, batch, args.repeats), 1)
@@ -79,7 +79,9 @@ def main() -> None:
     }
     if history:  # trained methods: epochs run and the last losses
         result["epochs"] = len(history)
-        result["last_epoch"] = {k: round(v, 4) for k, v in history[-1].items()}
+        result["last_epoch"] = {
+            k: round(v, 4) if isinstance(v, float) else v for k, v in history[-1].items()
+        }
     with tempfile.TemporaryDirectory() as tmp:
         detector.save(Path(tmp) / "m")
         size = sum(f.stat().st_size for f in (Path(tmp) / "m").iterdir())

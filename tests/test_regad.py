@@ -60,15 +60,21 @@ def test_the_exported_warp_equals_grid_sample(size):
 
 
 def test_a_known_rotation_is_undone_in_the_image_frame():
-    """Stage maps registered by chained transforms come back to the image frame."""
-    f1, f2 = smooth_map(64), smooth_map(32)
+    """Each stage reads the previous stage's registered map; its output comes back to the
+    image frame, and the last transformer's theta is not needed for that."""
+    f1, f2, f3 = smooth_map(64), smooth_map(32), smooth_map(32)
     t1 = rotation(torch.tensor([0.3]))
     t2 = compose(rotation(torch.tensor([-0.1])), translation(torch.tensor([[0.05, 0.0]])))
-    registered = [warp(f1, t1), warp(f2, compose(t1, t2))]  # stage 2 sees stage 1's frame
-    back = RegistrationNet.to_image_frame(registered, [t1, t2])
-    assert float(interior(registered[0] - f1, 16).abs().max()) > 0.3  # the warp moved it
-    for original, restored, margin in ((f1, back[0], 16), (f2, back[1], 8)):
+    t3 = rotation(torch.tensor([0.7]))
+    # stage 2 sees stage 1's registered frame, stage 3 the frame of both
+    stage_maps = [f1, warp(f2, t1), warp(f3, compose(t1, t2))]
+    back = RegistrationNet.to_image_frame(stage_maps, [t1, t2, t3])
+    assert back[0] is f1  # the first stage is never resampled
+    assert float(interior(stage_maps[1] - f2, 8).abs().max()) > 0.3  # the warps moved them
+    assert float(interior(stage_maps[2] - f3, 8).abs().max()) > 0.3
+    for original, restored, margin in ((f2, back[1], 8), (f3, back[2], 8)):
         assert float(interior(restored - original, margin).abs().max()) < 0.03
+    assert torch.equal(RegistrationNet.to_image_frame(stage_maps, [t1, t2])[2], back[2])
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))

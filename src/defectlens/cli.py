@@ -62,6 +62,10 @@ def image_size_option(help_text: str):
     return click.option("--image-size", type=int, default=256, show_default=True, help=help_text)
 
 
+def device_option(help_text: str):
+    return click.option("--device", default="auto", show_default=True, help=help_text)
+
+
 backend_option = click.option(
     "--backend",
     type=click.Choice(["onnxruntime", "openvino", "torch"]),
@@ -113,7 +117,14 @@ def cli(debug: bool) -> None:
 # -- fit ------------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("data", type=click.Path())
-@click.option("--method", default="padim", show_default=True, help="Anomaly-detection method.")
+@click.option(
+    "--method",
+    default="padim",
+    show_default=True,
+    help="Anomaly-detection method: padim, patchcore, spade (backbone features, fitted in "
+    "seconds), regad (few-shot), or one that trains a network: differnet, memae, mnad, "
+    "gradcon, ognet (minutes; see the README's method table).",
+)
 @backbone_option("Pretrained backbone; see `defectlens backbones`.")
 @weights_option
 @image_size_option("Images are resized to N x N (a multiple of 32, at most 2048) before scoring.")
@@ -214,6 +225,10 @@ def cli(debug: bool) -> None:
 )
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@device_option(
+    "Where a method that trains a network (differnet, memae, mnad, gradcon, ognet) "
+    "trains: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N."
+)
 @backend_option
 @max_pixels_option
 @quiet_option
@@ -239,6 +254,7 @@ def fit(
     registration,
     batch_size,
     seed,
+    device,
     backend,
     max_pixels,
     quiet,
@@ -269,8 +285,10 @@ def fit(
     }
     method_params = {k: v for k, v in named.items() if v is not None}
     method_params.update(_parse_params(params))
-    if method in ("padim", "patchcore"):
-        method_params.setdefault("seed", seed)
+    from defectlens.methods import METHODS
+
+    if method in METHODS and "seed" in METHODS[method].param_names():
+        method_params.setdefault("seed", seed)  # random channels, coresets, initial weights
     detector = Detector(
         method=method,
         backbone=backbone,
@@ -288,7 +306,7 @@ def fit(
     if backend is not None:
         detector.use_backend(backend)
     try:
-        detector.fit(data, val_images=val, progress=not quiet)
+        detector.fit(data, val_images=val, progress=not quiet, device=device)
     except KeyboardInterrupt:
         echo(f"interrupted: nothing was saved; {out} is unchanged", err=True)
         raise
@@ -722,12 +740,7 @@ def regad() -> None:
     help="Rotate training images by up to this many degrees (for pools without pose changes).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help="Where to train: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N.",
-)
+@device_option("Where to train: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N.")
 @quiet_option
 def regad_train(
     pool, out, exclude, backbone, weights, image_size, shots, batch_size, steps, epochs,

@@ -30,6 +30,7 @@ from defectlens.params import check_float, check_int, check_seed
 from defectlens.prediction import Predictor
 from defectlens.runtime.backends import check_backend_name, default_backend_name, make_backend
 from defectlens.thresholds import Thresholds, from_normal_scores
+from defectlens.training.loop import resolve_device
 
 MAX_IMAGE_SIZE = 2048  # the models' input side; larger would need tens of GB for PaDiM
 MAX_SIGMA = 64.0  # smoothing radius 4 sigma = 256 px of the S x S map at most
@@ -214,14 +215,19 @@ class Detector(Predictor):
         images: str | Path | Sequence[ImageInput],
         val_images: str | Path | Sequence[ImageInput] | None = None,
         progress: bool = False,
+        device: str | None = "auto",
     ) -> Detector:
         """Fit on normal images, then set thresholds from normal validation images.
+
+        `device` is where a method that trains a network trains ("auto": CUDA when present,
+        "cpu", "cuda", "cuda:N"); the trained model is kept on the CPU either way.
 
         Without `val_images`, `val_fraction` of `images` is held out (never fitted on). In
         few-shot mode (`shots`), only `shots` seeded images are fitted on and, without
         `val_images`, all the others validate. `augment_support` fits on each fit image and
         its 21 fixed augmented versions (`components.augment.augment_support`).
         """
+        resolve_device(device)  # an unknown or absent device: one line, before any work
         images = resolve_images(images)
         if self.shots is not None:
             fit_images, rest = self.split_shots(images, need_rest=val_images is None)
@@ -252,6 +258,7 @@ class Detector(Predictor):
                 yield augment_support(images) if self.augment_support else images
                 bar.update(len(batch.sources))
 
+        self.model_.device = device
         try:
             self.model_.fit(
                 extractor,
@@ -272,10 +279,19 @@ class Detector(Predictor):
             f"<array {i}>" if isinstance(p, np.ndarray) else str(p)
             for i, p in enumerate(fit_images)
         ]
+        return self.calibrate(val, progress=progress)
+
+    def calibrate(
+        self, val_images: str | Path | Sequence[ImageInput], progress: bool = False
+    ) -> Detector:
+        """Set the thresholds from normal validation images (what `fit` ends with): e.g. after
+        changing how the fitted method scores, or on new normal images of the same line."""
         # Only each validation image's score and map peak are kept, not its map.
         peaks = [
             (p.score, float(p.anomaly_map.max()))
-            for p in self.iter_predict(val, progress=progress, desc="validate")
+            for p in self.iter_predict(
+                resolve_images(val_images), progress=progress, desc="validate"
+            )
         ]
         self.thresholds_ = self._thresholds_from(peaks)
         return self

@@ -72,6 +72,8 @@ def save_detector(detector, path: str | Path, protect: tuple[str | Path, ...] = 
         },
         "thresholds": detector.thresholds_.to_dict(),
     }
+    if detector.model_.history:  # trained methods: the per-epoch losses
+        config["training"] = {"history": detector.model_.history}
     state = detector.model_.fitted_state()
     write_folder(path, lambda target: save_file(state, str(target)), config, "model")
     return path
@@ -113,8 +115,15 @@ def read_config(path: str | Path) -> dict:
             f"{config_path}: model format version {version!r}, this defectlens "
             f"({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
-    _check_keys(config_path, "", config, _TOP_KEYS)
+    _check_keys(config_path, "", {k: v for k, v in config.items() if k != "training"}, _TOP_KEYS)
     detector = _object(config_path, config, "detector")
+    if "training" in config:
+        training = _object(config_path, config, "training")
+        history = training.get("history")
+        if set(training) != {"history"} or not (
+            isinstance(history, list) and all(isinstance(r, dict) for r in history)
+        ):
+            raise _reject(config_path, "training must hold a history: a list of objects")
     _object(config_path, config, "thresholds")
     weights = _object(config_path, config, "backbone_weights")
     _check_keys(config_path, "backbone_weights.", weights, {"path", "sha256"})
@@ -194,4 +203,5 @@ def load_detector(path: str | Path, weights: str | None = None, backend: str | N
             "pass the original file with --weights"
         )
     detector.thresholds_ = thresholds
+    detector.model_.history = config.get("training", {}).get("history", [])
     return detector

@@ -88,3 +88,10 @@ def check_optional(check, name: str, value: Any, *args, **kwargs):
 def check_seed(name: str, value: Any) -> int:
     """A seed numpy and torch both accept."""
     return check_int(name, value, 0, 2**32 - 1)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """True or False, nothing else (not 0/1, not "yes")."""
+    if not isinstance(value, bool):
+        raise ParameterError(f"{name} must be true or false, not {_describe(value)}")
+    return value

@@ -4,9 +4,9 @@ A spatial transformer after each tapped stage of a frozen backbone registers the
 (the next stage reads the warped map), and a SimSiam-style head on the last stage trains the
 transformers: a query and the mean of its same-category supports must agree position by
 position, which they can only do once both are aligned. At inference the head is not used;
-each stage's registered map is warped back to the image frame (one composed inverse warp, not
-RegAD's chain of three, so features are resampled once) and the maps feed a per-position
-Gaussian (`methods.regad`).
+each stage's output is returned to the image frame by one composed inverse warp (not RegAD's
+chain of inverse warps of the registered maps, so features are resampled at most once, and
+the first stage not at all) and the maps feed a per-position Gaussian (`methods.regad`).
 
 Only the transformers and the head are trained; the backbone stays frozen (its ImageNet
 batch-norm statistics included, as CPU batch sizes cannot re-estimate them), so a registration
@@ -107,18 +107,43 @@ class RegistrationNet(nn.Module):
         return extractor(images, between=between), thetas
 
     @staticmethod
-    def to_image_frame(maps: list[torch.Tensor], thetas: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each registered map warped back to the image frame. Stage i's map is sampled at
-        T_1 ... T_i p (each stage warps the previous stage's warped map), so it is undone by
-        one warp with T_i^-1 ... T_1^-1."""
+    def to_image_frame(
+        stage_maps: list[torch.Tensor], thetas: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Each stage's own output (before its transformer) in the image frame. Stage i reads
+        the registered map of stage i - 1, which was sampled at T_1 ... T_(i-1) p, so one warp
+        by T_(i-1)^-1 ... T_1^-1 undoes it; the first stage is already in the image frame.
+
+        Warping stage i's *registered* map back instead (RegAD's way) would apply T_i and then
+        its inverse: the same transform up to resampling, at the cost of two more bilinear
+        resamplings (blur) and, for the 64 x 64 first stage, most of the registered trunk's
+        run time. The last transformer's theta is therefore never needed here."""
         inverses = [invert(t) for t in thetas]
-        return [warp(m, compose(*reversed(inverses[: i + 1]))) for i, m in enumerate(maps)]
+        return [
+            m if i == 0 else warp(m, compose(*reversed(inverses[:i])))
+            for i, m in enumerate(stage_maps)
+        ]
 
     def image_frame_features(
         self, extractor: FeatureExtractor, images: torch.Tensor
     ) -> list[torch.Tensor]:
-        """The features RegAD's Gaussian reads: registered, then returned to the image frame."""
-        return self.to_image_frame(*self.register(extractor, images))
+        """The features RegAD's Gaussian reads: each stage computed on the registered map of
+        the stage before, then returned to the image frame (`to_image_frame`). The last
+        transformer is skipped: its warp would be undone exactly."""
+        stage_maps: list[torch.Tensor] = []
+        thetas: list[torch.Tensor] = []
+        last = self.strides[-1]
+
+        def between(stride: int, x: torch.Tensor) -> torch.Tensor:
+            stage_maps.append(x)
+            if stride == last:
+                return x
+            warped, theta = self.transformers[str(stride)](x)
+            thetas.append(theta)
+            return warped
+
+        extractor(images, between=between)
+        return self.to_image_frame(stage_maps, thetas)
 
     def loss(self, query: torch.Tensor, supports: torch.Tensor) -> torch.Tensor:
         """Symmetric SimSiam loss between registered last-stage maps of queries (B, C, h, w)

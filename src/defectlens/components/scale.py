@@ -1,4 +1,5 @@
-"""Antialiased bilinear downscaling as two matrix products (torch).
+"""Antialiased bilinear downscaling as two matrix products (torch): DifferNet's scales, and the
+input size of the networks trained on pixels.
 
 The same numbers as `F.interpolate(..., mode="bilinear", antialias=True)` (tests compare them),
 but made of MatMul only, so an exported graph computes it identically on every engine:
@@ -41,3 +42,17 @@ def downscale(images: torch.Tensor, scale: float) -> torch.Tensor:
     rows = torch.from_numpy(axis_weights(h, scale)).to(images)
     cols = torch.from_numpy(axis_weights(w, scale)).to(images)
     return rows @ images @ cols.T
+
+
+def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Square images (B, C, S, S) -> (B, C, size, size) with size <= S, as `downscale`; the
+    images themselves when size == S."""
+    side = images.shape[-1]
+    if size == side:
+        return images
+    if size > side:
+        raise ValueError(f"cannot downscale {side} px images to {size} px")
+    scale = size / side
+    if int(side * scale) != size:  # float rounding just below the size
+        scale = (size + 1e-6) / side
+    return downscale(images, scale)

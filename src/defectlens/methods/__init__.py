@@ -5,6 +5,10 @@ A method is registered by name; adding one is a new module here with one class.
 
 from defectlens.methods.base import METHODS, AnomalyMethod, MethodOutput, get_method
 from defectlens.methods.differnet import DifferNet
+from defectlens.methods.gradcon import GradCon
+from defectlens.methods.memae import MemAE
+from defectlens.methods.mnad import MNAD
+from defectlens.methods.ognet import OGNet
 from defectlens.methods.padim import Padim
 from defectlens.methods.patchcore import PatchCore
 from defectlens.methods.regad import Regad
@@ -12,9 +16,13 @@ from defectlens.methods.spade import Spade
 
 __all__ = [
     "METHODS",
+    "MNAD",
     "AnomalyMethod",
     "DifferNet",
+    "GradCon",
+    "MemAE",
     "MethodOutput",
+    "OGNet",
     "Padim",
     "PatchCore",
     "Regad",

@@ -72,6 +72,11 @@ class AnomalyMethod(nn.Module):
         super().__init__()
         for n in self.fitted_buffers:
             self.register_buffer(n, None)
+        # Per-epoch losses of the last training (trained methods), saved in config.json.
+        self.history: list[dict[str, Any]] = []
+        # Where a trained method trains: "auto" (CUDA when present), "cpu", "cuda[:N]". A
+        # property of the run, not of the model: not a parameter, not saved.
+        self.device: str | None = "auto"
 
     @classmethod
     def param_names(cls) -> list[str]:

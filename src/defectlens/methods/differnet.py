@@ -29,7 +29,7 @@ from defectlens.components.scale import downscale
 from defectlens.errors import ModelFileError, ParameterError
 from defectlens.methods.base import AnomalyMethod, MethodOutput
 from defectlens.params import check_float, check_int, check_seed
-from defectlens.training.loop import StopRule, train_epochs
+from defectlens.training.trainer import TrainConfig, fit_minibatches
 
 SCALES = (1.0, 0.5, 0.25)
 
@@ -108,7 +108,6 @@ class DifferNet(AnomalyMethod):
         self.seed = check_seed("seed", seed)
         self.ranges = TransformRanges(rotation, brightness, contrast, sharpness)
         self.flow: nn.Module | None = None  # a FrEIA SequenceINN
-        self.history: list[dict[str, float]] = []  # per-epoch losses of the last fit
 
     # -- features --------------------------------------------------------------------------
     def features(
@@ -173,29 +172,25 @@ class DifferNet(AnomalyMethod):
         self._train(train, val, progress)
 
     def _train(self, train: torch.Tensor, val: torch.Tensor | None, progress: bool) -> None:
-        optimiser = torch.optim.Adam(
-            self.flow.parameters(), lr=self.learning_rate, weight_decay=1e-5
+        config = TrainConfig(
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            max_epochs=self.max_epochs,
+            patience=self.patience,
+            max_minutes=self.max_minutes,
+            weight_decay=1e-5,
+            seed=self.seed + 2,
         )
-        generator = torch.Generator().manual_seed(self.seed + 2)
-
-        def run_epoch(epoch: int) -> float:
-            order = torch.randperm(train.shape[0], generator=generator)
-            total = 0.0
-            for start in range(0, train.shape[0], self.batch_size):
-                loss = self.nll(train[order[start : start + self.batch_size]]).mean()
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                total += loss.item() * min(self.batch_size, train.shape[0] - start)
-            return total / train.shape[0]
-
-        def validate() -> float:
-            with torch.no_grad():
-                return float(self.nll(val).mean())
-
-        rule = StopRule(self.max_epochs, self.patience, self.max_minutes)
-        self.history = train_epochs(
-            self.flow, run_epoch, None if val is None else validate, rule, progress, "train flow"
+        self.history = fit_minibatches(
+            self,  # the flow trains; the feature statistics travel with it to the device
+            lambda batch: self.nll(batch).mean(),
+            train,
+            val,
+            config,
+            progress,
+            "train flow",
+            self.device,
+            parameters=self.flow.parameters(),
         )
         self.flow.requires_grad_(False)
 

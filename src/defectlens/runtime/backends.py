@@ -136,7 +136,7 @@ def make_backend(name: str, extractor: FeatureExtractor):
     """The named backend for `extractor`; if onnxruntime cannot run this backbone (an export
     failure), torch takes over with a warning rather than stopping the work."""
     check_backend_name(name)
-    if name == TorchBackend.name:
+    if name == TorchBackend.name or not extractor.strides:  # no taps: a method on pixels
         return TorchBackend(extractor)
     try:
         return BACKENDS[name](extractor)

@@ -225,6 +225,25 @@ class ImageScoreFinish(Finish):
         return None, scores
 
 
+class DirectFinish(Finish):
+    """The head computes the raw maps itself (networks that reconstruct the image), and the
+    image scores too, unless the method scores an image by its map's maximum."""
+
+    kind = "direct"
+
+    @classmethod
+    def output_names(cls, count: int) -> list[str]:
+        if count not in (1, 2):
+            raise ParameterError(f"a {cls.kind} head cannot have {count} outputs")
+        return ["anomaly_map", "scores"][:count]
+
+    def __call__(self, outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        maps, scores = outputs[0], (outputs[1] if len(outputs) > 1 else None)
+        if maps.ndim != 3 or (scores is not None and scores.shape != maps.shape[:1]):
+            raise ParameterError("the head's maps must be (B, h, w) with one score per image")
+        return maps, scores
+
+
 def make_finish(spec: object, arrays: dict[str, np.ndarray]) -> Finish:
     if not isinstance(spec, dict) or spec.get("kind") not in Finish.REGISTRY:
         kinds = ", ".join(sorted(Finish.REGISTRY))

@@ -26,7 +26,8 @@ import torch
 from defectlens.backbones import FeatureExtractor
 
 EXPORT_VERSION = 1
-FEATURES_VERSION = 2  # methods' own feature graphs; 2: warps as gathers (geometry.warp)
+# methods' own feature graphs; 2: warps as gathers; 3: RegAD warps each stage once
+FEATURES_VERSION = 3
 INPUT = "images"
 TEMPORARY_PREFIX = "defectlens-onnx-"
 

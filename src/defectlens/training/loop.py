@@ -5,21 +5,25 @@ epoch's weights, a wall-clock budget, a progress bar with both losses, and the h
 The caller owns what an epoch is (`run_epoch`: optimiser steps, learning-rate schedule) and
 what validation measures (`validate`); the loop owns when to stop and which weights to keep,
 so that no method re-implements (and gets subtly wrong) the stopping rule. Ctrl-C propagates
-as KeyboardInterrupt after the bar is closed: callers save nothing half-trained.
+as KeyboardInterrupt after the bar is closed: callers save nothing half-trained. Minibatch
+training on tensors (optimiser, schedule, shuffling, device) is `training.trainer`.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from defectlens.errors import ParameterError
+from defectlens.errors import DefectLensError, DefectLensWarning, ParameterError
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -49,6 +53,10 @@ class StopRule:
     min_delta: float = 1e-4
 
 
+class TrainingDiverged(DefectLensError):
+    """The loss became NaN or infinite before any epoch finished with a finite one."""
+
+
 def train_epochs(
     module: nn.Module,
     run_epoch: Callable[[int], float],
@@ -56,36 +64,67 @@ def train_epochs(
     rule: StopRule,
     progress: bool = False,
     desc: str = "train",
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
     """Train `module` epoch by epoch; afterwards it holds the weights of the epoch with the
     lowest validation loss (training loss without `validate`) and is in eval mode.
 
-    `run_epoch(epoch)` trains one epoch and returns its mean training loss; `validate()`
-    returns the validation loss. Returns one record per epoch run.
+    `run_epoch(epoch)` trains one epoch and returns its mean training loss (NaN as soon as a
+    step's loss is not finite, before that step updates anything); `validate()` returns the
+    validation loss. Returns one record per epoch run; the last one also says why training
+    stopped (`stopped`: "patience", "time budget", "max_epochs" or "non-finite loss"). A
+    non-finite loss stops training with the last good epoch's weights and a warning, or raises
+    TrainingDiverged if no epoch was good.
     """
     best, best_state, stale = float("inf"), None, 0
     deadline = time.monotonic() + 60.0 * rule.max_minutes
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
+    stopped = "max_epochs"
     bar = tqdm(range(rule.max_epochs), desc=desc, disable=not progress, unit="epoch")
     try:
         for epoch in bar:
             module.train()
-            record = {"epoch": epoch, "train_loss": float(run_epoch(epoch))}
+            record: dict[str, Any] = {"epoch": epoch, "train_loss": float(run_epoch(epoch))}
             module.eval()
             monitored = record["train_loss"]
-            if validate is not None:
+            if validate is not None and math.isfinite(monitored):
                 monitored = record["val_loss"] = float(validate())
             history.append(record)
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "epoch"})
+            if not (math.isfinite(record["train_loss"]) and math.isfinite(monitored)):
+                stopped = "non-finite loss"
+                break
             if monitored < best - rule.min_delta:
                 best, best_state, stale = monitored, copy.deepcopy(module.state_dict()), 0
+                record["best"] = True
             else:
                 stale += 1
-            if stale >= rule.patience or time.monotonic() > deadline:
+            if stale >= rule.patience:
+                stopped = "patience"
+                break
+            if time.monotonic() > deadline:
+                stopped = "time budget"
                 break
     finally:
         bar.close()
+    if history:
+        history[-1]["stopped"] = stopped
+    if stopped == "non-finite loss":
+        if best_state is None:
+            raise TrainingDiverged(
+                f"{desc}: the loss became NaN or infinite in the first epoch; nothing was "
+                "saved. Lower the learning rate, or check the images"
+            )
+        warnings.warn(
+            f"{desc}: the loss became NaN or infinite at epoch {len(history)}; training "
+            f"stopped and keeps the weights of epoch {_best_epoch(history) + 1}",
+            DefectLensWarning,
+            stacklevel=2,
+        )
     if best_state is not None:
         module.load_state_dict(best_state)
     module.eval()
     return history
+
+
+def _best_epoch(history: list[dict[str, Any]]) -> int:
+    return max(r["epoch"] for r in history if r.get("best"))
