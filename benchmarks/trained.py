@@ -3,6 +3,7 @@ evaluate it, then evaluate the same fitted network with its other scoring rules 
 only change how an image is scored). One JSON line per scoring rule.
 
     python benchmarks/trained.py ../shared/data/magnetic_tile --method memae
+    python benchmarks/trained.py benchmarks/results/trained.jsonl --summary
 
 - fit s: `Detector.fit` wall time (training within the method's `max_minutes`, then the
   validation images' scores for the threshold); epochs: phase-one epochs run, and why they
@@ -34,12 +35,36 @@ VARIANTS = {
 }
 
 
+def summary(path: str) -> None:
+    """The JSON lines of `path` as BENCHMARKS.md's Markdown table."""
+    print(
+        "| dataset | method | space | scoring | image AUROC | pixel AUROC | AUPRO | F1-max "
+        "| false alarms / misses | fit s (epochs, stop) | e2e img/s |"
+    )
+    print("|---" * 11 + "|")
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        space = r["params"].get("space", "pixels")
+        print(
+            f"| {r['dataset']} | {r['method']} | {space} | {r['scoring']} | {r['image_auroc']:.3f} "
+            f"| {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} "
+            f"| {r['false_alarm_rate']:.3f} / {r['miss_rate']:.3f} "
+            f"| {r['fit_s']:.0f} ({r['epochs']}, {r['stopped']}) | {r['e2e_img_s']} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data")
-    parser.add_argument("--method", required=True, choices=sorted(VARIANTS))
+    parser.add_argument("data", help="a dataset root, or with --summary the JSON lines file")
+    parser.add_argument("--method", choices=sorted(VARIANTS))
     parser.add_argument("--param", action="append", default=[], help="k=v (JSON)")
+    parser.add_argument("--summary", action="store_true", help="print the table of DATA")
     args = parser.parse_args()
+    if args.summary:
+        summary(args.data)
+        return
+    if args.method is None:
+        parser.error("--method is required")
     torch.set_num_threads(2)
     params = {k: json.loads(v) for k, v in (p.split("=", 1) for p in args.param)}
     images = find_normal_images(args.data)

@@ -188,3 +188,98 @@ def test_bad_parameters_and_devices_are_one_line_errors(brick_root):
             Detector(method=method, method_params=params)
     with pytest.raises(ParameterError, match="device"):
         Detector(method="memae").fit(brick_root, device="tpu")
+
+
+def test_cli_fits_a_trained_method_and_reports_its_training(
+    brick_root, tmp_path, monkeypatch, capsys
+):
+    from tests.conftest import run_cli
+
+    out = tmp_path / "m"
+    code, stdout, stderr = run_cli(
+        monkeypatch,
+        capsys,
+        "fit",
+        str(brick_root),
+        "--method",
+        "ognet",
+        "--image-size",
+        "64",
+        "--param",
+        "input_size=64",
+        "--param",
+        "widths=[8,16]",
+        "--param",
+        "max_epochs=2",
+        "--param",
+        "phase_two_steps=2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "-q",
+    )
+    assert code == 0, stderr
+    assert "trained 2 epoch(s), stopped by max_epochs; kept epoch" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert [r.get("phase") for r in config["training"]["history"]] == [None, None, 2]
+    code, _, stderr = run_cli(
+        monkeypatch,
+        capsys,
+        "fit",
+        str(brick_root),
+        "--method",
+        "memae",
+        "--device",
+        "tpu",
+        "--out",
+        str(tmp_path / "x"),
+        "-q",
+    )
+    assert code != 0 and "unknown device 'tpu'" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_input_size_above_the_image_size_is_one_clear_error(brick_root):
+    detector = Detector(method="memae", image_size=64, method_params={"input_size": 128})
+    with pytest.raises(DefectLensError, match="input_size 128 is larger than the image size 64"):
+        detector.fit(brick_root, device="cpu")
+
+
+def test_calibrate_sets_the_thresholds_fit_sets(trained, brick_root):
+    _, detector = trained
+    fitted = detector.thresholds_
+    from defectlens.data.dataset import find_normal_images
+
+    val = detector.split_validation(find_normal_images(brick_root))[1]
+    assert detector.calibrate(val).thresholds_.to_dict() == fitted.to_dict()
+
+
+@pytest.mark.parametrize("method", sorted(TINY))
+def test_feature_space_fits_round_trips_and_exports(method, brick_root, tmp_path):
+    """space=features: the network reconstructs the backbone's standardised maps."""
+    from defectlens.runtime.export import export_detector
+
+    extra = {"phase_two_steps": 5} if method == "ognet" else {}
+    if method == "gradcon":
+        extra = {"gradient_weight": 0.0}  # exportable
+    params = {"space": "features", "max_epochs": 6, **extra}
+    detector = Detector(method=method, image_size=64, batch_size=8, method_params=params)
+    detector.fit(brick_root, device="cpu")
+    model = detector.model_
+    assert model.strides == (8, 16) and model.feature_std.shape == (40 + 112,)
+    metrics = evaluate(detector, brick_root).metrics
+    assert metrics["image_auroc"] > 0.6 or metrics["pixel_auroc"] > 0.75, metrics
+    paths = [s.path for s in find_test_samples(brick_root)][:4]
+    loaded = load(detector.save(tmp_path / "m"))
+    assert [p.score for p in loaded.predict(paths)] == [p.score for p in detector.predict(paths)]
+    assert export_detector(detector, tmp_path / "e").max_relative_difference < 1e-4
+
+
+def test_feature_space_widths_must_fit_the_feature_grid(brick_root):
+    params = {"space": "features", "widths": [8, 8, 8, 8]}  # 64 px images: an 8 x 8 grid
+    detector = Detector(method="memae", image_size=64, method_params=params)
+    with pytest.raises(DefectLensError, match="8 x 8 feature grid"):
+        detector.fit(brick_root, device="cpu")
+    with pytest.raises(ParameterError, match="space"):
+        Detector(method="memae", method_params={"space": "voxels"})

@@ -312,6 +312,14 @@ def fit(
         raise
     path = detector.save(out, protect=tuple(protect))
     t = detector.thresholds_
+    epochs = [r for r in detector.model_.history if "epoch" in r]
+    kept = [r for r in epochs if r.get("best")]
+    if kept:  # a method that trained a network: how it went
+        loss = kept[-1].get("val_loss", kept[-1]["train_loss"])
+        echo(
+            f"trained {len(epochs)} epoch(s), stopped by {epochs[-1].get('stopped')}; kept epoch "
+            f"{kept[-1]['epoch'] + 1} (validation loss {loss:.4g})"
+        )
     if shots is not None:
         echo(f"fitted on {shots} image(s): " + ", ".join(detector.fit_images_))
     echo(f"saved {path} (threshold {t.image:.4g} from {t.n_validation} normal images)")

@@ -89,8 +89,9 @@ class ConvEncoder(nn.Module):
 
 class ConvDecoder(nn.Module):
     """The mirror of `ConvEncoder`: a code (B, in_channels, s, s) becomes an image
-    (B, out_channels, s 2^n, s 2^n) in [-1, 1], through `widths` (one doubling stage each, with
-    `convs - 1` further 3 x 3 convolutions) and a final 3 x 3 convolution with tanh."""
+    (B, out_channels, s 2^n, s 2^n), through `widths` (one doubling stage each, with
+    `convs - 1` further 3 x 3 convolutions) and a final 3 x 3 convolution, with tanh (`output`
+    "tanh": images in [-1, 1]) or without ("linear": standardised features)."""
 
     def __init__(
         self,
@@ -100,31 +101,38 @@ class ConvDecoder(nn.Module):
         convs: int = 1,
         activation: str = "relu",
         norm: bool = True,
+        output: str = "tanh",
     ) -> None:
         super().__init__()
+        if output not in ("tanh", "linear"):
+            raise ParameterError(f"output must be tanh or linear, not {output!r}")
         layers: list[nn.Module] = []
         c = in_channels
         for width in widths:
             layers.append(up_bn_act(c, width, activation, norm))
             layers += [conv_bn_act(width, width, 1, activation, norm) for _ in range(convs - 1)]
             c = width
-        layers += [nn.Conv2d(c, out_channels, 3, 1, 1), nn.Tanh()]
+        layers += [nn.Conv2d(c, out_channels, 3, 1, 1)]
+        if output == "tanh":
+            layers.append(nn.Tanh())
         self.layers = nn.Sequential(*layers)
 
     def forward(self, code: torch.Tensor) -> torch.Tensor:
         return self.layers(code)
 
 
-def check_widths(name: str, widths: object, input_size: int) -> tuple[int, ...]:
-    """A tuple of 1 to 6 positive channel counts whose stages `input_size` can be halved by."""
+def check_widths(name: str, widths: object, input_size: int | None) -> tuple[int, ...]:
+    """A tuple of 1 to 6 positive channel counts whose stages `input_size` (if known) can be
+    halved by."""
     if (
         not isinstance(widths, (list, tuple))
         or not 1 <= len(widths) <= 6
         or not all(type(w) is int and 1 <= w <= 2048 for w in widths)
     ):
         raise ParameterError(f"{name} must be 1 to 6 channel counts in [1, 2048], not {widths!r}")
-    if input_size % 2 ** len(widths):
+    if input_size is not None and input_size % 2 ** len(widths):
         raise ParameterError(
-            f"input_size {input_size} must be divisible by 2^{len(widths)} for {len(widths)} {name}"
+            f"{len(widths)} {name} halve the input {len(widths)} times, so its size "
+            f"{input_size} must be divisible by {2 ** len(widths)}"
         )
     return tuple(widths)

@@ -31,17 +31,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectlens.components.autoencoder import ConvDecoder, ConvEncoder, check_widths
+from defectlens.components.autoencoder import ConvDecoder, ConvEncoder
 from defectlens.errors import ParameterError
 from defectlens.methods.trained import TrainedImageMethod, squared_error_map
 from defectlens.params import check_float
 
 
 class _GradConNet(nn.Module):
-    def __init__(self, widths: tuple[int, ...]) -> None:
+    def __init__(self, channels: int, widths: tuple[int, ...], output: str) -> None:
         super().__init__()
-        self.encoder = ConvEncoder(3, widths, norm=False)
-        self.decoder = ConvDecoder(widths[-1], (*widths[-2::-1], widths[0]), norm=False)
+        self.encoder = ConvEncoder(channels, widths, norm=False)
+        self.decoder = ConvDecoder(
+            widths[-1], (*widths[-2::-1], widths[0]), channels, norm=False, output=output
+        )
         for i, weight in enumerate(self.constrained()):
             self.register_buffer(f"average_gradient{i}", torch.zeros_like(weight))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
@@ -86,11 +88,14 @@ def _reconstruction_loss(x: torch.Tensor, reconstruction: torch.Tensor) -> torch
 
 class GradCon(TrainedImageMethod):
     name = "gradcon"
+    PIXEL_WIDTHS = (32, 32, 64, 64)
+    FEATURE_WIDTHS = (128, 64)  # 152 x 32 x 32 backbone maps -> a 64 x 8 x 8 code
 
     def __init__(
         self,
+        space: str = "pixels",
         input_size: int = 128,
-        widths: tuple[int, ...] = (32, 32, 64, 64),
+        widths: tuple[int, ...] | None = None,
         constraint_weight: float = 0.03,
         gradient_weight: float = 0.12,
         learning_rate: float = 1e-3,
@@ -102,14 +107,21 @@ class GradCon(TrainedImageMethod):
     ) -> None:
         super().__init__()
         self._init_training(
-            input_size, learning_rate, batch_size, max_epochs, patience, max_minutes, seed
+            space,
+            input_size,
+            widths,
+            learning_rate,
+            batch_size,
+            max_epochs,
+            patience,
+            max_minutes,
+            seed,
         )
-        self.widths = check_widths("widths", widths, self.input_size)
         self.constraint_weight = check_float("constraint_weight", constraint_weight, 0, 100)
         self.gradient_weight = check_float("gradient_weight", gradient_weight, 0, 100)
 
     def build(self) -> nn.Module:
-        return _GradConNet(self.widths)
+        return _GradConNet(self.in_channels, self.layer_widths, self.output)
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         reconstruction_loss = _reconstruction_loss(x, self.net(x))

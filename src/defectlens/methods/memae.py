@@ -25,19 +25,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectlens.components.autoencoder import ConvDecoder, ConvEncoder, check_widths
+from defectlens.components.autoencoder import ConvDecoder, ConvEncoder
 from defectlens.components.memory import SparseMemory, addressing_entropy
 from defectlens.methods.trained import TrainedImageMethod, squared_error_map
 from defectlens.params import check_choice, check_float, check_int, check_optional
 
 
 class _MemAENet(nn.Module):
-    def __init__(self, widths: tuple[int, ...], items: int, shrink: float) -> None:
+    def __init__(
+        self, channels: int, widths: tuple[int, ...], items: int, shrink: float, output: str
+    ) -> None:
         super().__init__()
-        self.encoder = ConvEncoder(3, widths, activation="leaky_relu")
+        self.encoder = ConvEncoder(channels, widths, activation="leaky_relu")
         self.memory = SparseMemory(items, widths[-1], shrink)
         self.decoder = ConvDecoder(
-            widths[-1], (*widths[-2::-1], widths[0]), activation="leaky_relu"
+            widths[-1],
+            (*widths[-2::-1], widths[0]),
+            channels,
+            activation="leaky_relu",
+            output=output,
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,11 +53,14 @@ class _MemAENet(nn.Module):
 
 class MemAE(TrainedImageMethod):
     name = "memae"
+    PIXEL_WIDTHS = (32, 64, 128, 256)
+    FEATURE_WIDTHS = (192, 256)  # 152 x 32 x 32 backbone maps -> a 256 x 8 x 8 code
 
     def __init__(
         self,
+        space: str = "pixels",
         input_size: int = 128,
-        widths: tuple[int, ...] = (32, 64, 128, 256),
+        widths: tuple[int, ...] | None = None,
         memory_items: int = 500,
         shrink_threshold: float | None = None,
         entropy_weight: float = 2e-4,
@@ -65,9 +74,16 @@ class MemAE(TrainedImageMethod):
     ) -> None:
         super().__init__()
         self._init_training(
-            input_size, learning_rate, batch_size, max_epochs, patience, max_minutes, seed
+            space,
+            input_size,
+            widths,
+            learning_rate,
+            batch_size,
+            max_epochs,
+            patience,
+            max_minutes,
+            seed,
         )
-        self.widths = check_widths("widths", widths, self.input_size)
         self.memory_items = check_int("memory_items", memory_items, 2, 100_000)
         self.shrink_threshold = check_optional(
             check_float, "shrink_threshold", shrink_threshold, 0.0, 1.0, high_open=True
@@ -83,7 +99,9 @@ class MemAE(TrainedImageMethod):
         return self.shrink_threshold
 
     def build(self) -> nn.Module:
-        return _MemAENet(self.widths, self.memory_items, self.shrink)
+        return _MemAENet(
+            self.in_channels, self.layer_widths, self.memory_items, self.shrink, self.output
+        )
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         reconstruction, weights = self.net(x)

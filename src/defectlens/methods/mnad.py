@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectlens.components.autoencoder import ConvDecoder, ConvEncoder, check_widths, conv_bn_act
+from defectlens.components.autoencoder import ConvDecoder, ConvEncoder, conv_bn_act
 from defectlens.components.memory import ItemMemory
 from defectlens.errors import ModelFileError
 from defectlens.methods.trained import TrainedImageMethod, squared_error_map
@@ -37,17 +37,19 @@ from defectlens.training.trainer import TrainConfig
 
 
 class _MNADNet(nn.Module):
-    def __init__(self, widths: tuple[int, ...], query_channels: int, items: int) -> None:
+    def __init__(
+        self, channels: int, widths: tuple[int, ...], query_channels: int, items: int, output: str
+    ) -> None:
         super().__init__()
         self.encoder = nn.Sequential(
-            ConvEncoder(3, widths, convs=2, pool=True),
+            ConvEncoder(channels, widths, convs=2, pool=True),
             conv_bn_act(widths[-1], query_channels),
             nn.Conv2d(query_channels, query_channels, 3, 1, 1),  # the queries: no BN/ReLU
         )
         self.memory = ItemMemory(items, query_channels)
         self.decoder = nn.Sequential(
             conv_bn_act(2 * query_channels, query_channels),
-            ConvDecoder(query_channels, widths[::-1], convs=2),
+            ConvDecoder(query_channels, widths[::-1], channels, convs=2, output=output),
         )
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,11 +72,14 @@ class MNAD(TrainedImageMethod):
     name = "mnad"
     # the normal validation images' ranges of PSNR and query distance
     fitted_buffers = ("psnr_range", "distance_range")
+    PIXEL_WIDTHS = (32, 64, 128)
+    FEATURE_WIDTHS = (192,)  # 152 x 32 x 32 backbone maps -> 256-channel queries on 16 x 16
 
     def __init__(
         self,
+        space: str = "pixels",
         input_size: int = 128,
-        widths: tuple[int, ...] = (32, 64, 128),
+        widths: tuple[int, ...] | None = None,
         query_channels: int = 256,
         memory_items: int = 10,
         compactness_weight: float = 0.01,
@@ -91,9 +96,16 @@ class MNAD(TrainedImageMethod):
     ) -> None:
         super().__init__()
         self._init_training(
-            input_size, learning_rate, batch_size, max_epochs, patience, max_minutes, seed
+            space,
+            input_size,
+            widths,
+            learning_rate,
+            batch_size,
+            max_epochs,
+            patience,
+            max_minutes,
+            seed,
         )
-        self.widths = check_widths("widths", widths, self.input_size)
         self.query_channels = check_int("query_channels", query_channels, 1, 4096)
         self.memory_items = check_int("memory_items", memory_items, 2, 10_000)
         self.compactness_weight = check_float("compactness_weight", compactness_weight, 0, 100)
@@ -103,7 +115,9 @@ class MNAD(TrainedImageMethod):
         self.update_threshold = check_float("update_threshold", update_threshold, 0.0, 1.0)
 
     def build(self) -> nn.Module:
-        return _MNADNet(self.widths, self.query_channels, self.memory_items)
+        return _MNADNet(
+            self.in_channels, self.layer_widths, self.query_channels, self.memory_items, self.output
+        )
 
     def train_config(self) -> TrainConfig:
         config = super().train_config()
@@ -159,6 +173,6 @@ class MNAD(TrainedImageMethod):
 
     def check_geometry(self, image_size: int, taps: dict[int, int]) -> None:
         super().check_geometry(image_size, taps)
-        for name in self.fitted_buffers:
+        for name in type(self).fitted_buffers:  # its own, not the feature statistics
             if getattr(self, name).shape != (2,):
                 raise ModelFileError(f"mnad {name} must hold two values")

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectlens.components.autoencoder import ConvDecoder, ConvEncoder, check_widths
+from defectlens.components.autoencoder import ConvDecoder, ConvEncoder
 from defectlens.methods.trained import TrainedImageMethod, squared_error_map
 from defectlens.params import check_float, check_int
 from defectlens.training.loop import resolve_device, train_epochs
@@ -42,32 +42,40 @@ from defectlens.training.trainer import mean_loss, minibatches
 
 
 class _Generator(nn.Module):
-    def __init__(self, widths: tuple[int, ...]) -> None:
+    def __init__(self, channels: int, widths: tuple[int, ...], output: str) -> None:
         super().__init__()
-        self.encoder = ConvEncoder(3, widths)
-        self.decoder = ConvDecoder(widths[-1], (*widths[-2::-1], widths[0]))
+        self.encoder = ConvEncoder(channels, widths)
+        decoder_widths = (*widths[-2::-1], widths[0])
+        self.decoder = ConvDecoder(widths[-1], decoder_widths, channels, output=output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
 
 
 class _Discriminator(nn.Module):
-    def __init__(self, widths: tuple[int, ...], input_size: int) -> None:
+    """Convolution stages, then one linear layer over the flattened last map (pixels, whose
+    size `input_size` fixes), or over it average-pooled to 2 x 2 (features, whose grid
+    depends on the image size)."""
+
+    def __init__(self, channels: int, widths: tuple[int, ...], input_size: int | None) -> None:
         super().__init__()
-        self.features = ConvEncoder(3, widths)
-        side = input_size // self.features.downsampling
+        self.features = ConvEncoder(channels, widths)
+        side = 2 if input_size is None else input_size // self.features.downsampling
+        self.pool = nn.Identity() if input_size is not None else nn.AdaptiveAvgPool2d(2)
         self.classify = nn.Linear(widths[-1] * side * side, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B,): positive = anomalous."""
-        return self.classify(self.features(x).flatten(1)).squeeze(1)
+        return self.classify(self.pool(self.features(x)).flatten(1)).squeeze(1)
 
 
 class _OGNetNet(nn.Module):
-    def __init__(self, widths: tuple[int, ...], input_size: int) -> None:
+    def __init__(
+        self, channels: int, widths: tuple[int, ...], input_size: int | None, output: str
+    ) -> None:
         super().__init__()
-        self.generator = _Generator(widths)
-        self.discriminator = _Discriminator(widths, input_size)
+        self.generator = _Generator(channels, widths, output)
+        self.discriminator = _Discriminator(channels, widths, input_size)
 
 
 def _bce(logits: torch.Tensor, label: float) -> torch.Tensor:
@@ -79,11 +87,14 @@ NORMAL, ANOMALOUS = 0.0, 1.0
 
 class OGNet(TrainedImageMethod):
     name = "ognet"
+    PIXEL_WIDTHS = (32, 64, 128, 256)
+    FEATURE_WIDTHS = (192, 256)
 
     def __init__(
         self,
+        space: str = "pixels",
         input_size: int = 128,
-        widths: tuple[int, ...] = (32, 64, 128, 256),
+        widths: tuple[int, ...] | None = None,
         noise_std: float = 0.81,
         adversarial_weight: float = 0.5,
         discriminator_learning_rate: float = 1e-4,
@@ -100,9 +111,16 @@ class OGNet(TrainedImageMethod):
     ) -> None:
         super().__init__()
         self._init_training(
-            input_size, learning_rate, batch_size, max_epochs, patience, max_minutes, seed
+            space,
+            input_size,
+            widths,
+            learning_rate,
+            batch_size,
+            max_epochs,
+            patience,
+            max_minutes,
+            seed,
         )
-        self.widths = check_widths("widths", widths, self.input_size)
         self.noise_std = check_float("noise_std", noise_std, 0.0, 10.0)
         self.adversarial_weight = check_float("adversarial_weight", adversarial_weight, 0, 1)
         self.discriminator_learning_rate = check_float(
@@ -116,7 +134,8 @@ class OGNet(TrainedImageMethod):
         self.old_weight = check_float("old_weight", old_weight, 0.0, 1.0)
 
     def build(self) -> nn.Module:
-        return _OGNetNet(self.widths, self.input_size)
+        size = self.input_size if self.space == "pixels" else None
+        return _OGNetNet(self.in_channels, self.layer_widths, size, self.output)
 
     def validation_loss(self, x: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(self.net.generator(x), x)

@@ -1,7 +1,15 @@
 """What every method that trains its own network on the images shares (MemAE, MNAD, GradCon,
-OGNet): the input pipeline (resize to the network's `input_size`, map to [-1, 1]), a seeded
-network, training through `training.trainer`, saving the weights as safetensors, and the export
-split (preprocessing graph, network graph, scores and maps straight from the network).
+OGNet): the input pipeline, a seeded network, training through `training.trainer`, saving the
+weights as safetensors, and the export split (input graph, network graph, scores and maps
+straight from the network).
+
+Two input spaces (`space`): "pixels", the papers' setting (images resized to `input_size` and
+mapped to [-1, 1]), or "features": the frozen backbone's stride-8 and stride-16 maps (the
+latter upsampled), standardised per channel with the training images' statistics, which the
+network then reconstructs instead of pixels (152 channels on a 32 x 32 grid for
+efficientnet_lite0 at 256 px; `input_size` is then unused). Reconstructing pixels spends the
+network's capacity on texture detail that normal and defective parts share; features describe
+what a part is made of, and a defect changes them more than it changes raw pixels.
 
 A subclass names itself, builds its network (`build`), says what one batch's training loss is
 (`loss`) and how a batch is scored (`score`: raw maps at `input_size` and image scores). It may
@@ -18,13 +26,17 @@ import torch
 from torch import nn
 
 from defectlens.backbones import FeatureExtractor
+from defectlens.components.autoencoder import check_widths
+from defectlens.components.pyramid import concat_pyramid
 from defectlens.components.scale import resize_to
-from defectlens.errors import ModelFileError
+from defectlens.errors import ModelFileError, ParameterError
 from defectlens.methods.base import AnomalyMethod, MethodOutput
-from defectlens.params import check_float, check_int, check_seed
+from defectlens.params import check_choice, check_float, check_int, check_seed
 from defectlens.training.trainer import TrainConfig, fit_minibatches
 
 _NET = "net."
+SPACES = ("pixels", "features")
+FEATURE_STRIDES = (8, 16)
 
 
 def squared_error_map(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
@@ -33,15 +45,22 @@ def squared_error_map(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Te
 
 
 class TrainedImageMethod(AnomalyMethod):
-    """Base of the image-space trained methods (not registered: it has no `name`)."""
+    """Base of the methods that train their own network on the images, in pixel or feature
+    space (not registered: it has no `name`)."""
 
     fitted_buffers: tuple[str, ...] = ()
     training_free = False
-    strides: tuple[int, ...] = ()  # reads pixels, not the backbone
+    strides: tuple[int, ...] = ()  # pixels: no backbone taps (space=features: FEATURE_STRIDES)
+
+    # Default encoder widths per input space (a subclass sets both).
+    PIXEL_WIDTHS: tuple[int, ...] = ()
+    FEATURE_WIDTHS: tuple[int, ...] = ()
 
     def _init_training(
         self,
+        space: str,
         input_size: int,
+        widths: tuple[int, ...] | None,
         learning_rate: float,
         batch_size: int,
         max_epochs: int,
@@ -49,7 +68,16 @@ class TrainedImageMethod(AnomalyMethod):
         max_minutes: float,
         seed: int,
     ) -> None:
+        self.space = check_choice("space", space, SPACES)
         self.input_size = check_int("input_size", input_size, 16, 1024)
+        self.widths = None if widths is None else check_widths("widths", widths, None)
+        if space == "pixels":
+            check_widths("widths", self.layer_widths, self.input_size)
+        else:  # the backbone's maps, standardised with the training images' statistics
+            self.strides = FEATURE_STRIDES
+            self.fitted_buffers = (*type(self).fitted_buffers, "feature_mean", "feature_std")
+            self.register_buffer("feature_mean", None)
+            self.register_buffer("feature_std", None)
         self.learning_rate = check_float("learning_rate", learning_rate, 0.0, 10.0, low_open=True)
         self.batch_size = check_int("batch_size", batch_size, 1, 65_536)
         self.max_epochs = check_int("max_epochs", max_epochs, 1, 1_000_000)
@@ -58,13 +86,30 @@ class TrainedImageMethod(AnomalyMethod):
         self.seed = check_seed("seed", seed)
         self.net: nn.Module | None = None
 
+    @property
+    def layer_widths(self) -> tuple[int, ...]:
+        """`widths`, or the method's default for its input space."""
+        if self.widths is not None:
+            return self.widths
+        return self.PIXEL_WIDTHS if self.space == "pixels" else self.FEATURE_WIDTHS
+
+    @property
+    def in_channels(self) -> int:
+        """The network's input (and output) channels: 3, or the backbone maps' channels."""
+        return 3 if self.space == "pixels" else int(self.feature_mean.numel())
+
+    @property
+    def output(self) -> str:
+        """The decoder's last activation: tanh for [-1, 1] pixels, none for features."""
+        return "tanh" if self.space == "pixels" else "linear"
+
     # -- what a subclass provides -----------------------------------------------------------
     def build(self) -> nn.Module:
         """A freshly initialised network (called under the method's seed)."""
         raise NotImplementedError
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
-        """The training loss of a batch of prepared images (B, 3, s, s) in [-1, 1]."""
+        """The training loss of a batch of prepared inputs (`prepare`'s output)."""
         raise NotImplementedError
 
     def validation_loss(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +117,7 @@ class TrainedImageMethod(AnomalyMethod):
         return self.loss(x)
 
     def score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Raw maps (B, s, s) and image scores (B,) of prepared images, higher = anomalous;
+        """Raw maps (B, s, s) and image scores (B,) of prepared inputs, higher = anomalous;
         None for the scores: the Detector takes each smoothed map's maximum."""
         raise NotImplementedError
 
@@ -93,8 +138,16 @@ class TrainedImageMethod(AnomalyMethod):
         )
 
     # -- shared machinery ------------------------------------------------------------------
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, S, S) in [0, 1] -> the network's input (B, 3, s, s) in [-1, 1]."""
+    def prepare(self, extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) in [0, 1] -> the network's input: (B, 3, s, s) in [-1, 1], or
+        the standardised backbone maps."""
+        if self.space == "features":
+            return self.standardise(backbone_maps(extractor.fast(images)))
+        if self.input_size > images.shape[-1]:
+            raise ParameterError(
+                f"{self.name}'s input_size {self.input_size} is larger than the image size "
+                f"{images.shape[-1]}: lower input_size or raise --image-size"
+            )
         return resize_to(images, self.input_size) * 2 - 1
 
     def new_network(self) -> nn.Module:
@@ -103,8 +156,23 @@ class TrainedImageMethod(AnomalyMethod):
             torch.manual_seed(self.seed)
             return self.build()
 
-    def _collect(self, batches: Iterable[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([self.prepare(b) for b in batches])
+    def standardise(self, maps: torch.Tensor) -> torch.Tensor:
+        c = self.feature_mean.numel()
+        return (maps - self.feature_mean.view(1, c, 1, 1)) / self.feature_std.view(1, c, 1, 1)
+
+    def _collect(
+        self, extractor: FeatureExtractor, batches: Iterable[torch.Tensor]
+    ) -> torch.Tensor:
+        if self.space == "pixels":
+            return torch.cat([self.prepare(extractor, b) for b in batches])
+        with torch.no_grad():
+            return torch.cat([backbone_maps(extractor.fast(b)) for b in batches])
+
+    def _check_feature_grid(self, side: int) -> None:
+        try:
+            check_widths("widths", self.layer_widths, side)
+        except ParameterError as exc:
+            raise ParameterError(f"{exc} (the {side} x {side} feature grid)") from None
 
     def fit(
         self,
@@ -113,8 +181,14 @@ class TrainedImageMethod(AnomalyMethod):
         progress: bool = False,
         val_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
     ) -> None:
-        train = self._collect(batches)
-        val = self._collect(val_batches()) if val_batches is not None else None
+        train = self._collect(extractor, batches)
+        val = self._collect(extractor, val_batches()) if val_batches is not None else None
+        if self.space == "features":
+            self._check_feature_grid(train.shape[-1])
+            self.feature_mean = train.mean(dim=(0, 2, 3))
+            self.feature_std = train.std(dim=(0, 2, 3)).clamp_min(1e-6)
+            train = self.standardise(train)
+            val = None if val is None else self.standardise(val)
         self.net = self.new_network()
         self.history = self.train_network(train, val, progress)
         self.net.requires_grad_(False).eval()
@@ -163,12 +237,20 @@ class TrainedImageMethod(AnomalyMethod):
 
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
         with torch.no_grad():
-            maps, scores = self.score(self.prepare(images))
+            maps, scores = self.score(self.prepare(extractor, images))
         return MethodOutput(maps=maps, scores=scores)
+
+    def check_geometry(self, image_size: int, taps: dict[int, int]) -> None:
+        if self.space == "features":
+            channels = sum(taps[s] for s in FEATURE_STRIDES)
+            if self.feature_mean.shape != (channels,) or self.feature_std.shape != (channels,):
+                raise ModelFileError(f"{self.name} feature statistics do not match the backbone")
+            if not bool((self.feature_std > 0).all()):
+                raise ModelFileError(f"{self.name} feature_std must be positive")
 
     # -- export ------------------------------------------------------------------------------
     def export_features(self, extractor: FeatureExtractor) -> nn.Module:
-        return _Prepare(self)
+        return _Prepare(self, extractor)
 
     def export_head(self) -> nn.Module:
         return _ScoreHead(self)
@@ -177,16 +259,25 @@ class TrainedImageMethod(AnomalyMethod):
         return {"kind": "direct"}, {}
 
 
-class _Prepare(nn.Module):
-    """The export's first graph: images in [0, 1] -> the network's input."""
+def backbone_maps(maps: list[torch.Tensor]) -> torch.Tensor:
+    """The backbone's maps at FEATURE_STRIDES as one (B, C, h, w) tensor (bilinear)."""
+    return concat_pyramid(maps, "bilinear")
 
-    def __init__(self, method: TrainedImageMethod) -> None:
+
+class _Prepare(nn.Module):
+    """The export's first graph: images in [0, 1] -> the network's input, as `prepare`."""
+
+    def __init__(self, method: TrainedImageMethod, extractor: FeatureExtractor) -> None:
         super().__init__()
-        self.input_size = method.input_size
+        self.owner = (method,)  # not a submodule: the network belongs to the head graph
+        self.extractor = extractor
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         (images,) = inputs
-        return resize_to(images, self.input_size) * 2 - 1
+        method = self.owner[0]
+        if method.space == "features":
+            return method.standardise(backbone_maps(self.extractor(images)))
+        return resize_to(images, method.input_size) * 2 - 1
 
 
 class _ScoreHead(nn.Module):

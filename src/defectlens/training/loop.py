@@ -92,6 +92,9 @@ def train_epochs(
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "epoch"})
             if not (math.isfinite(record["train_loss"]) and math.isfinite(monitored)):
                 stopped = "non-finite loss"
+                for key in ("train_loss", "val_loss"):  # JSON has no NaN: saved as null
+                    if key in record and not math.isfinite(record[key]):
+                        record[key] = None
                 break
             if monitored < best - rule.min_delta:
                 best, best_state, stale = monitored, copy.deepcopy(module.state_dict()), 0
