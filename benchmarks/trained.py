@@ -38,15 +38,17 @@ VARIANTS = {
 def summary(path: str) -> None:
     """The JSON lines of `path` as BENCHMARKS.md's Markdown table."""
     print(
-        "| dataset | method | space | scoring | image AUROC | pixel AUROC | AUPRO | F1-max "
-        "| false alarms / misses | fit s (epochs, stop) | e2e img/s |"
+        "| dataset | method | space | budget | scoring | image AUROC | pixel AUROC | AUPRO "
+        "| F1-max | false alarms / misses | fit s (epochs, stop) | e2e img/s |"
     )
-    print("|---" * 11 + "|")
+    print("|---" * 12 + "|")
     for line in Path(path).read_text().splitlines():
         r = json.loads(line)
         space = r["params"].get("space", "pixels")
+        budget = f"{r['params'].get('max_minutes', 10):g} min"
         print(
-            f"| {r['dataset']} | {r['method']} | {space} | {r['scoring']} | {r['image_auroc']:.3f} "
+            f"| {r['dataset']} | {r['method']} | {space} | {budget} | {r['scoring']} "
+            f"| {r['image_auroc']:.3f} "
             f"| {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} "
             f"| {r['false_alarm_rate']:.3f} / {r['miss_rate']:.3f} "
             f"| {r['fit_s']:.0f} ({r['epochs']}, {r['stopped']}) | {r['e2e_img_s']} |"
