@@ -83,8 +83,11 @@ def _reject(config_path: Path, problem: str) -> ModelFileError:
     return ModelFileError(f"{config_path}: {problem}")
 
 
-def _check_keys(config_path: Path, where: str, found: dict, allowed: set[str]) -> None:
-    unknown = sorted(set(found) - allowed)
+def _check_keys(
+    config_path: Path, where: str, found: dict, allowed: set[str], optional: set[str] = frozenset()
+) -> None:
+    """Every key of `allowed` present, nothing else but keys of `optional`."""
+    unknown = sorted(set(found) - allowed - optional)
     missing = sorted(allowed - set(found))
     if unknown:
         raise _reject(config_path, f"unknown key {where}{unknown[0]!r}")
@@ -115,7 +118,7 @@ def read_config(path: str | Path) -> dict:
             f"{config_path}: model format version {version!r}, this defectlens "
             f"({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
-    _check_keys(config_path, "", {k: v for k, v in config.items() if k != "training"}, _TOP_KEYS)
+    _check_keys(config_path, "", config, _TOP_KEYS, optional={"training"})
     detector = _object(config_path, config, "detector")
     if "training" in config:
         training = _object(config_path, config, "training")

@@ -24,6 +24,8 @@ with a cosine schedule as in the authors' code, batch 8 (4 in the paper).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -120,8 +122,7 @@ class MNAD(TrainedImageMethod):
         )
 
     def train_config(self) -> TrainConfig:
-        config = super().train_config()
-        return TrainConfig(**{**config.__dict__, "schedule": "cosine"})
+        return replace(super().train_config(), schedule="cosine")
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         reconstruction, queries, _ = self.net(x)
