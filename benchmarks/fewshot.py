@@ -13,7 +13,9 @@ draw). Methods (`--methods`):
 - regad_default: the registration model shipped with defectlens,
 - padim, patchcore, spade, differnet: the same supports and augmentation,
 - padim_full: PaDiM on every train/good image except the validation ones, no augmentation,
-  once per category (the reference the gap is measured to).
+  once per category (the reference the gap is measured to),
+- any of these with "@cN" appended (e.g. regad@c100): the same, keeping N random channels of
+  the concatenated stages (PaDiM's `n_channels`) instead of all of them.
 One JSON line per (category, method, K, draw) is appended to --out; finished rows are skipped
 on a rerun, so the run can be resumed. `--summary` prints the Markdown tables from --out.
 """
@@ -52,9 +54,13 @@ def registration_for(category: Path, data: list[Path], folder: Path, args) -> Pa
 
 
 def detector_for(name: str, k: int | None, draw: int, registration: Path, image_size: int):
+    # A name may end in "@cN": the same method keeping N random channels (n_channels=N).
+    name, _, variant = name.partition("@")
     # regad_default passes none: the registration shipped with defectlens
     registrations = {"regad": str(registration), "regad_identity": "identity"}
     params = {"registration": registrations[name]} if name in registrations else {}
+    if variant:
+        params["n_channels"] = int(variant.removeprefix("c"))
     return Detector(
         method={"padim_full": "padim"}.get(name, name.split("_")[0]),
         image_size=image_size,
@@ -86,7 +92,7 @@ def run(args) -> None:
         val = [images[i] for i in sorted(order[:N_VAL])]
         candidates = [images[i] for i in sorted(order[N_VAL:])]
         registration = None
-        if "regad" in args.methods:
+        if any(m.partition("@")[0] == "regad" for m in args.methods):
             registration = registration_for(category, data, folder, args)
         jobs = [(m, k, d) for k in args.shots for d in range(args.draws) for m in args.methods]
         if "padim_full" in args.methods:
@@ -124,7 +130,9 @@ def summary(path: Path) -> None:
     for r in rows:
         groups[(r["category"], r["method"], r["shots"])].append(r)
     categories = sorted({r["category"] for r in rows})
-    methods = [m for m in ("padim_full", *FEW_SHOT) if any(r["method"] == m for r in rows)]
+    present = {r["method"] for r in rows}
+    known = [m for m in ("padim_full", *FEW_SHOT) if m in present]
+    methods = known + sorted(present - set(known))
     shots = sorted({r["shots"] for r in rows if r["shots"] is not None})
 
     def values(c: str, m: str, k: int | None, metric: str) -> list[float]:

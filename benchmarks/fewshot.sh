@@ -17,6 +17,13 @@ for c in kolektorsdd magnetic_tile; do
   .venv/bin/python benchmarks/fewshot.py $DATA --categories $c "${COMMON[@]}" --shots 2 4 \
     --draws 2 --methods regad regad_identity padim
 done
+# Pass 3: RegAD and PaDiM keeping 100 random channels (the speed/accuracy trade-off).
+for c in kolektorsdd magnetic_tile elpv_poly deeppcb; do
+  .venv/bin/python benchmarks/fewshot.py $DATA --categories $c "${COMMON[@]}" --shots 8 \
+    --draws 3 --methods regad@c100 padim@c100
+done
 .venv/bin/python benchmarks/fewshot.py x --summary --out "$OUT"
 # RegAD's speed next to PaDiM's (fit with K = 8, scoring), in one process:
 .venv/bin/python benchmarks/fewshot_speed.py $DATA/magnetic_tile --registration "$REG/reg-magnetic_tile"
+.venv/bin/python benchmarks/fewshot_speed.py $DATA/magnetic_tile --registration "$REG/reg-magnetic_tile" \
+  --n-channels 100

@@ -1,6 +1,7 @@
-"""Fit one pixel-trained method (MemAE, MNAD, GradCon, OGNet) with its defaults on one dataset,
-evaluate it, then evaluate the same fitted network with its other scoring rules (no refit: they
-only change how an image is scored). One JSON line per scoring rule.
+"""Fit one method that trains a network (MemAE, MNAD, GradCon, OGNet, Uninformed Students,
+Patch SVDD, segmentation-aided) with its defaults on one dataset, evaluate it, then evaluate
+the same fitted network with its other scoring rules (no refit: they only change how an image
+is scored). One JSON line per scoring rule.
 
     python benchmarks/trained.py ../shared/data/magnetic_tile --method memae
     python benchmarks/trained.py benchmarks/results/trained.jsonl --summary
@@ -32,7 +33,12 @@ VARIANTS = {
     "mnad": [("alpha=1 (PSNR only)", {"alpha": 1.0}), ("alpha=0 (distance only)", {"alpha": 0.0})],
     "gradcon": [("gradient_weight=0 (reconstruction only)", {"gradient_weight": 0.0})],
     "ognet": [],
+    "students": [],
+    "patchsvdd": [],
+    "segaided": [("image_score=map_max", {"image_score": "map_max"})],
 }
+# Methods without a `space` parameter (the table shows "–").
+SPACELESS = {"students", "patchsvdd", "segaided"}
 
 
 def summary(path: str) -> None:
@@ -44,10 +50,13 @@ def summary(path: str) -> None:
     print("|---" * 12 + "|")
     for line in Path(path).read_text().splitlines():
         r = json.loads(line)
-        space = r["params"].get("space", "pixels")
+        space = "–" if r["method"] in SPACELESS else r["params"].get("space", "pixels")
         budget = f"{r['params'].get('max_minutes', 10):g} min"
+        # other non-default parameters go with the scoring rule, e.g. Students' teacher
+        others = {k: v for k, v in r["params"].items() if k not in ("space", "max_minutes")}
+        scoring = ", ".join([r["scoring"], *(f"{k}={v}" for k, v in others.items())])
         print(
-            f"| {r['dataset']} | {r['method']} | {space} | {budget} | {r['scoring']} "
+            f"| {r['dataset']} | {r['method']} | {space} | {budget} | {scoring} "
             f"| {r['image_auroc']:.3f} "
             f"| {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} "
             f"| {r['false_alarm_rate']:.3f} / {r['miss_rate']:.3f} "
@@ -72,8 +81,10 @@ def main() -> None:
     images = find_normal_images(args.data)
     detector = Detector(method=args.method, method_params=params)
     start = time.perf_counter()
-    detector.fit(images, device="cpu")
+    detector.fit(images, device="cpu", progress=True)
     fit_s = time.perf_counter() - start
+    # Kept for later analysis (bench-output/ is not tracked); replaced by the next run.
+    detector.save(Path("bench-output/trained") / f"{Path(args.data).name}-{args.method}")
     history = detector.model_.history
     epochs = [r for r in history if "epoch" in r]
     common = {

@@ -123,7 +123,7 @@ def cli(debug: bool) -> None:
     show_default=True,
     help="Anomaly-detection method: padim, patchcore, spade (backbone features, fitted in "
     "seconds), regad (few-shot), or one that trains a network: differnet, memae, mnad, "
-    "gradcon, ognet (minutes; see the README's method table).",
+    "gradcon, ognet, students, patchsvdd, segaided (minutes; see the README's method table).",
 )
 @backbone_option("Pretrained backbone; see `defectlens backbones`.")
 @weights_option

@@ -86,12 +86,25 @@ class ConvEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(x)
 
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's output, finest first (the last is `forward`'s code): what a decoder
+        with skip connections reads."""
+        outputs = []
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        return outputs
+
 
 class ConvDecoder(nn.Module):
     """The mirror of `ConvEncoder`: a code (B, in_channels, s, s) becomes an image
     (B, out_channels, s 2^n, s 2^n), through `widths` (one doubling stage each, with
     `convs - 1` further 3 x 3 convolutions) and a final 3 x 3 convolution, with tanh (`output`
-    "tanh": images in [-1, 1]) or without ("linear": standardised features)."""
+    "tanh": images in [-1, 1]) or without ("linear": standardised features).
+
+    `skip_channels`: skip connections, U-Net style. Stage i + 1's input is stage i's output
+    concatenated with the i-th map passed to `forward` (`skip_channels[i]` channels, at that
+    resolution): an encoder's stage outputs from the second-coarsest on."""
 
     def __init__(
         self,
@@ -102,23 +115,41 @@ class ConvDecoder(nn.Module):
         activation: str = "relu",
         norm: bool = True,
         output: str = "tanh",
+        skip_channels: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if output not in ("tanh", "linear"):
             raise ParameterError(f"output must be tanh or linear, not {output!r}")
-        layers: list[nn.Module] = []
+        if len(skip_channels) >= len(widths):
+            raise ParameterError("a decoder takes fewer skip connections than it has stages")
+        self.skip_channels = tuple(skip_channels)
+        stages: list[nn.Module] = []
         c = in_channels
-        for width in widths:
-            layers.append(up_bn_act(c, width, activation, norm))
+        for i, width in enumerate(widths):
+            if 0 < i <= len(self.skip_channels):
+                c += self.skip_channels[i - 1]
+            layers = [up_bn_act(c, width, activation, norm)]
             layers += [conv_bn_act(width, width, 1, activation, norm) for _ in range(convs - 1)]
+            stages.append(nn.Sequential(*layers))
             c = width
-        layers += [nn.Conv2d(c, out_channels, 3, 1, 1)]
+        last = [nn.Conv2d(c, out_channels, 3, 1, 1)]
         if output == "tanh":
-            layers.append(nn.Tanh())
-        self.layers = nn.Sequential(*layers)
+            last.append(nn.Tanh())
+        if self.skip_channels:
+            self.stages = nn.ModuleList(stages)
+            self.out = nn.Sequential(*last)
+        else:  # one flat Sequential: the parameter names saved models have
+            self.layers = nn.Sequential(*(m for stage in stages for m in stage), *last)
 
-    def forward(self, code: torch.Tensor) -> torch.Tensor:
-        return self.layers(code)
+    def forward(self, code: torch.Tensor, skips: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        if not self.skip_channels:
+            return self.layers(code)
+        x = code
+        for i, stage in enumerate(self.stages):
+            if 0 < i <= len(skips):
+                x = torch.cat([x, skips[i - 1]], dim=1)
+            x = stage(x)
+        return self.out(x)
 
 
 def check_widths(name: str, widths: object, input_size: int | None) -> tuple[int, ...]:

@@ -86,6 +86,9 @@ class IVFIndex(NearestNeighbourIndex):
         # ~4 sqrt(N) cells (faiss wants >= 39 training points per cell), at most 1024, trained
         # on a seeded sample of <= 64 points per cell so that building stays in seconds.
         cells = max(1, min(int(4 * math.sqrt(n)), n // 39, 1024))
+        if cells == 1:  # too few vectors to cluster: one cell is an exact search anyway
+            self.index = self.flat = self._build_flat(vectors)
+            return
         quantizer = faiss.IndexFlatL2(d)
         self.index = faiss.IndexIVFFlat(quantizer, d, cells)
         self.index.cp.seed = 0

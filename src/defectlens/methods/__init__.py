@@ -11,8 +11,11 @@ from defectlens.methods.mnad import MNAD
 from defectlens.methods.ognet import OGNet
 from defectlens.methods.padim import Padim
 from defectlens.methods.patchcore import PatchCore
+from defectlens.methods.patchsvdd import PatchSVDD
 from defectlens.methods.regad import Regad
+from defectlens.methods.segaided import SegAided
 from defectlens.methods.spade import Spade
+from defectlens.methods.students import Students
 
 __all__ = [
     "METHODS",
@@ -25,7 +28,10 @@ __all__ = [
     "OGNet",
     "Padim",
     "PatchCore",
+    "PatchSVDD",
     "Regad",
+    "SegAided",
     "Spade",
+    "Students",
     "get_method",
 ]

@@ -1,7 +1,7 @@
 """What every method that trains its own network on the images shares (MemAE, MNAD, GradCon,
-OGNet): the input pipeline, a seeded network, training through `training.trainer`, saving the
-weights as safetensors, and the export split (input graph, network graph, scores and maps
-straight from the network).
+OGNet, Uninformed Students, Patch SVDD, segmentation-aided): the input pipeline, a seeded
+network, training through `training.trainer`, saving the weights as safetensors, and the
+export split (input graph, network graph, scores and maps straight from the network).
 
 Two input spaces (`space`): "pixels", the papers' setting (images resized to `input_size` and
 mapped to [-1, 1]), or "features": the frozen backbone's stride-8 and stride-16 maps (the
@@ -12,7 +12,9 @@ network's capacity on texture detail that normal and defective parts share; feat
 what a part is made of, and a defect changes them more than it changes raw pixels.
 
 A subclass names itself, builds its network (`build`), says what one batch's training loss is
-(`loss`) and how a batch is scored (`score`: raw maps at `input_size` and image scores). It may
+(`loss`) and how a batch is scored (`score`: raw maps at `input_size` and image scores). A
+method whose network reads more than the image (Uninformed Students: the teacher's maps too)
+overrides `inputs`, which then returns a tuple, and `score` receives its parts. It may
 keep extra fitted tensors as buffers (`fitted_buffers`) and compute them after training
 (`after_training`, e.g. statistics of the validation images).
 """
@@ -69,6 +71,7 @@ class TrainedImageMethod(AnomalyMethod):
         seed: int,
     ) -> None:
         self.space = check_choice("space", space, SPACES)
+        self._init_optimisation(learning_rate, batch_size, max_epochs, patience, max_minutes, seed)
         self.input_size = check_int("input_size", input_size, 16, 1024)
         self.widths = None if widths is None else check_widths("widths", widths, None)
         if space == "pixels":
@@ -78,6 +81,17 @@ class TrainedImageMethod(AnomalyMethod):
             self.fitted_buffers = (*type(self).fitted_buffers, "feature_mean", "feature_std")
             self.register_buffer("feature_mean", None)
             self.register_buffer("feature_std", None)
+
+    def _init_optimisation(
+        self,
+        learning_rate: float,
+        batch_size: int,
+        max_epochs: int,
+        patience: int,
+        max_minutes: float,
+        seed: int,
+    ) -> None:
+        """Check and keep the training parameters every trained method has."""
         self.learning_rate = check_float("learning_rate", learning_rate, 0.0, 10.0, low_open=True)
         self.batch_size = check_int("batch_size", batch_size, 1, 65_536)
         self.max_epochs = check_int("max_epochs", max_epochs, 1, 1_000_000)
@@ -116,9 +130,10 @@ class TrainedImageMethod(AnomalyMethod):
         """The loss early stopping watches on the held-out normal images (default: `loss`)."""
         return self.loss(x)
 
-    def score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Raw maps (B, s, s) and image scores (B,) of prepared inputs, higher = anomalous;
-        None for the scores: the Detector takes each smoothed map's maximum."""
+    def score(self, *x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw maps (B, s, s) and image scores (B,) of prepared inputs (`prepare`'s tensor, or
+        its tensors when it gives several), higher = anomalous; None for the scores: the
+        Detector takes each smoothed map's maximum."""
         raise NotImplementedError
 
     def after_backward(self) -> None:
@@ -138,11 +153,21 @@ class TrainedImageMethod(AnomalyMethod):
         )
 
     # -- shared machinery ------------------------------------------------------------------
-    def prepare(self, extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, S, S) in [0, 1] -> the network's input: (B, 3, s, s) in [-1, 1], or
-        the standardised backbone maps."""
+    def prepare(
+        self, extractor: FeatureExtractor, images: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Images (B, 3, S, S) in [0, 1] -> the network's input, with the backbone run on
+        the extractor's fast backend when the method reads its maps."""
+        return self.inputs(images, extractor.fast(images) if self.strides else None)
+
+    def inputs(
+        self, images: torch.Tensor, maps: list[torch.Tensor] | None
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Images (B, 3, S, S) in [0, 1] and the backbone's maps at `strides` (None when the
+        method reads none) -> the network's input: (B, 3, s, s) in [-1, 1], or the
+        standardised backbone maps. One place for both the fitted model and its export."""
         if self.space == "features":
-            return self.standardise(backbone_maps(extractor.fast(images)))
+            return self.standardise(backbone_maps(maps))
         if self.input_size > images.shape[-1]:
             raise ParameterError(
                 f"{self.name}'s input_size {self.input_size} is larger than the image size "
@@ -237,7 +262,8 @@ class TrainedImageMethod(AnomalyMethod):
 
     def forward(self, extractor: FeatureExtractor, images: torch.Tensor) -> MethodOutput:
         with torch.no_grad():
-            maps, scores = self.score(self.prepare(extractor, images))
+            prepared = self.prepare(extractor, images)
+            maps, scores = self.score(*(prepared if isinstance(prepared, tuple) else (prepared,)))
         return MethodOutput(maps=maps, scores=scores)
 
     def check_geometry(self, image_size: int, taps: dict[int, int]) -> None:
@@ -272,12 +298,10 @@ class _Prepare(nn.Module):
         self.owner = (method,)  # not a submodule: the network belongs to the head graph
         self.extractor = extractor
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         (images,) = inputs
         method = self.owner[0]
-        if method.space == "features":
-            return method.standardise(backbone_maps(self.extractor(images)))
-        return resize_to(images, method.input_size) * 2 - 1
+        return method.inputs(images, self.extractor(images) if method.strides else None)
 
 
 class _ScoreHead(nn.Module):
@@ -288,6 +312,5 @@ class _ScoreHead(nn.Module):
         self.method = method
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        (x,) = inputs
-        maps, scores = self.method.score(x)
+        maps, scores = self.method.score(*inputs)
         return maps if scores is None else (maps, scores)

@@ -8,6 +8,9 @@ with its parameters and arrays; every value is checked at load like a model's co
   the index rebuilt from the bank at load (PatchCore), with `components.knn.patch_scores`.
 - `gallery_knn`: pooled image features and feature maps (laid out per position) scored against
   the training images' (SPADE), with `components.knn.gallery_scores`.
+- `patch_coverage`: patch embeddings at two scales, each scored by its nearest bank vector,
+  spread over the pixels each patch covers and multiplied (Patch SVDD), with
+  `components.coverage.coverage_product`.
 - `image_score`: the head's image scores as they are, no map (DifferNet, whose maps are
   gradients through the backbone and need torch).
 Head outputs: the finish's fixed `outputs`, then, for a finish that lays out a pyramid, as many
@@ -21,6 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from defectlens.components.coverage import coverage_product
 from defectlens.components.distances import block_mahalanobis, block_row_views
 from defectlens.components.knn import (
     ExactIndex,
@@ -211,6 +215,50 @@ class GalleryKnnFinish(Finish):
             self.image_index, self.pixel_features, pooled, pyramid, self.k_images, self.k_pixels
         )
         return maps.reshape(-1, *self.grid), scores
+
+
+class PatchCoverageFinish(Finish):
+    kind = "patch_coverage"
+    outputs = ("patches_small", "patches_large")
+    arrays = ("bank_small", "bank_large")
+
+    @classmethod
+    def parameters(cls) -> tuple[str, ...]:
+        return ("index", "patch_sizes", "strides")
+
+    def __init__(self, spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        super().__init__(spec, arrays)
+        self.patch_sizes = [
+            check_int("finish.patch_sizes", p, 1, 4096) for p in _pair(spec, "patch_sizes")
+        ]
+        self.strides = [check_int("finish.strides", s, 1, 4096) for s in _pair(spec, "strides")]
+        kind = check_choice("finish.index", spec["index"], index_names())
+        self.indexes = []
+        for name in self.arrays:
+            bank = arrays[name]
+            if bank.ndim != 2 or bank.dtype != np.float32 or bank.shape[0] < 1:
+                raise ParameterError(f"{name} must be a non-empty float32 (N, d) array")
+            index = make_index(kind)
+            index.build(bank)
+            self.indexes.append((index, bank.shape[1]))
+
+    def __call__(self, outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        distances = []
+        for patches, (index, dim) in zip(outputs, self.indexes, strict=True):
+            b, h, w, d = patches.shape
+            if d != dim:
+                raise ParameterError(f"patch embeddings have {d} values, the bank {dim}")
+            found, _ = index.search(patches.reshape(-1, d), 1)
+            distances.append(found.reshape(b, h, w))
+        maps = coverage_product(distances, self.patch_sizes, self.strides)
+        return maps, maps.reshape(maps.shape[0], -1).max(axis=1)
+
+
+def _pair(spec: dict[str, Any], key: str) -> list:
+    value = spec[key]
+    if not (isinstance(value, list) and len(value) == 2):
+        raise ParameterError(f"finish.{key} must be a list of two numbers")
+    return value
 
 
 class ImageScoreFinish(Finish):

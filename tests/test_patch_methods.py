@@ -1,0 +1,280 @@
+"""Uninformed Students, Patch SVDD and segmentation-aided detection, and the blocks under them:
+a padding-free patch network's dense pass gives exactly each patch's own descriptor, training
+windows see exactly what a whole-image pass sees, coverage maps are means over the covering
+patches, and each method fits in seconds, beats chance on generated defects, round-trips
+exactly and exports with parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from defectlens import Detector, load
+from defectlens.components.patchnet import PatchNet
+from defectlens.data import find_test_samples
+from defectlens.errors import DefectLensError, ParameterError
+from defectlens.evaluation import evaluate
+from defectlens.methods.students import Students, student_layers
+
+
+def assert_round_trip_and_export(detector: Detector, root, tmp_path) -> None:
+    """Saved and loaded, the detector scores and maps exactly as before; exported, within
+    the parity contract, with maps."""
+    from defectlens.runtime.export import export_detector
+
+    paths = [s.path for s in find_test_samples(root)][:5]
+    loaded = load(detector.save(tmp_path / "m"))
+    before, after = detector.predict(paths), loaded.predict(paths)
+    assert [p.score for p in before] == [p.score for p in after]
+    for a, b in zip(before, after, strict=True):
+        assert np.array_equal(a.anomaly_map, b.anomaly_map)
+    report = export_detector(detector, tmp_path / "e")
+    assert report.max_relative_difference < 1e-4 and report.has_maps
+
+
+@pytest.mark.parametrize(("patch", "field", "stride"), [(17, 20, 4), (65, 60, 8)])
+def test_a_dense_pass_gives_every_patch_its_own_descriptor(patch, field, stride):
+    torch.manual_seed(0)
+    net = PatchNet(3, student_layers(patch, 4, 5)).eval()
+    assert (net.field, net.stride) == (field, stride)
+    image = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        dense = net.dense(image)
+        assert dense.shape == (1, 5, 64 // stride, 64 // stride)
+        before, after = net.padding()
+        padded = torch.nn.functional.pad(image, (before, after, before, after), mode="reflect")
+        for row, col in [(0, 0), (3, 5), (64 // stride - 1, 2)]:
+            y, x = row * stride, col * stride
+            alone = net(padded[:, :, y : y + field, x : x + field])
+            assert alone.shape[-2:] == (1, 1)
+            torch.testing.assert_close(alone[0, :, 0, 0], dense[0, :, row, col])
+
+
+def test_a_patch_network_refuses_an_image_off_its_grid():
+    net = PatchNet(3, student_layers(65, 4, 5))
+    with pytest.raises(ParameterError, match="multiples of the patch network's stride 8"):
+        net.dense(torch.rand(1, 3, 60, 64))
+
+
+def test_training_windows_match_the_whole_image_pass():
+    from defectlens.methods.students import _Windows
+
+    torch.manual_seed(0)
+    nets = [PatchNet(3, student_layers(p, 4, 3)).eval() for p in (17, 65)]
+    pixels = torch.rand(2, 3, 64, 64)
+    teachers = (torch.rand(2, 3, 16, 16), torch.rand(2, 3, 8, 8))
+    windows = _Windows(nets, (pixels, *teachers), crop=32, seed=0)
+    inputs, targets = windows.take(torch.tensor([1, 0, 1]))
+    with torch.no_grad():
+        for k, net in enumerate(nets):
+            out = net(inputs[k])
+            dense = net.dense(pixels)
+            s = net.stride
+            assert out.shape[-1] == 32 // s == targets[k].shape[-1]
+            # find each window's corner from its teacher cells, then compare with the dense pass
+            for j, i in enumerate([1, 0, 1]):
+                match = [
+                    (y, x)
+                    for y in range(0, 64 - 32 + 1, 8)
+                    for x in range(0, 64 - 32 + 1, 8)
+                    if torch.equal(
+                        targets[k][j],
+                        teachers[k][i, :, y // s : (y + 32) // s, x // s : (x + 32) // s],
+                    )
+                ]
+                assert len(match) == 1
+                y, x = match[0]
+                window = dense[i, :, y // s : (y + 32) // s, x // s : (x + 32) // s]
+                torch.testing.assert_close(out[j], window, rtol=1e-5, atol=1e-5)
+
+
+TINY_STUDENTS = {"width": 8, "crop": 32, "max_epochs": 15, "patience": 15}
+
+
+@pytest.fixture(scope="module")
+def students(brick_root):
+    return Detector(
+        method="students", image_size=64, batch_size=8, method_params=TINY_STUDENTS
+    ).fit(brick_root, device="cpu")
+
+
+def test_students_train_beat_chance_round_trip_and_export(students, brick_root, tmp_path):
+    history = students.model_.history
+    teacher = [r for r in history if "teacher_epoch" in r]
+    own = [r for r in history if "epoch" in r]
+    assert teacher and own  # the teacher was distilled first, then the students trained
+    for phase in (teacher, own):
+        assert phase[-1]["train_loss"] < phase[0]["train_loss"]
+        assert all("val_loss" in r for r in phase)
+    model = students.model_
+    assert [len(scale) for scale in model.net["students"]] == [3, 3]
+    assert [len(scale) for scale in model.net["teachers"]] == [1, 1]
+    # independent initialisations: the students must not be copies of each other
+    first = [next(s.parameters()) for s in model.net["students"][0]]
+    assert not torch.equal(first[0], first[1])
+    metrics = evaluate(students, brick_root).metrics
+    assert metrics["image_auroc"] > 0.65 and metrics["pixel_auroc"] > 0.6, metrics
+    assert_round_trip_and_export(students, brick_root, tmp_path)
+
+
+def test_students_with_the_backbone_as_teacher_on_one_scale(brick_root, tmp_path):
+    params = {
+        **TINY_STUDENTS,
+        "patch_sizes": [65],
+        "students": 2,
+        "max_epochs": 2,
+        "teacher": "backbone",
+    }
+    detector = Detector(method="students", image_size=64, method_params=params).fit(
+        brick_root, device="cpu"
+    )
+    assert detector.model_.strides == (8,) and detector.model_.score_stats.shape == (1, 4)
+    assert "teachers" not in detector.model_.net
+    paths = [s.path for s in find_test_samples(brick_root)][:3]
+    loaded = load(detector.save(tmp_path / "m"))
+    assert [p.score for p in detector.predict(paths)] == [p.score for p in loaded.predict(paths)]
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"patch_sizes": [33]}, "patch_sizes must be values from"),
+        ({"patch_sizes": [17, 17]}, "patch_sizes has repeated values"),
+        ({"students": 1}, "students must be"),
+        ({"crop": 36}, "crop must be a multiple of 8"),
+        ({"weight_decay": -1}, "weight_decay"),
+    ],
+)
+def test_students_bad_parameters_are_clear_errors(params, message):
+    with pytest.raises(ParameterError, match=message):
+        Students(**params)
+
+
+def test_cover_mean_is_the_mean_of_the_covering_patches():
+    from defectlens.components.coverage import cover_mean
+
+    rng = np.random.default_rng(0)
+    scores = rng.random((2, 5, 4)).astype(np.float32)
+    span = 3  # each patch covers 3 x 3 cells
+    got = cover_mean(scores, span)
+    assert got.shape == (2, 7, 6)
+    for b in range(2):
+        for y in range(7):
+            for x in range(6):
+                covering = [
+                    scores[b, i, j]
+                    for i in range(5)
+                    for j in range(4)
+                    if i <= y < i + span and j <= x < j + span
+                ]
+                assert got[b, y, x] == pytest.approx(np.mean(covering), rel=1e-5)
+
+
+def test_patch_svdd_dense_embeddings_are_each_patchs_own():
+    from defectlens.methods.patchsvdd import _PatchSVDDNet
+
+    torch.manual_seed(0)
+    net = _PatchSVDDNet(8).eval()
+    image = torch.rand(1, 3, 96, 96)
+    with torch.no_grad():
+        small, large = net.dense(image)
+        assert small.shape[-2:] == ((96 - 32) // 4 + 1,) * 2
+        assert large.shape[-2:] == ((96 - 64) // 16 + 1,) * 2
+        for row, col in [(0, 0), (3, 7), (16, 16)]:
+            patch = image[:, :, 4 * row : 4 * row + 32, 4 * col : 4 * col + 32]
+            torch.testing.assert_close(net.embed(patch)[0], small[0, :, row, col])
+        for row, col in [(0, 0), (1, 2), (2, 2)]:
+            patch = image[:, :, 16 * row : 16 * row + 64, 16 * col : 16 * col + 64]
+            torch.testing.assert_close(net.embed(patch)[0], large[0, :, row, col])
+
+
+def test_position_pairs_are_labelled_by_where_the_second_patch_lies():
+    from defectlens.methods.patchsvdd import NEIGHBOURS, neighbour_pairs, position_pairs
+
+    # every pixel holds its own coordinates, so a patch's top-left value is its corner
+    side = 256
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    images = torch.stack([ys, xs, ys * 0], 0).float()[None].repeat(64, 1, 1, 1)
+    generator = torch.Generator().manual_seed(0)
+    first, second, label = position_pairs(images, 32, generator)
+    corners, seconds = first[:, :2, 0, 0], second[:, :2, 0, 0]
+    for start, end, c in zip(corners.tolist(), seconds.tolist(), label.tolist(), strict=True):
+        for a, b, w in zip(start, end, NEIGHBOURS[c], strict=True):
+            if w == 0:
+                assert b == a
+            elif b in (0, side - 32):  # clipped at the border: moved towards it, or not at all
+                assert (b - a) * w >= 0
+            else:  # 3/4 K to K along a moved axis
+                assert (b - a) * w >= 24 and abs(b - a) <= 32
+    a, b = neighbour_pairs(images, 64, generator)
+    shift = (b[:, :2, 0, 0] - a[:, :2, 0, 0]).abs()
+    assert bool((shift <= 2).all()) and bool((shift.sum(dim=1) > 0).any())
+
+
+@pytest.fixture(scope="module")
+def patchsvdd(brick_root):
+    params = {"max_epochs": 20, "patience": 20, "batch_size": 32, "coreset_ratio": 1.0}
+    return Detector(method="patchsvdd", image_size=64, batch_size=8, method_params=params).fit(
+        brick_root, device="cpu"
+    )
+
+
+def test_patchsvdd_fits_beats_chance_round_trips_and_exports(patchsvdd, brick_root, tmp_path):
+    model = patchsvdd.model_
+    assert all("val_loss" in r for r in model.history)
+    # 64 px images: 9 x 9 small patches and one large patch per training image, all kept
+    n_train = len(patchsvdd.fit_images_)
+    assert model.bank_small.shape == (81 * n_train, 64)
+    assert model.bank_large.shape == (n_train, 64)
+    metrics = evaluate(patchsvdd, brick_root).metrics
+    assert metrics["image_auroc"] > 0.65 and metrics["pixel_auroc"] > 0.7, metrics
+    assert_round_trip_and_export(patchsvdd, brick_root, tmp_path)
+
+
+def test_patchsvdd_needs_64_px_images(brick_root):
+    with pytest.raises(DefectLensError, match="at least 64 px"):
+        Detector(method="patchsvdd", image_size=32, method_params={"max_epochs": 1}).fit(
+            brick_root, device="cpu"
+        )
+
+
+def test_edges_are_the_structure_map():
+    from defectlens.methods.segaided import edge_structure
+
+    flat = torch.zeros(1, 3, 16, 16)
+    assert float(edge_structure(flat).max()) < 1e-5  # no edges, borders included
+    step = flat.clone()
+    step[..., 8:] = 1.0  # a vertical step from grey 0.5 to 1 in [0, 1] units
+    edges = edge_structure(step)[0, 0]
+    assert float(edges[:, 7:9].min()) > 1.0 and float(edges[:, :6].max()) < 1e-5
+
+
+def test_a_decoder_with_skips_reads_them_and_one_without_keeps_its_names():
+    from defectlens.components.autoencoder import ConvDecoder, ConvEncoder
+
+    plain = ConvDecoder(16, (8, 4), 3, convs=2)
+    assert next(iter(plain.state_dict())) == "layers.0.0.weight"  # saved models load
+    encoder = ConvEncoder(1, (4, 8, 16))
+    stages = encoder.stage_outputs(torch.rand(2, 1, 32, 32))
+    assert [s.shape[-1] for s in stages] == [16, 8, 4]
+    decoder = ConvDecoder(16, (8, 4, 4), 3, skip_channels=(8, 4))
+    out = decoder(stages[-1], stages[-2::-1])
+    assert out.shape == (2, 3, 32, 32)
+    changed = [t.clone() for t in stages]
+    changed[0] += 1.0  # the finest skip must reach the output
+    assert not torch.allclose(decoder(changed[-1], changed[-2::-1]), out)
+
+
+def test_segaided_fits_beats_chance_round_trips_and_exports(brick_root, tmp_path):
+    params = {"input_size": 64, "max_epochs": 25, "patience": 25, "widths": [8, 16, 32]}
+    detector = Detector(method="segaided", image_size=64, batch_size=8, method_params=params).fit(
+        brick_root, device="cpu"
+    )
+    history = detector.model_.history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    metrics = evaluate(detector, brick_root).metrics
+    assert metrics["image_auroc"] > 0.65 and metrics["pixel_auroc"] > 0.8, metrics
+    assert_round_trip_and_export(detector, brick_root, tmp_path)
+    with pytest.raises(ParameterError, match="at least 2 widths"):
+        Detector(method="segaided", method_params={"widths": [8]})
