@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from defectlens.backbones import FeatureExtractor
 from defectlens.components.coverage import coverage_product
@@ -192,10 +193,15 @@ class PatchSVDD(TrainedImageMethod):
             del self._data, self._generator
         self.net.requires_grad_(False).eval()
         with torch.no_grad():
-            small, large = self._embeddings(train)
+            small, large = self._embeddings(train, progress)
         sampler = GreedyCoresetSampler(self.coreset_ratio, None, self.seed)
-        self.bank_small = small[sampler.select(small)].contiguous()
-        self.bank_large = large[sampler.select(large)].contiguous()
+        banks = []
+        for size, vectors in ((SMALL, small), (LARGE, large)):
+            total = sampler.target_size(len(vectors)) - 1
+            desc = f"coreset {size} px"
+            with tqdm(total=total, desc=desc, disable=not progress, unit="pt") as bar:
+                banks.append(vectors[sampler.select(vectors, progress=bar.update)].contiguous())
+        self.bank_small, self.bank_large = banks
         self.after_load()
 
     def loss(self, indices: torch.Tensor) -> torch.Tensor:
@@ -224,10 +230,13 @@ class PatchSVDD(TrainedImageMethod):
         return total
 
     # -- scoring -----------------------------------------------------------------------------
-    def _embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embeddings(
+        self, x: torch.Tensor, progress: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every test-stride patch embedding of these prepared images, both scales: (N, dim)."""
         small, large = [], []
-        for start in range(0, len(x), 16):
+        starts = range(0, len(x), 16)
+        for start in tqdm(starts, desc="embed patches", disable=not progress, unit="batch"):
             s, g = self.net.dense(x[start : start + 16])
             small.append(s.permute(0, 2, 3, 1).reshape(-1, s.shape[1]))
             large.append(g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]))

@@ -148,6 +148,11 @@ class Students(TrainedImageMethod):
         pixels = images * 2 - 1
         return (pixels, *self._standardise(self._teacher_maps(pixels, maps)))
 
+    @property
+    def scores_from_backbone(self) -> bool:
+        """A distilled teacher replaces the backbone at scoring time."""
+        return self.teacher == "backbone"
+
     def _teacher_maps(
         self, pixels: torch.Tensor, maps: list[torch.Tensor] | None
     ) -> list[torch.Tensor]:

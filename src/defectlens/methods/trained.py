@@ -158,7 +158,12 @@ class TrainedImageMethod(AnomalyMethod):
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Images (B, 3, S, S) in [0, 1] -> the network's input, with the backbone run on
         the extractor's fast backend when the method reads its maps."""
-        return self.inputs(images, extractor.fast(images) if self.strides else None)
+        return self.inputs(images, extractor.fast(images) if self.scores_from_backbone else None)
+
+    @property
+    def scores_from_backbone(self) -> bool:
+        """Whether scoring reads the backbone's maps (a method may need them to fit only)."""
+        return bool(self.strides)
 
     def inputs(
         self, images: torch.Tensor, maps: list[torch.Tensor] | None
@@ -301,7 +306,8 @@ class _Prepare(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         (images,) = inputs
         method = self.owner[0]
-        return method.inputs(images, self.extractor(images) if method.strides else None)
+        maps = self.extractor(images) if method.scores_from_backbone else None
+        return method.inputs(images, maps)
 
 
 class _ScoreHead(nn.Module):
