@@ -287,3 +287,17 @@ def test_segaided_fits_beats_chance_round_trips_and_exports(brick_root, tmp_path
     assert_round_trip_and_export(detector, brick_root, tmp_path)
     with pytest.raises(ParameterError, match="at least 2 widths"):
         Detector(method="segaided", method_params={"widths": [8]})
+
+
+def test_a_patch_coverage_finish_checks_its_spec_at_load():
+    from defectlens.runtime.finish import make_finish
+
+    banks = {"bank_small": np.zeros((4, 8), np.float32), "bank_large": np.zeros((2, 8), np.float32)}
+    spec = {"kind": "patch_coverage", "index": "exact", "patch_sizes": [32, 64], "strides": [4, 16]}
+    make_finish(spec, banks)  # the spec Patch SVDD writes
+    with pytest.raises(ParameterError, match=r"multiples of finish\.strides"):
+        make_finish({**spec, "strides": [5, 16]}, banks)
+    with pytest.raises(ParameterError, match="list of two numbers"):
+        make_finish({**spec, "patch_sizes": 32}, banks)
+    with pytest.raises(ParameterError, match="non-empty float32"):
+        make_finish(spec, {**banks, "bank_large": np.zeros((0, 8), np.float32)})

@@ -232,6 +232,14 @@ class PatchCoverageFinish(Finish):
             check_int("finish.patch_sizes", p, 1, 4096) for p in _pair(spec, "patch_sizes")
         ]
         self.strides = [check_int("finish.strides", s, 1, 4096) for s in _pair(spec, "strides")]
+        if any(
+            p % s or s % self.strides[0]
+            for p, s in zip(self.patch_sizes, self.strides, strict=True)
+        ):
+            raise ParameterError(
+                "finish.patch_sizes must be multiples of finish.strides, and the strides "
+                "multiples of the first"
+            )
         kind = check_choice("finish.index", spec["index"], index_names())
         self.indexes = []
         for name in self.arrays:
