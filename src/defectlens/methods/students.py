@@ -191,10 +191,10 @@ class Students(TrainedImageMethod):
         progress: bool = False,
         val_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
     ) -> None:
-        train_pixels, train_maps = _collect(extractor, batches)
+        train_pixels, train_maps = _images_and_maps(extractor, batches)
         val_pixels, val_maps = (None, None)
         if val_batches is not None:
-            val_pixels, val_maps = _collect(extractor, val_batches())
+            val_pixels, val_maps = _images_and_maps(extractor, val_batches())
         side = train_pixels.shape[-1]
         if side % max(self.strides):
             raise ParameterError(f"the image size must be a multiple of {max(self.strides)}")
@@ -341,7 +341,7 @@ def _maybe(value: Any, function: Callable[[Any], Any]) -> Any:
     return None if value is None else function(value)
 
 
-def _collect(
+def _images_and_maps(
     extractor: FeatureExtractor, batches: Iterable[torch.Tensor]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Images in [0, 1] and the backbone's maps at the extractor's strides."""
