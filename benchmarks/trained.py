@@ -1,5 +1,5 @@
 """Fit one method that trains a network (MemAE, MNAD, GradCon, OGNet, Uninformed Students,
-Patch SVDD, segmentation-aided) with its defaults on one dataset, evaluate it, then evaluate
+Patch SVDD, segmentation-aided, Neural Batch Sampling) with its defaults on one dataset, evaluate it, then evaluate
 the same fitted network with its other scoring rules (no refit: they only change how an image
 is scored). One JSON line per scoring rule.
 
@@ -36,6 +36,7 @@ VARIANTS = {
     "students": [],
     "patchsvdd": [],
     "segaided": [("image_score=map_max", {"image_score": "map_max"})],
+    "nbs": [],
 }
 # Methods without a `space` parameter (the table shows "–").
 SPACELESS = {"students", "patchsvdd", "segaided"}

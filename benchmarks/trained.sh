@@ -9,13 +9,13 @@
 #     bash benchmarks/trained.sh
 # reruns only the feature rows, with the budget BENCHMARKS.md's feature rows had;
 #   METHODS="students segaided patchsvdd" SPACES=pixels bash benchmarks/trained.sh
-# only issue 11's rows.
+# only issue 11's rows (Neural Batch Sampling has a `space`: METHODS=nbs runs both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-benchmarks/results/trained.jsonl}
 SPACES=${SPACES:-pixels features}
-METHODS=${METHODS:-memae mnad gradcon ognet students segaided patchsvdd}
+METHODS=${METHODS:-memae mnad gradcon ognet students segaided patchsvdd nbs}
 SPACELESS=" students segaided patchsvdd "
 read -r -a EXTRA <<< "${EXTRA:-}"
 mkdir -p "$(dirname "$OUT")"

@@ -190,6 +190,14 @@ def cli(debug: bool) -> None:
     help="spade: nearest training images per test image (default 5).",
 )
 @click.option(
+    "--anomalies",
+    default=None,
+    metavar="DIR",
+    help="nbs: a few labelled defective images with masks, MVTec layout (DIR/test/<defect>/ "
+    "and DIR/ground_truth/<defect>/<name>_mask.png). Default: synthetic defects pasted on "
+    "held-out training images. Never give the test set you evaluate on.",
+)
+@click.option(
     "--param",
     "params",
     multiple=True,
@@ -247,6 +255,7 @@ def fit(
     coreset_ratio,
     nn_index,
     k_images,
+    anomalies,
     params,
     shots,
     shot_seed,
@@ -273,7 +282,7 @@ def fit(
     from defectlens.outputs import check_model_target
 
     _apply_max_pixels(max_pixels)
-    protect = [data] + ([val] if val else [])
+    protect = [data] + ([val] if val else []) + ([anomalies] if anomalies else [])
     check_model_target(out, protect)
     named = {
         "n_channels": n_channels,
@@ -282,6 +291,7 @@ def fit(
         "index": nn_index,
         "k_images": k_images,
         "registration": registration,
+        "anomalies": anomalies,
     }
     method_params = {k: v for k, v in named.items() if v is not None}
     method_params.update(_parse_params(params))

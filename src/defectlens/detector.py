@@ -163,6 +163,11 @@ class Detector(Predictor):
             "augment_support": self.augment_support,
         }
 
+    @property
+    def supervision(self) -> str:
+        """What the fitted method learned from besides normal images (see `Predictor`)."""
+        return self.model_.supervision
+
     def ensure_extractor(self) -> FeatureExtractor:
         """The frozen backbone, built (and its weights file checked) on first use, running on
         the chosen backend."""

@@ -142,6 +142,7 @@ def evaluate(
         evaluation.skipped = skipped
         m = image_metrics(result_scores, evaluation.labels, detector.thresholds_.image)
         m["threshold"] = detector.thresholds_.to_dict()
+        m["supervision"] = detector.supervision
         if not detector.has_maps:
             m["pixel_metrics"] = "skipped: this model scores images without anomaly maps"
         elif pixel is None:

@@ -33,6 +33,7 @@ from defectlens.outputs import (
     read_folder_config,
     write_folder,
 )
+from defectlens.prediction import NORMAL_ONLY
 from defectlens.thresholds import Thresholds
 
 FORMAT = MODEL_FORMAT
@@ -74,6 +75,8 @@ def save_detector(detector, path: str | Path, protect: tuple[str | Path, ...] = 
     }
     if detector.model_.history:  # trained methods: the per-epoch losses
         config["training"] = {"history": detector.model_.history}
+    if detector.model_.supervision != NORMAL_ONLY:  # nbs: which labelled anomalies
+        config.setdefault("training", {"history": []})["supervision"] = detector.supervision
     state = detector.model_.fitted_state()
     write_folder(path, lambda target: save_file(state, str(target)), config, "model")
     return path
@@ -123,10 +126,12 @@ def read_config(path: str | Path) -> dict:
     if "training" in config:
         training = _object(config_path, config, "training")
         history = training.get("history")
-        if set(training) != {"history"} or not (
+        if not {"history"} <= set(training) <= {"history", "supervision"} or not (
             isinstance(history, list) and all(isinstance(r, dict) for r in history)
         ):
             raise _reject(config_path, "training must hold a history: a list of objects")
+        if not isinstance(training.get("supervision", ""), str):
+            raise _reject(config_path, "training.supervision must be a string")
     _object(config_path, config, "thresholds")
     weights = _object(config_path, config, "backbone_weights")
     _check_keys(config_path, "backbone_weights.", weights, {"path", "sha256"})
@@ -207,4 +212,6 @@ def load_detector(path: str | Path, weights: str | None = None, backend: str | N
         )
     detector.thresholds_ = thresholds
     detector.model_.history = config.get("training", {}).get("history", [])
+    if "supervision" in config.get("training", {}):
+        detector.model_.supervision = config["training"]["supervision"]
     return detector

@@ -127,6 +127,10 @@ def iter_predictions(
         bar.close()
 
 
+# What a model learned from, when nothing but normal images (every method but nbs).
+NORMAL_ONLY = "normal images only"
+
+
 class Predictor:
     """`iter_predict` and `predict` for any model that provides `raw_scores` and the
     attributes below: a `Detector` (torch) and an `ExportedModel` (no torch) share them, and
@@ -138,6 +142,9 @@ class Predictor:
     thresholds_: Thresholds | None
     method: str  # names, for reports and model cards
     backbone: str
+    # What the model learned from besides normal images (nbs: labelled anomalies, real or
+    # synthetic), for metrics.json and model cards.
+    supervision: str = NORMAL_ONLY
 
     def raw_scores(self, images: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Raw maps (B, h, w) and the method's own scores (or None) for preprocessed images

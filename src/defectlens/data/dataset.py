@@ -92,3 +92,29 @@ def find_test_samples(root: str | Path) -> list[Sample]:
     if not any(s.label == 1 for s in samples):
         raise DataError(f"{test}: no defective test images (only test/good)")
     return samples
+
+
+def find_anomalies(root: str | Path) -> list[Sample]:
+    """Labelled anomalous images for a method that learns from a few (Neural Batch Sampling):
+    `root/test/<defect>/*` (MVTec layout; test/good is not read), each with its mask at
+    `root/ground_truth/<defect>/<stem>_mask.png`. A missing mask is an error naming the
+    image: a defect without a mask cannot teach where defects are."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder (--anomalies wants an MVTec-layout root)")
+    test = root / "test"
+    if not test.is_dir():
+        raise DataError(
+            f"{root}: no test/ folder; --anomalies wants test/<defect>/ images with masks in "
+            "ground_truth/<defect>/<name>_mask.png"
+        )
+    samples: list[Sample] = []
+    for folder in sorted(p for p in test.iterdir() if p.is_dir() and p.name != "good"):
+        for path in list_images(folder):
+            mask = root / "ground_truth" / folder.name / f"{path.stem}_mask.png"
+            if not mask.is_file():
+                raise DataError(f"{path}: no mask (expected {mask})")
+            samples.append(Sample(path, 1, folder.name, mask))
+    if not samples:
+        raise DataError(f"{test}: no defective images (looked in its sub-folders but good/)")
+    return samples

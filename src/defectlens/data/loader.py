@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from defectlens.data.images import as_rgb, read_image
+from defectlens.data.dataset import Sample
+from defectlens.data.images import as_rgb, read_image, read_mask
 from defectlens.errors import DataError
 
 ImageInput = str | Path | np.ndarray
@@ -96,3 +97,22 @@ def iter_batches(
                     on_error(source, exc)
             if len(batch.sources):
                 yield batch
+
+
+def load_labelled(samples: Sequence[Sample], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled images and their masks, resized to size x size: images (N, 3, S, S) float32
+    in [0, 1] and masks (N, S, S) float32 in {0, 1} (a resized pixel is defective when at
+    least half of what it covers was). A mask whose size differs from its image's is an
+    error naming the mask."""
+    images, masks = [], []
+    for sample in samples:
+        rgb, original = load_resized(sample.path, size)
+        if sample.mask is None:
+            mask = np.zeros((size, size), np.float32)
+        else:
+            hard = read_mask(sample.mask, expected_shape=original).astype(np.float32)
+            area = Image.fromarray(hard).resize((size, size), Image.Resampling.BOX)
+            mask = (np.asarray(area) >= 0.5).astype(np.float32)
+        images.append(rgb.transpose(2, 0, 1).astype(np.float32) / 255.0)
+        masks.append(mask)
+    return np.stack(images), np.stack(masks)

@@ -38,21 +38,42 @@ def _crop(texture: np.ndarray, size: int, x_range: tuple[int, int], rng: np.rand
     return texture[y : y + size, x : x + size].copy()
 
 
-def _soft_ellipse(size: int, rng: np.random.Generator, radius: tuple[int, int], blur: float):
+# The defect makers below draw sizes for a 128 px crop and scale them with the image (`_px`),
+# so the same defect is as large relative to the part at any resolution. Each works on a grey
+# (H, W) or colour (H, W, 3) float image in place and returns the defect's mask (H, W).
+
+
+def _px(img: np.ndarray, pixels: float) -> int:
+    """`pixels` at 128 px, in this image's pixels (at least 1)."""
+    return max(1, round(pixels * img.shape[0] / 128))
+
+
+def _blend(img: np.ndarray, alpha: np.ndarray, value: np.ndarray | float) -> None:
+    """img <- img (1 - alpha) + value alpha, with alpha (H, W) broadcast over colour."""
+    if img.ndim == 3:
+        alpha = alpha[:, :, None]
+    img[:] = img * (1 - alpha) + value * alpha
+
+
+def _soft_ellipse(img: np.ndarray, rng: np.random.Generator, radius: tuple[int, int], blur: float):
     """A blurred filled ellipse (blend weight in [0, 1]) away from the border."""
-    ry, rx = (int(r) for r in rng.integers(radius[0], radius[1] + 1, size=2))
-    margin = max(ry, rx) + 4
+    size = img.shape[0]
+    ry, rx = (int(r) for r in rng.integers(_px(img, radius[0]), _px(img, radius[1]) + 1, size=2))
+    margin = max(ry, rx) + _px(img, 4)
     cy, cx = (int(c) for c in rng.integers(margin, size - margin, size=2))
     yy, xx = np.mgrid[:size, :size]
     hard = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+    blur = blur * size / 128
     return ndimage.gaussian_filter(hard.astype(np.float64), blur) if blur else hard * 1.0
 
 
 def _scratch(img, rng, other):
     size = img.shape[0]
     canvas = Image.new("L", (size, size), 0)
-    points = [tuple(int(v) for v in rng.integers(8, size - 8, size=2)) for _ in range(3)]
-    ImageDraw.Draw(canvas).line(points, fill=255, width=int(rng.integers(2, 4)))
+    edge = _px(img, 8)
+    points = [tuple(int(v) for v in rng.integers(edge, size - edge, size=2)) for _ in range(3)]
+    width = int(rng.integers(_px(img, 2), _px(img, 4)))
+    ImageDraw.Draw(canvas).line(points, fill=255, width=width)
     mask = np.asarray(canvas) > 0
     tone = 0.95 if img[mask].mean() < 0.5 else 0.05
     img[mask] = tone
@@ -60,38 +81,41 @@ def _scratch(img, rng, other):
 
 
 def _spot(img, rng, other):
-    alpha = _soft_ellipse(img.shape[0], rng, (5, 12), blur=2.0)
+    alpha = _soft_ellipse(img, rng, (5, 12), blur=2.0)
     tone = 0.0 if rng.random() < 0.5 else 1.0
-    img[:] = img * (1 - 0.8 * alpha) + tone * 0.8 * alpha
+    _blend(img, 0.8 * alpha, tone)
     return alpha >= 0.5
 
 
 def _hole(img, rng, other):
     size = img.shape[0]
-    r = int(rng.integers(4, 9))
-    cy, cx = (int(c) for c in rng.integers(r + 6, size - r - 6, size=2))
+    r = int(rng.integers(_px(img, 4), _px(img, 9)))
+    rim, margin = _px(img, 2), _px(img, 6)
+    cy, cx = (int(c) for c in rng.integers(r + margin, size - r - margin, size=2))
     yy, xx = np.mgrid[:size, :size]
     dist = np.hypot(yy - cy, xx - cx)
-    img[dist <= r + 2] = 0.85  # raised rim
+    img[dist <= r + rim] = 0.85  # raised rim
     img[dist <= r] = 0.02
-    return dist <= r + 2
+    return dist <= r + rim
 
 
 def _patch(img, rng, other):
     size = img.shape[0]
-    side = int(rng.integers(12, 25))
-    y, x = (int(c) for c in rng.integers(4, size - side - 4, size=2))
+    side = int(rng.integers(_px(img, 12), _px(img, 25)))
+    edge = _px(img, 4)
+    y, x = (int(c) for c in rng.integers(edge, size - side - edge, size=2))
     oy, ox = (int(c) for c in rng.integers(0, other.shape[0] - side, size=2))
     img[y : y + side, x : x + side] = other[oy : oy + side, ox : ox + side]
-    mask = np.zeros_like(img, dtype=bool)
+    mask = np.zeros(img.shape[:2], dtype=bool)
     mask[y : y + side, x : x + side] = True
     return mask
 
 
 def _smudge(img, rng, other):
-    alpha = _soft_ellipse(img.shape[0], rng, (8, 16), blur=3.0)
-    smeared = ndimage.gaussian_filter(img, 4.0) * 0.7 + 0.3 * img.mean() + 0.15
-    img[:] = img * (1 - alpha) + np.clip(smeared, 0, 1) * alpha
+    alpha = _soft_ellipse(img, rng, (8, 16), blur=3.0)
+    sigma = 4.0 * img.shape[0] / 128
+    smeared = ndimage.gaussian_filter(img, (sigma, sigma, 0)[: img.ndim])
+    _blend(img, alpha, np.clip(smeared * 0.7 + 0.3 * img.mean() + 0.15, 0, 1))
     return alpha >= 0.5
 
 
@@ -102,6 +126,27 @@ _MAKERS: dict[str, Callable] = {
     "patch": _patch,
     "smudge": _smudge,
 }
+
+
+def paste_defect(
+    image: np.ndarray, rng: np.random.Generator, kinds: Sequence[str] = DEFECTS
+) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of `image` (H, H) or (H, H, 3), float in [0, 1], with one random defect of
+    `kinds` pasted in, and its mask (H, H) bool: labelled anomalies for a method that learns
+    from some (Neural Batch Sampling) when the user has none. Sizes scale with the image;
+    "patch" pastes a piece of another texture."""
+    if image.ndim not in (2, 3) or image.shape[0] != image.shape[1] or image.shape[0] < 64:
+        raise ValueError(f"paste_defect needs a square image of at least 64 px, not {image.shape}")
+    img = np.array(image, dtype=np.float64)
+    kind = kinds[int(rng.integers(len(kinds)))]
+    texture = load_texture(TEXTURES[int(rng.integers(len(TEXTURES)))])
+    if min(texture.shape) < img.shape[0]:  # a larger image than the texture: enlarge it
+        texture = ndimage.zoom(texture, img.shape[0] / min(texture.shape) + 1e-3, order=1)
+    other = _crop(texture, img.shape[0], (0, texture.shape[1]), rng)
+    if img.ndim == 3:
+        other = np.repeat(other[:, :, None], img.shape[2], axis=2)
+    mask = _MAKERS[kind](img, rng, other)
+    return np.clip(img, 0.0, 1.0), mask
 
 
 def _save(array: np.ndarray, path: Path) -> None:

@@ -8,6 +8,7 @@ from defectlens.methods.differnet import DifferNet
 from defectlens.methods.gradcon import GradCon
 from defectlens.methods.memae import MemAE
 from defectlens.methods.mnad import MNAD
+from defectlens.methods.nbs import NBS
 from defectlens.methods.ognet import OGNet
 from defectlens.methods.padim import Padim
 from defectlens.methods.patchcore import PatchCore
@@ -20,6 +21,7 @@ from defectlens.methods.students import Students
 __all__ = [
     "METHODS",
     "MNAD",
+    "NBS",
     "AnomalyMethod",
     "DifferNet",
     "GradCon",

@@ -30,6 +30,7 @@ from torch import nn
 
 from defectlens.backbones import FeatureExtractor
 from defectlens.errors import ModelFileError, ParameterError
+from defectlens.prediction import NORMAL_ONLY
 
 
 @dataclass
@@ -62,6 +63,9 @@ class AnomalyMethod(nn.Module):
     augments_support: ClassVar[bool] = False
     # Feature strides the method reads from the backbone; a subclass may make it a parameter.
     strides: tuple[int, ...]
+    # What fitting learned from besides normal images; a method that reads labelled
+    # anomalies says which after `fit` (saved in config.json, written into metrics.json).
+    supervision: str = NORMAL_ONLY
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -26,7 +26,7 @@ from defectlens import __version__
 from defectlens.errors import DefectLensError, ModelFileError
 from defectlens.outputs import EXPORT_FORMAT, MODEL_CONFIG, file_sha256, read_folder_config
 from defectlens.params import check_choice, check_float, check_int
-from defectlens.prediction import Predictor
+from defectlens.prediction import NORMAL_ONLY, Predictor
 from defectlens.runtime.finish import Finish, make_finish
 from defectlens.runtime.sessions import ENGINES, Session, open_session
 from defectlens.thresholds import Thresholds
@@ -147,6 +147,7 @@ class ExportedModel(Predictor):
             self.method = config["method"]
             # For reports and model cards only: the graphs are what scores.
             self.backbone = str(source["detector"].get("backbone", "unknown"))
+            self.supervision = str(source.get("supervision", NORMAL_ONLY))
         except DefectLensError as exc:
             raise ModelFileError(f"{config_path}: {exc}") from None
         self.config = config

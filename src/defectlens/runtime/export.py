@@ -214,7 +214,7 @@ def export_detector(
             "engine": "onnxruntime" if format == "onnx" else "openvino",
             "precision": "int8" if extra_config else "fp32",
             "method": detector.method,
-            "source": {"detector": detector.params()},
+            "source": {"detector": detector.params(), "supervision": detector.supervision},
             "preprocessing": {
                 "image_size": detector.image_size,
                 "resize": "bilinear-antialias",
