@@ -136,6 +136,8 @@ class Detector(Predictor):
             raise ParameterError(f"{method}: {exc}") from None
         self.extractor_: FeatureExtractor | None = None
         self.thresholds_: Thresholds | None = None
+        # How many images the model was fitted on (saved; shown on the service's model card).
+        self.n_fit_images_: int | None = None
         # Where the backbone runs: not a model parameter (every backend gives the same scores
         # to float32 precision), so not saved; see `use_backend`.
         self.backend = default_backend_name()
@@ -280,6 +282,7 @@ class Detector(Predictor):
             bar.close()
         self.thresholds_ = None
         # What was fitted on, by name: in few-shot mode, the support set to report.
+        self.n_fit_images_ = len(fit_images)
         self.fit_images_ = [
             f"<array {i}>" if isinstance(p, np.ndarray) else str(p)
             for i, p in enumerate(fit_images)

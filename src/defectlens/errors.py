@@ -16,6 +16,10 @@ class DataError(DefectLensError):
     """An image, mask or dataset folder that cannot be used."""
 
 
+class PixelLimitError(DataError):
+    """An image whose header claims more pixels than the limit (never decoded)."""
+
+
 class ModelFileError(DefectLensError):
     """A saved model directory that is missing, corrupt or of an unknown format."""
 

@@ -73,6 +73,8 @@ def save_detector(detector, path: str | Path, protect: tuple[str | Path, ...] = 
         },
         "thresholds": detector.thresholds_.to_dict(),
     }
+    if detector.n_fit_images_ is not None:
+        config["fit_images"] = detector.n_fit_images_
     if detector.model_.history:  # trained methods: the per-epoch losses
         config["training"] = {"history": detector.model_.history}
     if detector.model_.supervision != NORMAL_ONLY:  # nbs: which labelled anomalies
@@ -121,7 +123,10 @@ def read_config(path: str | Path) -> dict:
             f"{config_path}: model format version {version!r}, this defectlens "
             f"({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
-    _check_keys(config_path, "", config, _TOP_KEYS, optional={"training"})
+    _check_keys(config_path, "", config, _TOP_KEYS, optional={"training", "fit_images"})
+    fit_images = config.get("fit_images", 0)
+    if isinstance(fit_images, bool) or not isinstance(fit_images, int) or fit_images < 0:
+        raise _reject(config_path, "fit_images must be a whole number of images")
     detector = _object(config_path, config, "detector")
     if "training" in config:
         training = _object(config_path, config, "training")
@@ -212,6 +217,7 @@ def load_detector(path: str | Path, weights: str | None = None, backend: str | N
         )
     detector.thresholds_ = thresholds
     detector.model_.history = config.get("training", {}).get("history", [])
+    detector.n_fit_images_ = config.get("fit_images")
     if "supervision" in config.get("training", {}):
         detector.model_.supervision = config["training"]["supervision"]
     return detector

@@ -145,6 +145,8 @@ class Predictor:
     # What the model learned from besides normal images (nbs: labelled anomalies, real or
     # synthetic), for metrics.json and model cards.
     supervision: str = NORMAL_ONLY
+    n_fit_images_: int | None = None  # how many images it was fitted on, if known
+    kind: str = "model"  # "model" (a saved Detector) or "export" (an exported folder)
 
     def raw_scores(self, images: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Raw maps (B, h, w) and the method's own scores (or None) for preprocessed images

@@ -45,6 +45,7 @@ file; `warnings.warn` is safe to call from a background thread.
 from __future__ import annotations
 
 import errno
+import io
 import numbers
 import os
 import stat
@@ -55,7 +56,7 @@ from typing import IO
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from defectlens.errors import DataError, DataWarning, ParameterError
+from defectlens.errors import DataError, DataWarning, ParameterError, PixelLimitError
 
 IMAGE_SUFFIXES = (
     ".png",
@@ -125,7 +126,7 @@ def set_max_pixels(n: int | None) -> None:
 def _check_pixels(path: Path, width: int, height: int, limit: int) -> None:
     pixels = int(width) * int(height)
     if pixels > limit:
-        raise DataError(
+        raise PixelLimitError(
             f"{path}: {width} x {height} = {pixels:,} pixels is over the limit of {limit:,} "
             f"(raise it with --max-pixels N or {MAX_PIXELS_ENV})"
         )
@@ -274,44 +275,49 @@ def _open(path: Path) -> _Decoded:
     if Image.MAX_IMAGE_PIXELS is not None:
         Image.MAX_IMAGE_PIXELS = None
     limit = get_max_pixels()  # before the try: a bad DEFECTLENS_MAX_PIXELS is a ParameterError
-    notes: list[str] = []
     with _open_regular_file(path) as handle:
-        try:
-            image = Image.open(handle, formats=_formats())
-            width, height = image.size
-            if width <= 0 or height <= 0:
-                raise DataError(f"{path}: image has zero size")
-            _check_pixels(path, width, height, limit)
-            n_frames = getattr(image, "n_frames", 1)
-            if isinstance(n_frames, int) and n_frames > 1 and image.format != "MPO":
-                notes.append(f"{path}: has {n_frames} frames/pages; only the first is used")
-                if image.tell() != 0:
-                    image.seek(0)
-            rawmode = _rawmode(image)
-            sixteen_bit = image.mode.startswith("I;16") or (
-                image.format in ("PNG", "TIFF") and ";16" in rawmode
-            )
-            image.load()
-            width, height = image.size  # GIF and TIFF can change size while loading
-            if width <= 0 or height <= 0:
-                raise DataError(f"{path}: image has zero size")
-            _check_pixels(path, width, height, limit)
-            try:  # a broken EXIF block is ignored, as viewers do, rather than refusing the image
-                orientation = image.getexif().get(_ORIENTATION, 1)
-            except Exception:
-                orientation = 1
-            if orientation in (2, 3, 4, 5, 6, 7, 8):
-                image = ImageOps.exif_transpose(image)
-        except DataError:
-            raise
-        except Image.DecompressionBombError as exc:  # only if PIL's limit was set back on
-            raise DataError(
-                f"{path}: over the pixel limit of PIL's decompression-bomb check ({_short(exc)})"
-            ) from None
-        except UnidentifiedImageError:
-            raise _corrupt(path, "not in an image format that can be read") from None
-        except Exception as exc:
-            raise _corrupt(path, _short(exc)) from None
+        return _decode(handle, path, limit)
+
+
+def _decode(handle: IO[bytes], path: Path | str, limit: int) -> _Decoded:
+    """The first frame of an open file (named `path` in messages), loaded and upright."""
+    notes: list[str] = []
+    try:
+        image = Image.open(handle, formats=_formats())
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise DataError(f"{path}: image has zero size")
+        _check_pixels(path, width, height, limit)
+        n_frames = getattr(image, "n_frames", 1)
+        if isinstance(n_frames, int) and n_frames > 1 and image.format != "MPO":
+            notes.append(f"{path}: has {n_frames} frames/pages; only the first is used")
+            if image.tell() != 0:
+                image.seek(0)
+        rawmode = _rawmode(image)
+        sixteen_bit = image.mode.startswith("I;16") or (
+            image.format in ("PNG", "TIFF") and ";16" in rawmode
+        )
+        image.load()
+        width, height = image.size  # GIF and TIFF can change size while loading
+        if width <= 0 or height <= 0:
+            raise DataError(f"{path}: image has zero size")
+        _check_pixels(path, width, height, limit)
+        try:  # a broken EXIF block is ignored, as viewers do, rather than refusing the image
+            orientation = image.getexif().get(_ORIENTATION, 1)
+        except Exception:
+            orientation = 1
+        if orientation in (2, 3, 4, 5, 6, 7, 8):
+            image = ImageOps.exif_transpose(image)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:  # only if PIL's limit was set back on
+        raise DataError(
+            f"{path}: over the pixel limit of PIL's decompression-bomb check ({_short(exc)})"
+        ) from None
+    except UnidentifiedImageError:
+        raise _corrupt(path, "not in an image format that can be read") from None
+    except Exception as exc:
+        raise _corrupt(path, _short(exc)) from None
     return _Decoded(image, notes, sixteen_bit)
 
 
@@ -437,6 +443,28 @@ def _pixels_to_rgb(path: Path, decoded: _Decoded) -> np.ndarray:
             grey = grey[..., None]
         return np.ascontiguousarray(np.broadcast_to(grey, (*grey.shape[:2], 3)))
     return rgb
+
+
+def read_image_bytes(
+    data: bytes, name: str, max_pixels: int | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """An image received in memory (an upload), decoded exactly as `read_image` decodes a
+    file: RGB uint8 (H, W, 3), and the warnings `read_image` would issue, as text. `name`
+    only labels messages. The size in the header is checked against `max_pixels` (default
+    `get_max_pixels()`) before any pixel is decoded."""
+    if Image.MAX_IMAGE_PIXELS is not None:
+        Image.MAX_IMAGE_PIXELS = None
+    limit = get_max_pixels() if max_pixels is None else max_pixels
+    if not data:
+        raise DataError(f"{name}: empty (0 bytes)")
+    decoded = _decode(io.BytesIO(data), name, limit)
+    try:
+        rgb = _pixels_to_rgb(Path(name), decoded)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise _corrupt(Path(name), _short(exc)) from None
+    return rgb, decoded.notes
 
 
 def read_image(path: str | Path) -> np.ndarray:

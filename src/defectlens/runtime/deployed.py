@@ -124,6 +124,7 @@ class ExportedModel(Predictor):
     def __init__(
         self, path: str | Path, engine: str | None = None, threads: int | None = None
     ) -> None:
+        self.kind = "export"
         self.path = Path(path)
         config = read_export_config(self.path)
         config_path = self.path / MODEL_CONFIG
@@ -148,6 +149,8 @@ class ExportedModel(Predictor):
             # For reports and model cards only: the graphs are what scores.
             self.backbone = str(source["detector"].get("backbone", "unknown"))
             self.supervision = str(source.get("supervision", NORMAL_ONLY))
+            fit_images = source.get("fit_images")
+            self.n_fit_images_ = fit_images if isinstance(fit_images, int) else None
         except DefectLensError as exc:
             raise ModelFileError(f"{config_path}: {exc}") from None
         self.config = config

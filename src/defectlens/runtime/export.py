@@ -214,7 +214,11 @@ def export_detector(
             "engine": "onnxruntime" if format == "onnx" else "openvino",
             "precision": "int8" if extra_config else "fp32",
             "method": detector.method,
-            "source": {"detector": detector.params(), "supervision": detector.supervision},
+            "source": {
+                "detector": detector.params(),
+                "supervision": detector.supervision,
+                "fit_images": detector.n_fit_images_,
+            },
             "preprocessing": {
                 "image_size": detector.image_size,
                 "resize": "bilinear-antialias",

@@ -1,0 +1,134 @@
+"""Scoring requests together: one worker thread per model gathers the images of concurrent
+requests into one batch (waiting at most `max_wait_s` for more), scores it, and hands each
+request its own predictions.
+
+Why a thread and not the event loop: scoring is seconds of numpy/onnxruntime work that must
+not block the loop serving other requests (and the engines release the GIL while they run).
+Why one worker per model: a predictor is not thread-safe, and one batch at a time keeps the
+machine's cores for that batch. The queue is bounded: a request that finds it full is refused
+at once (HTTP 503) instead of waiting behind work the server cannot finish in time.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from defectlens.prediction import Prediction, Predictor, source_name
+
+
+class QueueFull(Exception):
+    """The model's queue holds `queue_size` requests already."""
+
+
+@dataclass
+class _Job:
+    images: list[np.ndarray]
+    future: Future = field(default_factory=Future)
+
+
+_STOP = object()
+
+
+class Batcher:
+    """A model's scoring queue and worker (see the module docstring)."""
+
+    def __init__(
+        self, predictor: Predictor, max_batch: int, max_wait_s: float, queue_size: int
+    ) -> None:
+        self.predictor = predictor
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._run, name="defectlens-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not counting the batch being scored)."""
+        return self._queue.qsize()
+
+    def submit(self, images: list[np.ndarray]) -> Future:
+        """Queue one request's decoded images (RGB uint8); the future gets, in order, each
+        image's Prediction, or the exception that kept it from being scored. Raises QueueFull
+        when the queue is full."""
+        job = _Job(images)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+        return job.future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish every queued request, then stop the worker."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        pending: _Job | None = None
+        while True:
+            job = pending if pending is not None else self._queue.get()
+            pending = None
+            if job is _STOP:
+                return
+            jobs, count = [job], len(job.images)
+            deadline = time.monotonic() + self.max_wait_s
+            while count < self.max_batch:
+                remaining = deadline - time.monotonic()
+                try:
+                    more = (
+                        self._queue.get(timeout=max(remaining, 0.0))
+                        if remaining > 0
+                        else (self._queue.get_nowait())
+                    )
+                except queue.Empty:
+                    break
+                if more is _STOP or count + len(more.images) > self.max_batch:
+                    pending = more  # scored next round (or ends the worker after this batch)
+                    break
+                jobs.append(more)
+                count += len(more.images)
+            try:
+                self._score(jobs)
+            except Exception as exc:  # a bug here must fail the requests, not the worker
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+
+    def _score(self, jobs: list[_Job]) -> None:
+        live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        # Views, so that each entry is its own object: predictions are matched back to their
+        # images by position-derived names, and the same array sent twice must not collide.
+        images = [image.view() for job in live for image in job.images]
+        failed: dict[str, Exception] = {}
+        try:
+            scored = {
+                p.source: p
+                for p in self.predictor.iter_predict(
+                    images, on_error=lambda name, exc: failed.__setitem__(name, exc)
+                )
+            }
+        except Exception as exc:  # every waiting request hears of it; the worker goes on
+            for job in live:
+                job.future.set_exception(exc)
+            return
+        # An image the model could not score (a non-finite map) fails alone, not its batch.
+        results: list[Prediction | Exception] = []
+        for i in range(len(images)):
+            name = source_name(images[i], i)
+            results.append(scored[name] if name in scored else failed[name])
+        start = 0
+        for job in live:
+            job.future.set_result(results[start : start + len(job.images)])
+            start += len(job.images)
