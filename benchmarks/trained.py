@@ -1,7 +1,7 @@
 """Fit one method that trains a network (MemAE, MNAD, GradCon, OGNet, Uninformed Students,
-Patch SVDD, segmentation-aided, Neural Batch Sampling) with its defaults on one dataset, evaluate it, then evaluate
-the same fitted network with its other scoring rules (no refit: they only change how an image
-is scored). One JSON line per scoring rule.
+Patch SVDD, segmentation-aided, Neural Batch Sampling) with its defaults on one dataset,
+evaluate it, then evaluate the same fitted network with its other scoring rules (no refit:
+they only change how an image is scored). One JSON line per scoring rule.
 
     python benchmarks/trained.py ../shared/data/magnetic_tile --method memae
     python benchmarks/trained.py benchmarks/results/trained.jsonl --summary

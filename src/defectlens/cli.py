@@ -686,10 +686,13 @@ def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet) -> 
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
+    """Written beside its name, then renamed: a kill never leaves a torn picture."""
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    partial = path.with_name(f".{path.name}.partial")
+    Image.fromarray(array).save(partial, format="PNG")
+    os.replace(partial, path)
 
 
 # -- other commands -------------------------------------------------------------------------------

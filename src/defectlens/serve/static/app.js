@@ -109,6 +109,8 @@ async function poll() {
       state.rows = state.rows.concat(results).slice(-500);
       renderRows();
       drawHistogram();
+      state.card = await api(`/v1/models/${encodeURIComponent(state.model)}`);
+      showCard();  // its drift signal moves with the new results
     }
   } catch (error) {
     setStatus(error.message);
@@ -147,6 +149,8 @@ function drawHistogram() {
   slider.min = min; slider.max = max; slider.step = (max - min) / 500;
   slider.value = state.threshold;
   const x = (v) => ((v - min) / (max - min)) * canvas.width;
+  $("axis-min").textContent = format(min);
+  $("axis-max").textContent = format(max);
   const bins = new Array(40).fill(0);
   for (const v of values) bins[Math.min(39, Math.floor(((v - min) / (max - min)) * 40))] += 1;
   const top = Math.max(1, ...bins);

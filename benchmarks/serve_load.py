@@ -1,0 +1,79 @@
+"""The inspection service under load, against `defectlens predict` on the same images and
+model (issue 12). One JSON line per client count.
+
+    python benchmarks/serve_load.py MODEL_DIR IMAGE_FOLDER [--requests 2000] [--clients 1 4 16]
+
+- predict img/s: `defectlens predict MODEL IMAGES --no-images --out ...` (wall time of the
+  command, start-up and model loading included) and, stricter, the same scoring loop in this
+  process after loading (`iter_predict` over the files: decode, resize, score, full-size maps).
+- service: a real `defectlens serve MODEL` on loopback; N client threads with keep-alive
+  connections send single-image requests (multipart PNG) until `--requests` are done; every
+  response's score is checked against the in-process prediction (to 1e-5: batch size changes
+  float32 summation order). Reported: status counts, wrong scores, p50/p90/p99 latency,
+  throughput, and the server's resident memory before and after the run (after a warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from defectlens.data.dataset import list_images  # noqa: E402
+from defectlens.loading import load_model  # noqa: E402
+from tests.server import rss_mb, run_load, running_server  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("images")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--serve-arg", action="append", default=[], help="passed to serve")
+    args = parser.parse_args()
+    paths = list_images(Path(args.images))
+    images = [(p.name, p.read_bytes()) for p in paths]
+    if len({name for name, _ in images}) != len(images):
+        raise SystemExit("image file names must be unique")
+    predictor = load_model(args.model)
+    list(predictor.iter_predict(paths[:8]))  # warm-up
+    start = time.perf_counter()
+    expected = {Path(p.source).name: p.score for p in predictor.iter_predict(paths)}
+    in_process = len(paths) / (time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "defectlens", "predict", args.model, args.images]
+        start = time.perf_counter()
+        subprocess.run([*command, "--no-images", "--out", f"{out}/r", "-q"], check=True)
+        cli = len(paths) / (time.perf_counter() - start)
+    model = Path(args.model).resolve().name
+    with running_server([args.model], *args.serve_arg) as (url, process):
+        run_load(url, model, images, expected, clients=4, requests=100)  # warm-up
+        for clients in args.clients:
+            before = rss_mb(process.pid)
+            result = run_load(url, model, images, expected, clients, args.requests)
+            after = rss_mb(process.pid)
+            row = {
+                "model": args.model,
+                "method": predictor.method,
+                "images": args.images,
+                "n_images": len(paths),
+                "predict_cli_img_s": round(cli, 1),
+                "predict_in_process_img_s": round(in_process, 1),
+                **{k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()},
+                "ratio_to_in_process": round(result["images_per_s"] / in_process, 3),
+                "rss_before_mb": round(before, 1),
+                "rss_after_mb": round(after, 1),
+            }
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
