@@ -13,11 +13,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.server import running_server  # noqa: E402
-from tests.test_dashboard import CHROMIUM_FLAGS, chromium  # noqa: E402
-
 from defectlens import Detector  # noqa: E402
 from defectlens.data.synthetic import make_category  # noqa: E402
+from tests.server import CHROMIUM_FLAGS, chromium, running_server  # noqa: E402
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ dashboard test, the load test and benchmarks/serve_load.py."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,25 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def chromium() -> str:
+    """The system Chromium (Playwright's own browser download cannot work offline)."""
+    path = os.environ.get("DEFECTLENS_CHROMIUM") or shutil.which("chromium")
+    if not path:
+        raise RuntimeError("the dashboard test needs Chromium: run `make test` (it installs it)")
+    return path
 
 
 def free_port() -> int:

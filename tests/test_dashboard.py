@@ -7,32 +7,13 @@ every score right, and memory not growing."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.server import rss_mb, run_load, running_server
+from tests.server import CHROMIUM_FLAGS, chromium, rss_mb, run_load, running_server
 
 ARTIFACTS = Path(os.environ.get("DEFECTLENS_TEST_ARTIFACTS", "test-artifacts"))
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def chromium() -> str:
-    """The system Chromium (Playwright's own browser download cannot work offline)."""
-    path = os.environ.get("DEFECTLENS_CHROMIUM") or shutil.which("chromium")
-    if not path:
-        pytest.fail("the dashboard test needs Chromium: run `make test` (it installs it as root)")
-    return path
 
 
 @pytest.fixture(scope="module")
