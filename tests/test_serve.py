@@ -305,3 +305,23 @@ def test_timeouts_busy_queues_and_failures_are_json(fitted, good_path, monkeypat
         busy = post(client, files)
         assert_refused(busy, 503, "busy", "retry")
         assert busy.headers["retry-after"] == "1"
+
+
+def test_serve_refuses_a_taken_port_and_an_unreadable_key_in_one_line(
+    model_dir, tmp_path, monkeypatch, capsys
+):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, stderr = run_cli(monkeypatch, capsys, "serve", model_dir, "--port", port)
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port} (in use)" in stderr
+    assert "Traceback" not in stderr
+    empty = tmp_path / "key"
+    empty.write_text("\n")
+    code, _, stderr = run_cli(monkeypatch, capsys, "serve", model_dir, "--api-key-file", empty)
+    assert code == 2 and "empty; put the API key in it" in stderr
+    code, _, stderr = run_cli(monkeypatch, capsys, "serve", tmp_path / "nope")
+    assert code == 2 and "no such model directory" in stderr

@@ -799,6 +799,27 @@ def backbones() -> None:
 
 
 # -- serve ---------------------------------------------------------------------------------------
+def _check_port_free(host: str, port: int) -> None:
+    """A taken port or an unknown address is a one-line error before any model is served."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise DefectLensError(f"--host {host}: cannot resolve it ({exc})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            reason = "in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise DefectLensError(
+                f"cannot listen on {host}:{port} ({reason}); choose another --port or --host"
+            ) from None
+
+
 @cli.command()
 @click.argument("models", nargs=-1, required=True, metavar="MODEL_DIR...")
 @click.option(
@@ -944,6 +965,7 @@ def serve(
         api_key=api_key,
         cors_origins=tuple(cors_origins),
     )
+    _check_port_free(host, port)
     app = create_app(loaded, settings, metrics)
     shown = f"[{host}]" if ":" in host else host
     echo(f"serving {', '.join(loaded)} on http://{shown}:{port}/ (API docs: /docs)")
