@@ -325,3 +325,18 @@ def test_serve_refuses_a_taken_port_and_an_unreadable_key_in_one_line(
     assert code == 2 and "empty; put the API key in it" in stderr
     code, _, stderr = run_cli(monkeypatch, capsys, "serve", tmp_path / "nope")
     assert code == 2 and "no such model directory" in stderr
+
+
+def test_an_exported_folder_is_served_with_its_own_card(fitted, good_path, tmp_path):
+    from defectlens.runtime.deployed import ExportedModel
+    from defectlens.runtime.export import export_detector
+
+    export_detector(fitted, tmp_path / "e")
+    exported = ExportedModel(tmp_path / "e")
+    with TestClient(create_app({"line-1": exported})) as client:
+        card = client.get("/v1/models/line-1").json()
+        assert card["kind"] == "export" and card["method"] == "padim"
+        assert card["training_images"] == fitted.n_fit_images_
+        result = post(client, [("g.png", good_path.read_bytes(), "image/png")], model="line-1")
+        score = result.json()["results"][0]["score"]
+    assert score == pytest.approx(fitted.predict(good_path)[0].score, rel=1e-4)
