@@ -96,7 +96,9 @@ def test_nbs_learns_from_real_anomalies_in_pixel_space(brick_root, anomaly_root)
     params["anomalies"] = str(anomaly_root)
     detector = Detector(method="nbs", image_size=64, batch_size=8, method_params=params)
     detector.fit(brick_root, device="cpu")
-    assert detector.supervision.startswith(f"5 real anomalous images from {anomaly_root}")
+    assert detector.supervision.startswith(
+        f"5 real anomalous images from {anomaly_root} (3 train the predictor, 2 choose"
+    )
     assert detector.params()["method_params"]["anomalies"] == str(anomaly_root)
     metrics = evaluate(detector, brick_root).metrics
     assert metrics["image_auroc"] > 0.6, metrics

@@ -216,6 +216,8 @@ class NBS(TrainedImageMethod):
         progress: bool = False,
         val_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
     ) -> None:
+        # A bad --anomalies folder is said before the training images are read.
+        samples = None if self.anomalies is None else find_anomalies(self.anomalies)
         images = torch.cat(list(batches))
         val = torch.cat(list(val_batches())) if val_batches is not None else None
         size = images.shape[-1]
@@ -236,27 +238,34 @@ class NBS(TrainedImageMethod):
             half = max(1, n_held // 2)
             held, val = held[half:], held[:half]
         val = val[torch.randperm(len(val), generator=generator)[:MAX_REWARD]]
-        labelled, labelled_masks = _with_synthetic(held, rng)
-        reward_images, reward_masks = _with_synthetic(val, rng)
-        if self.anomalies is None:
+        if samples is None:
+            labelled, labelled_masks = _with_synthetic(held, rng)
+            reward_images, reward_masks = _with_synthetic(val, rng)
             self.supervision = (
                 f"synthetic defects pasted on {len(held)} held-out training images and "
                 f"{len(val)} validation images"
             )
         else:
-            real, real_masks = load_labelled(find_anomalies(self.anomalies), size)
-            real, real_masks = torch.from_numpy(real), torch.from_numpy(real_masks)
-            n_reward = len(real) // 2  # the rest, at least one, trains the predictor
-            labelled = torch.cat([held, real[n_reward:]])
-            labelled_masks = torch.cat([torch.zeros(len(held), size, size), real_masks[n_reward:]])
+            real, real_masks = (torch.from_numpy(a) for a in load_labelled(samples, size))
+            # Alternate, so both halves hold every defect type (the list is sorted by type).
+            train, reward = slice(0, None, 2), slice(1, None, 2)
+            labelled = torch.cat([held, real[train]])
+            labelled_masks = torch.cat([torch.zeros(len(held), size, size), real_masks[train]])
+            n_reward = len(real[reward])
             if n_reward:
-                reward_images = torch.cat([val, real[:n_reward]])
-                reward_masks = torch.cat([torch.zeros(len(val), size, size), real_masks[:n_reward]])
+                reward_images = torch.cat([val, real[reward]])
+                reward_masks = torch.cat([torch.zeros(len(val), size, size), real_masks[reward]])
+            else:  # a single labelled defect trains the predictor; synthetic ones reward
+                reward_images, reward_masks = _with_synthetic(val, rng)
             self.supervision = (
                 f"{len(real)} real anomalous images from {self.anomalies} "
-                f"({len(real) - n_reward} train the predictor, {n_reward} choose the episode; "
-                + ("" if n_reward else "synthetic defects on validation images choose it; ")
-                + f"{len(held)} held-out normal images)"
+                f"({len(real) - n_reward} train the predictor, "
+                + (
+                    f"{n_reward} choose the episode"
+                    if n_reward
+                    else "synthetic defects on the validation images choose the episode"
+                )
+                + f"), with {len(held)} held-out normal images"
             )
         pool = self._prepare_all(extractor, pool_images, fit_statistics=True)
         side = pool.shape[-1]
