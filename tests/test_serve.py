@@ -146,10 +146,13 @@ def test_uploads_that_are_not_images_are_refused(client, data, kind, status, cod
     assert_refused(post(client, [("x.png", data, kind)]), status, code, text)
 
 
-def test_a_truncated_image_is_refused(client, good_path):
+def test_a_truncated_image_is_refused_and_listed_as_an_error(client, good_path):
     data = good_path.read_bytes()
     response = post(client, [("cut.png", data[: len(data) // 2], "image/png")])
     assert_refused(response, 422, "not_an_image", "cut.png")
+    last = client.get("/v1/recent").json()["results"][-1]
+    assert last["filename"] == "cut.png" and last["decision"] == "error" and last["score"] is None
+    assert "cut.png" in last["error"]
 
 
 def test_requests_the_service_cannot_take(client):

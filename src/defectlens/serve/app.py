@@ -383,7 +383,13 @@ def create_app(
                 413, "too_many_images", f"{len(images)} images; at most {settings.max_images}"
             )
         started = time.perf_counter()
-        decoded = [await _decode(upload, i, settings) for i, upload in enumerate(images)]
+        decoded = []
+        for i, upload in enumerate(images):
+            try:
+                decoded.append(await _decode(upload, i, settings))
+            except ServiceError as exc:  # listed on the dashboard as an error
+                counters.failed(name, _clean_name(upload.filename, i), exc.message)
+                raise
         try:
             future = model.batcher.submit([rgb for _, rgb, _ in decoded])
         except QueueFull:
