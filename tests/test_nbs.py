@@ -175,3 +175,26 @@ def test_a_non_finite_episode_stops_training_and_keeps_the_last_good_one(brick_r
     assert len(history) == 3 and history[-1]["stopped"] == "non-finite loss"
     assert any(r.get("best") for r in history[:2])
     assert np.isfinite(detector.predict([brick_root / "test" / "good" / "000.png"])[0].score)
+
+
+def test_the_command_line_warns_when_the_labelled_defects_are_the_test_split(
+    brick_root, tmp_path, monkeypatch, capsys
+):
+    code, stdout, stderr = run_cli(
+        monkeypatch,
+        capsys,
+        "fit",
+        brick_root,
+        "--method",
+        "nbs",
+        "--image-size",
+        "64",
+        "--anomalies",
+        brick_root,
+        *("--param", "max_epochs=1", "--param", "steps=8", "--param", "snapshots=2"),
+        *("--param", "predictor_steps=5", "--out", tmp_path / "m", "--quiet"),
+    )
+    assert code == 0, stderr
+    assert "is DATA itself: its test/ defects now teach the model" in stderr
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["training"]["supervision"].startswith("15 real anomalous images")

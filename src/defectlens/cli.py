@@ -284,6 +284,11 @@ def fit(
 
     _apply_max_pixels(max_pixels)
     protect = [data] + ([val] if val else []) + ([anomalies] if anomalies else [])
+    if anomalies and Path(anomalies).resolve() == Path(data).resolve():
+        _warn(
+            f"--anomalies {anomalies} is DATA itself: its test/ defects now teach the model, "
+            "so evaluating on that test split afterwards would score what it learned from"
+        )
     check_model_target(out, protect)
     named = {
         "n_channels": n_channels,
