@@ -180,7 +180,7 @@ def test_a_non_finite_episode_stops_training_and_keeps_the_last_good_one(brick_r
 def test_the_command_line_warns_when_the_labelled_defects_are_the_test_split(
     brick_root, tmp_path, monkeypatch, capsys
 ):
-    code, stdout, stderr = run_cli(
+    code, _, stderr = run_cli(
         monkeypatch,
         capsys,
         "fit",
