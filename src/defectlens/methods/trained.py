@@ -1,7 +1,8 @@
 """What every method that trains its own network on the images shares (MemAE, MNAD, GradCon,
 OGNet, Uninformed Students, Patch SVDD, segmentation-aided, Neural Batch Sampling): the input
 pipeline, a seeded network, training through `training.trainer`, saving the weights as
-safetensors, and the export split (input graph, network graph, scores and maps straight from the network).
+safetensors, and the export split (input graph, network graph, scores and maps straight from
+the network).
 
 Two input spaces (`space`): "pixels", the papers' setting (images resized to `input_size` and
 mapped to [-1, 1]), or "features": the frozen backbone's stride-8 and stride-16 maps (the
