@@ -77,6 +77,11 @@ def test_health_readiness_and_the_model_card(client, fitted):
     assert card["supervision"] == "normal images only"
     assert client.get("/v1/models/brick").json()["name"] == "brick"
     assert "/v1/models/{name}/predict" in client.get("/openapi.json").json()["paths"]
+    docs = client.get("/docs")  # Swagger UI from the package, not a CDN: works offline
+    assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text
+    assert "cdn" not in docs.text.lower()
+    asset = client.get("/docs-assets/swagger-ui-bundle.js")
+    assert asset.status_code == 200 and asset.headers["content-type"].startswith("text/javascript")
 
 
 def test_scores_equal_the_command_lines(

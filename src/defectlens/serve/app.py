@@ -34,6 +34,7 @@ import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from PIL import Image
 from scipy import ndimage
@@ -53,7 +54,8 @@ OUTPUTS = ("overlay", "map", "mask")
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_BOXES = 50
-_OPEN_PATHS = ("/", "/healthz", "/readyz", "/favicon.ico")
+# Open even with an API key: the page, the health checks and the API's own documentation.
+_OPEN_PATHS = ("/", "/healthz", "/readyz", "/favicon.ico", "/docs", "/openapi.json")
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,10 @@ def create_app(
         version=__version__,
         summary="Score images against fitted anomaly-detection models.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load Swagger UI from a CDN: ours is served locally
+        redoc_url=None,
     )
+    docs_assets = _swagger_assets()
     app.state.metrics = counters
 
     # -- errors -------------------------------------------------------------------------------
@@ -242,7 +247,7 @@ def create_app(
             }
             path = scope["path"]
             if settings.api_key is not None and not (
-                path in _OPEN_PATHS or path.startswith("/static/")
+                path in _OPEN_PATHS or path.startswith(("/static/", "/docs-assets/"))
             ):
                 given = headers.get("x-api-key", "")
                 if not given and headers.get("authorization", "").startswith("Bearer "):
@@ -426,6 +431,23 @@ def create_app(
             "seconds": time.perf_counter() - started,
         }
 
+    @app.get("/docs", include_in_schema=False)
+    async def api_docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="defectlens API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon.png",
+        )
+
+    @app.get("/docs-assets/{name}", include_in_schema=False)
+    async def docs_asset(name: str) -> Response:
+        if name not in docs_assets:  # a fixed set, read at start
+            raise ServiceError(404, "not_found", "no such file")
+        content, kind = docs_assets[name]
+        return Response(content, media_type=kind, headers={"Cache-Control": "max-age=86400"})
+
     @app.get("/", include_in_schema=False)
     async def dashboard() -> Response:
         content, kind = static["index.html"]
@@ -446,6 +468,18 @@ _STATIC_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'",
     "X-Content-Type-Options": "nosniff",
 }
+
+
+def _swagger_assets() -> dict[str, tuple[bytes, str]]:
+    """Swagger UI 5's files as the `fastapi-offline` package ships them, so /docs works
+    offline (only its files are used, not its FastAPI subclass)."""
+    kinds = {
+        "swagger-ui-bundle.js": "text/javascript",
+        "swagger-ui.css": "text/css",
+        "favicon.png": "image/png",
+    }
+    folder = resources.files("fastapi_offline").joinpath("static")
+    return {name: (folder.joinpath(name).read_bytes(), kind) for name, kind in kinds.items()}
 
 
 class _TooLarge(StarletteHTTPException):
