@@ -40,6 +40,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--serve-arg", action="append", default=[], help="passed to serve")
+    parser.add_argument(
+        "--soak",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead of the comparison: ROUNDS x --requests at the last --clients count "
+        "against one fresh server, its memory after each round",
+    )
     args = parser.parse_args()
     paths = list_images(Path(args.images))
     images = [(p.name, p.read_bytes()) for p in paths]
@@ -64,6 +72,9 @@ def main() -> None:
         # the command's own rate, printed at its end: its scoring loop, without start-up
         cli_loop = float(re.search(r"\(([\d.]+) img/s\)", done.stdout + done.stderr).group(1))
     model = Path(args.model).resolve().name
+    if args.soak:
+        soak(args, model, images, expected)
+        return
     with running_server([args.model], *args.serve_arg) as (url, process):
         run_load(url, model, images, expected, clients=4, requests=100)  # warm-up
         for clients in args.clients:
@@ -85,6 +96,19 @@ def main() -> None:
                 "rss_after_mb": round(after, 1),
             }
             print(json.dumps(row), flush=True)
+
+
+def soak(args, model: str, images, expected) -> None:
+    """The server's memory over repeated load (issue 12's memory check)."""
+    with running_server([args.model], *args.serve_arg) as (url, process):
+        print(f"start: {rss_mb(process.pid):.0f} MB", flush=True)
+        for i in range(args.soak):
+            r = run_load(url, model, images, expected, args.clients[-1], args.requests)
+            print(
+                f"round {i + 1}: {r['statuses']}, {r['n_wrong']} wrong, "
+                f"{r['images_per_s']:.1f} img/s, RSS {rss_mb(process.pid):.0f} MB",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
