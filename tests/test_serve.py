@@ -348,3 +348,20 @@ def test_an_exported_folder_is_served_with_its_own_card(fitted, good_path, tmp_p
         result = post(client, [("g.png", good_path.read_bytes(), "image/png")], model="line-1")
         score = result.json()["results"][0]["score"]
     assert score == pytest.approx(fitted.predict(good_path)[0].score, rel=1e-4)
+
+
+def test_a_batch_waits_only_for_requests_on_their_way(fitted, good_path):
+    slow = Slow(fitted)
+    batcher = Batcher(slow, max_batch=16, max_wait_s=5.0, queue_size=8)
+    image = np.asarray(Image.open(good_path).convert("RGB"))
+    start = time.perf_counter()
+    batcher.submit([image]).result(10)  # nothing announced: scored at once, no 5 s wait
+    assert time.perf_counter() - start < 2.5
+    batcher.announce()  # a second request is being decoded...
+    first = batcher.submit([image])
+    time.sleep(0.3)
+    second = batcher.submit([image])  # ...and arrives: one batch for both
+    batcher.withdraw()
+    first.result(10), second.result(10)
+    assert slow.batches[-1] == 2
+    batcher.close(10)

@@ -876,7 +876,8 @@ def _check_port_free(host: str, port: int) -> None:
     type=click.FloatRange(0, 1000),
     default=5.0,
     show_default=True,
-    help="How long a batch waits for more requests before it is scored.",
+    help="How long a batch waits for requests still being read before it is scored (it "
+    "does not wait when none is on its way).",
 )
 @click.option(
     "--queue-size",

@@ -388,19 +388,23 @@ def create_app(
                 413, "too_many_images", f"{len(images)} images; at most {settings.max_images}"
             )
         started = time.perf_counter()
-        decoded = []
-        for i, upload in enumerate(images):
-            try:
-                decoded.append(await _decode(upload, i, settings))
-            except ServiceError as exc:  # listed on the dashboard as an error
-                counters.failed(name, _clean_name(upload.filename, i), exc.message)
-                raise
+        model.batcher.announce()
         try:
-            future = model.batcher.submit([rgb for _, rgb, _ in decoded])
-        except QueueFull:
-            raise ServiceError(
-                503, "busy", "the scoring queue is full; retry shortly", {"Retry-After": "1"}
-            ) from None
+            decoded = []
+            for i, upload in enumerate(images):
+                try:
+                    decoded.append(await _decode(upload, i, settings))
+                except ServiceError as exc:  # listed on the dashboard as an error
+                    counters.failed(name, _clean_name(upload.filename, i), exc.message)
+                    raise
+            try:
+                future = model.batcher.submit([rgb for _, rgb, _ in decoded])
+            except QueueFull:
+                raise ServiceError(
+                    503, "busy", "the scoring queue is full; retry shortly", {"Retry-After": "1"}
+                ) from None
+        finally:
+            model.batcher.withdraw()
         try:
             results = await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_s)
         except TimeoutError:

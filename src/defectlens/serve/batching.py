@@ -1,6 +1,6 @@
 """Scoring requests together: one worker thread per model gathers the images of concurrent
-requests into one batch (waiting at most `max_wait_s` for more), scores it, and hands each
-request its own predictions.
+requests into one batch (waiting at most `max_wait_s` for requests still being read, and not
+at all when none is), scores it, and hands each request its own predictions.
 
 Why a thread and not the event loop: scoring is seconds of numpy/onnxruntime work that must
 not block the loop serving other requests (and the engines release the GIL while they run).
@@ -45,6 +45,8 @@ class Batcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._arriving = 0  # requests announced but not yet queued (being read and decoded)
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="defectlens-batcher", daemon=True)
         self._thread.start()
 
@@ -56,6 +58,17 @@ class Batcher:
     def depth(self) -> int:
         """Requests waiting (not counting the batch being scored)."""
         return self._queue.qsize()
+
+    def announce(self) -> None:
+        """A request is on its way (being read and decoded): a batch waits for it, up to
+        `max_wait_s`. With none on its way, a batch is scored at once: a lone request does
+        not pay the wait. Every announce needs a `withdraw`, after its `submit` if any."""
+        with self._lock:
+            self._arriving += 1
+
+    def withdraw(self) -> None:
+        with self._lock:
+            self._arriving -= 1
 
     def submit(self, images: list[np.ndarray]) -> Future:
         """Queue one request's decoded images (RGB uint8); the future gets, in order, each
@@ -85,13 +98,16 @@ class Batcher:
             while count < self.max_batch:
                 remaining = deadline - time.monotonic()
                 try:
-                    more = (
-                        self._queue.get(timeout=max(remaining, 0.0))
-                        if remaining > 0
-                        else (self._queue.get_nowait())
-                    )
+                    more = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    with self._lock:
+                        awaited = self._arriving > 0
+                    if not awaited or remaining <= 0:
+                        break
+                    try:  # short polls, so a request that stops arriving ends the wait
+                        more = self._queue.get(timeout=min(remaining, 0.001))
+                    except queue.Empty:
+                        continue
                 if more is _STOP or count + len(more.images) > self.max_batch:
                     pending = more  # scored next round (or ends the worker after this batch)
                     break
