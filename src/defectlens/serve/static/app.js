@@ -81,8 +81,10 @@ async function upload(files) {
       { method: "POST", body: form },
     );
     const last = body.results[body.results.length - 1];
-    $("overlay").src = last.outputs.overlay;
-    $("overlay").alt = `anomaly overlay of ${last.filename}`;
+    const overlay = last.outputs && last.outputs.overlay;  // none from a model without maps
+    $("overlay").hidden = !overlay;
+    if (overlay) $("overlay").src = overlay;
+    $("overlay").alt = overlay ? `anomaly overlay of ${last.filename}` : "";
     $("result-name").textContent = last.filename;
     const badge = $("result-decision");
     badge.textContent = last.decision;
