@@ -599,7 +599,7 @@ def _check_same_model(out_dir: Path, model: str, loaded, resume: bool) -> None:
 def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet) -> dict:
     from defectlens.data.images import read_image
     from defectlens.errors import DataError
-    from defectlens.report.overlay import draw_outline, overlay
+    from defectlens.report.overlay import outlined_overlay
 
     done = table.done if table is not None else {}
     errors: dict[str, str] = {}
@@ -657,8 +657,7 @@ def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet) -> 
                     _warn(f"no overlay for {name}: {exc}")
                 else:
                     t = detector.thresholds_.pixel
-                    shaded = overlay(image, prediction.anomaly_map, t)
-                    shaded = draw_outline(shaded, prediction.mask)
+                    shaded = outlined_overlay(image, prediction.anomaly_map, prediction.mask, t)
                     _save_png(shaded, out_dir / "overlays" / f"{relative}.png")
             if table is not None:
                 table.write(

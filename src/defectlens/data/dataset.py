@@ -76,15 +76,7 @@ def find_test_samples(root: str | Path) -> list[Sample]:
     test = root / "test"
     if not test.is_dir():
         raise DataError(f"{root}: no test/ folder (expected test/good and test/<defect>)")
-    samples: list[Sample] = []
-    for folder in sorted(p for p in test.iterdir() if p.is_dir()):
-        defect = folder.name
-        for path in list_images(folder):
-            mask = None
-            if defect != "good":
-                candidate = root / "ground_truth" / defect / f"{path.stem}_mask.png"
-                mask = candidate if candidate.is_file() else None
-            samples.append(Sample(path, int(defect != "good"), defect, mask))
+    samples = list(_test_images(root))
     if not samples:
         raise DataError(f"{test}: no images found in its sub-folders")
     if not any(s.label == 0 for s in samples):
@@ -108,13 +100,25 @@ def find_anomalies(root: str | Path) -> list[Sample]:
             f"{root}: no test/ folder; --anomalies wants test/<defect>/ images with masks in "
             "ground_truth/<defect>/<name>_mask.png"
         )
-    samples: list[Sample] = []
-    for folder in sorted(p for p in test.iterdir() if p.is_dir() and p.name != "good"):
-        for path in list_images(folder):
-            mask = root / "ground_truth" / folder.name / f"{path.stem}_mask.png"
-            if not mask.is_file():
-                raise DataError(f"{path}: no mask (expected {mask})")
-            samples.append(Sample(path, 1, folder.name, mask))
+    samples = [s for s in _test_images(root) if s.label == 1]
+    for sample in samples:
+        if sample.mask is None:
+            expected = root / "ground_truth" / sample.defect / f"{sample.path.stem}_mask.png"
+            raise DataError(f"{sample.path}: no mask (expected {expected})")
     if not samples:
         raise DataError(f"{test}: no defective images (looked in its sub-folders but good/)")
     return samples
+
+
+def _test_images(root: Path):
+    """Every image under root/test/<defect>/ as a Sample, sorted by defect then name, with its
+    mask (root/ground_truth/<defect>/<stem>_mask.png) when the image is defective and the mask
+    exists."""
+    for folder in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
+        defect = folder.name
+        for path in list_images(folder):
+            mask = None
+            if defect != "good":
+                candidate = root / "ground_truth" / defect / f"{path.stem}_mask.png"
+                mask = candidate if candidate.is_file() else None
+            yield Sample(path, int(defect != "good"), defect, mask)

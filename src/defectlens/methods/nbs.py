@@ -54,7 +54,7 @@ from defectlens.data.dataset import find_anomalies
 from defectlens.data.loader import load_labelled
 from defectlens.data.synthetic import paste_defect
 from defectlens.errors import DataError, ModelFileError, ParameterError
-from defectlens.methods.trained import TrainedImageMethod, backbone_maps
+from defectlens.methods.trained import TrainedImageMethod
 from defectlens.metrics import auroc
 from defectlens.params import check_float, check_int
 from defectlens.training.loop import StopRule, resolve_device, train_epochs
@@ -288,15 +288,12 @@ class NBS(TrainedImageMethod):
     ) -> torch.Tensor:
         """The autoencoder's inputs for images in [0, 1], in chunks; with `fit_statistics`,
         the feature standardisation is fitted on these images first."""
-        chunks = [images[i : i + 32] for i in range(0, len(images), 32)]
+        prepared = self._collect(extractor, (images[i : i + 32] for i in range(0, len(images), 32)))
         if self.space == "pixels":
-            return torch.cat([self.inputs(c, None) for c in chunks])
-        with torch.no_grad():
-            maps = torch.cat([backbone_maps(extractor.fast(c)) for c in chunks])
+            return prepared
         if fit_statistics:
-            self.feature_mean = maps.mean(dim=(0, 2, 3))
-            self.feature_std = maps.std(dim=(0, 2, 3)).clamp_min(1e-6)
-        return self.standardise(maps)
+            self.fit_standardisation(prepared)
+        return self.standardise(prepared)
 
     def _check_window(self, side: int) -> None:
         """The training windows (2 x 2 cells of the grid) must pass through the encoder."""

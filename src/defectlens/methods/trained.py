@@ -187,6 +187,11 @@ class TrainedImageMethod(AnomalyMethod):
             torch.manual_seed(self.seed)
             return self.build()
 
+    def fit_standardisation(self, maps: torch.Tensor) -> None:
+        """Per-channel mean and spread of the training images' backbone maps (B, C, h, w)."""
+        self.feature_mean = maps.mean(dim=(0, 2, 3))
+        self.feature_std = maps.std(dim=(0, 2, 3)).clamp_min(1e-6)
+
     def standardise(self, maps: torch.Tensor) -> torch.Tensor:
         c = self.feature_mean.numel()
         return (maps - self.feature_mean.view(1, c, 1, 1)) / self.feature_std.view(1, c, 1, 1)
@@ -216,8 +221,7 @@ class TrainedImageMethod(AnomalyMethod):
         val = self._collect(extractor, val_batches()) if val_batches is not None else None
         if self.space == "features":
             self._check_feature_grid(train.shape[-1])
-            self.feature_mean = train.mean(dim=(0, 2, 3))
-            self.feature_std = train.std(dim=(0, 2, 3)).clamp_min(1e-6)
+            self.fit_standardisation(train)
             train = self.standardise(train)
             val = None if val is None else self.standardise(val)
         self.net = self.new_network()

@@ -70,6 +70,14 @@ def draw_outline(image: np.ndarray, mask: np.ndarray, color=(255, 0, 0)) -> np.n
     return out
 
 
+def outlined_overlay(
+    image: np.ndarray, amap: np.ndarray, mask: np.ndarray, threshold: float
+) -> np.ndarray:
+    """The heat-map overlay with the predicted defects outlined: what `predict` writes and
+    the service returns."""
+    return draw_outline(overlay(image, amap, threshold), mask)
+
+
 def panel(
     image: np.ndarray,
     amap: np.ndarray | None,

@@ -121,10 +121,11 @@ class ExportedModel(Predictor):
     OpenVINO (which reads ONNX), an OpenVINO export only on OpenVINO.
     """
 
+    kind = "export"
+
     def __init__(
         self, path: str | Path, engine: str | None = None, threads: int | None = None
     ) -> None:
-        self.kind = "export"
         self.path = Path(path)
         config = read_export_config(self.path)
         config_path = self.path / MODEL_CONFIG

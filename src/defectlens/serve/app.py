@@ -44,7 +44,8 @@ from defectlens import __version__
 from defectlens.data.images import read_image_bytes
 from defectlens.errors import DataError, PixelLimitError
 from defectlens.prediction import Prediction, Predictor
-from defectlens.report.overlay import draw_outline, heat_rgb, overlay
+from defectlens.report.overlay import heat_rgb, outlined_overlay
+from defectlens.results import one_line
 from defectlens.serve.batching import Batcher, QueueFull
 from defectlens.serve.metrics import ServiceMetrics
 
@@ -496,8 +497,7 @@ class _TooLarge(StarletteHTTPException):
 
 def _clean_name(name: str | None, index: int) -> str:
     """The upload's file name for messages and results (never used as a path)."""
-    text = "".join(c for c in (name or "") if c.isprintable())[-120:]
-    return text or f"image {index}"
+    return one_line(name or "")[-120:] or f"image {index}"
 
 
 async def _decode(
@@ -564,7 +564,7 @@ def _result_pngs(
     out = {}
     for kind in wanted:
         if kind == "overlay":
-            picture = draw_outline(overlay(rgb, result.anomaly_map, threshold), result.mask)
+            picture = outlined_overlay(rgb, result.anomaly_map, result.mask, threshold)
         elif kind == "map":
             picture = heat_rgb(result.anomaly_map, threshold)
         else:
