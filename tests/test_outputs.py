@@ -206,7 +206,7 @@ def test_resume_refuses_rows_of_another_model_and_a_concurrent_run(
     other = other.save(tmp_path / "other-model")
     code, _, err = run_cli(monkeypatch, capsys, "predict", other, *args, "--resume")
     assert code == 2 and "written by another model" in err
-    from defectlens.cli import RESULT_COLUMNS
+    from defectlens.scoring import RESULT_COLUMNS
 
     table = ResultsTable(out / "results.csv", RESULT_COLUMNS, resume=True)  # a run in progress
     try:

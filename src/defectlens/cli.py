@@ -8,6 +8,7 @@ Outputs are checked before any work, so a bad `--out` fails in a second, not aft
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,9 +19,9 @@ import warnings
 from pathlib import Path
 
 import click
-import numpy as np
 
 from defectlens import __version__
+from defectlens.data.images import is_url
 from defectlens.errors import DefectLensError, DefectLensWarning
 from defectlens.loading import load_model
 from defectlens.results import one_line, safe_text
@@ -61,6 +62,12 @@ def backbone_option(help_text: str):
 
 def image_size_option(help_text: str):
     return click.option("--image-size", type=int, default=256, show_default=True, help=help_text)
+
+
+def dask_option(help_text: str):
+    return click.option(
+        "--dask", "dask_address", default=None, metavar="ADDRESS|local[:N]", help=help_text
+    )
 
 
 def device_option(help_text: str):
@@ -234,6 +241,10 @@ def cli(debug: bool) -> None:
 )
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@dask_option(
+    "Fit PaDiM on a Dask cluster (tcp://HOST:PORT, or local[:N]): workers embed shares of "
+    "the images (paths they see) and their sums are added; the model equals a local fit."
+)
 @device_option(
     "Where a method that trains a network (differnet, memae, mnad, gradcon, ognet) "
     "trains: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N."
@@ -264,6 +275,7 @@ def fit(
     registration,
     batch_size,
     seed,
+    dask_address,
     device,
     backend,
     max_pixels,
@@ -289,6 +301,15 @@ def fit(
             f"--anomalies {anomalies} is DATA itself: its test/ defects now teach the model, "
             "so evaluating on that test split afterwards would score what it learned from"
         )
+    if dask_address is not None:
+        from defectlens.distributed import DISTRIBUTED_METHODS
+
+        if method not in DISTRIBUTED_METHODS:
+            raise DefectLensError(
+                f"--dask fits {', '.join(DISTRIBUTED_METHODS)} only; {method} fits on one machine"
+            )
+        if backend is not None:
+            raise DefectLensError("--backend does not apply to --dask: workers use their default")
     check_model_target(out, protect)
     named = {
         "n_channels": n_channels,
@@ -322,7 +343,13 @@ def fit(
     if backend is not None:
         detector.use_backend(backend)
     try:
-        detector.fit(data, val_images=val, progress=not quiet, device=device)
+        if dask_address is None:
+            detector.fit(data, val_images=val, progress=not quiet, device=device)
+        else:
+            from defectlens.distributed import connect, fit_on_cluster
+
+            with connect(dask_address) as client:
+                fit_on_cluster(client, detector, data, val_images=val, progress=not quiet)
     except KeyboardInterrupt:
         echo(f"interrupted: nothing was saved; {out} is unchanged", err=True)
         raise
@@ -422,9 +449,6 @@ def _print_metrics(m: dict) -> None:
 
 
 # -- predict --------------------------------------------------------------------------------------
-RESULT_COLUMNS = ("path", "score", "predicted", "defect_pixels", "error")
-
-
 @cli.command()
 @click.argument("model", type=click.Path())
 @click.argument("inputs", nargs=-1, required=True)
@@ -448,31 +472,96 @@ RESULT_COLUMNS = ("path", "score", "predicted", "defect_pixels", "error")
     is_flag=True,
     help="Start again in an --out that holds the results of an earlier run.",
 )
+@dask_option(
+    "Score on a Dask cluster: the scheduler's tcp://HOST:PORT, or local[:N] for N worker "
+    "processes here. Workers read the inputs (paths they see, or fsspec URLs such as "
+    "s3://bucket/*.png); results are the same as a local run's."
+)
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(1, 100_000),
+    default=None,
+    help="Images per Dask task [default: the model's batch size].",
+)
 @weights_option
 @backend_option
 @max_pixels_option
 @quiet_option
 def predict(
-    model, inputs, out, no_images, as_json, resume, overwrite, weights, backend, max_pixels, quiet
+    model,
+    inputs,
+    out,
+    no_images,
+    as_json,
+    resume,
+    overwrite,
+    dask_address,
+    chunk_size,
+    weights,
+    backend,
+    max_pixels,
+    quiet,
 ) -> None:
     """Score images: INPUTS are files, folders (searched recursively) or glob patterns.
 
     Every input gets a row in results.csv, written as soon as it is scored: unreadable images,
     broken links and files that are not images are listed with their error and skipped, the
     rest are scored (exit status 1 if any was skipped). Overlays and masks are named after the
-    input's path (a.png -> overlays/a.png.png), so a.png and a.jpg do not collide.
+    input's path (a.png -> overlays/a.png.png), so a.png and a.jpg do not collide. With --dask,
+    the model is checked here, sent to each worker once, and the workers score.
     """
-    from defectlens.data.inputs import expand_inputs
-    from defectlens.outputs import is_results_folder, prepare_results_dir
-    from defectlens.results import ResultsTable
-
     if out is None and not as_json:
         raise DefectLensError("give --out DIR (or --json to print results)")
     if resume and overwrite:
         raise DefectLensError("--resume and --overwrite exclude each other")
     if resume and out is None:
         raise DefectLensError("--resume needs the --out folder of the run to continue")
+    if chunk_size is not None and dask_address is None:
+        raise DefectLensError("--chunk-size is for --dask")
+    if dask_address is not None and backend is not None:
+        raise DefectLensError("--backend does not apply to --dask: workers use their default")
     _apply_max_pixels(max_pixels)
+    with contextlib.ExitStack() as stack:
+        client = None
+        if dask_address is not None:  # an unreachable cluster: said before anything is written
+            from defectlens.distributed import connect
+
+            client = stack.enter_context(connect(dask_address))
+        _predict(
+            model,
+            inputs,
+            out,
+            no_images,
+            as_json,
+            resume,
+            overwrite,
+            client,
+            chunk_size,
+            weights,
+            backend,
+            quiet,
+        )
+
+
+def _predict(
+    model,
+    inputs,
+    out,
+    no_images,
+    as_json,
+    resume,
+    overwrite,
+    client,
+    chunk_size,
+    weights,
+    backend,
+    quiet,
+) -> None:
+    from defectlens.data.inputs import expand_inputs
+    from defectlens.outputs import is_results_folder, prepare_results_dir
+    from defectlens.results import ResultsTable
+    from defectlens.scoring import RESULT_COLUMNS
+
     out_dir = None
     if out is not None:
         out_dir = prepare_results_dir(out, ["results.csv", "overlays", "masks"], "predict", inputs)
@@ -496,8 +585,23 @@ def predict(
             resume=resume,
             is_done=lambda row: row["predicted"] in ("good", "defective"),
         )
+    score = None
+    if client is not None and detector is not None:
+        from defectlens.distributed import score_on_cluster
+
+        def score(pending, pictures):
+            return score_on_cluster(
+                client,
+                model,
+                pending,
+                pictures,
+                chunk_size=chunk_size or detector.batch_size,
+                progress=not quiet,
+                weights=weights,
+            )
+
     try:
-        outcome = _run_predict(detector, items, table, out_dir, no_images, as_json, quiet)
+        outcome = _run_predict(detector, items, table, out_dir, no_images, as_json, quiet, score)
     finally:
         if table is not None:
             table.close()
@@ -596,10 +700,21 @@ def _check_same_model(out_dir: Path, model: str, loaded, resume: bool) -> None:
     write_results_marker(out_dir, {**marker, "model": str(model), "model_sha256": identity})
 
 
-def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet) -> dict:
-    from defectlens.data.images import read_image
-    from defectlens.errors import DataError
-    from defectlens.report.overlay import outlined_overlay
+def _picture_path(source: str, base: Path) -> Path:
+    """Where an input's mask and overlay go, relative to the results folder: its path below the
+    inputs' common folder, or for a URL its scheme, host and path (never a way out of --out)."""
+    if is_url(source):
+        scheme, rest = source.split("://", 1)
+        parts = [p for p in [scheme, *rest.split("/")] if p not in ("", ".", "..")]
+        return Path(*parts)
+    return Path(os.path.abspath(source)).relative_to(base)
+
+
+def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet, score=None) -> dict:
+    """Score the inputs not yet done and write their rows and pictures as they come. `score`
+    (pending sources, pictures wanted) -> ScoredFile stream: the Dask runner; by default the
+    images are scored here."""
+    from defectlens.scoring import iter_scored_files, write_row
 
     done = table.done if table is not None else {}
     errors: dict[str, str] = {}
@@ -618,9 +733,9 @@ def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet) -> 
             record_error(name, f"{name}: {item.error}")
         elif name not in done:
             pending.append(item.path)
-    # Overlays are named relative to the inputs' common folder: the same names on --resume.
-    scorable = [item.path for item in items if item.error is None] or [Path("x")]
-    base = Path(os.path.commonpath([os.path.abspath(p.parent) for p in scorable]))
+    # Pictures are named relative to the inputs' common folder: the same names on --resume.
+    local = [p for p in (i.path for i in items if i.error is None) if not is_url(p)]
+    base = Path(os.path.commonpath([os.path.abspath(p.parent) for p in local or [Path("x")]]))
     if detector is None:
         first = next(iter(errors.values()), "no inputs")
         more = f" (and {len(errors) - 1} more; see results.csv)" if len(errors) > 1 else ""
@@ -634,45 +749,31 @@ def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet) -> 
             "defect_pixels left empty; score the saved model for maps"
         )
         no_images = True
+    pictures = out_dir is not None and not no_images
+    if score is None:
+        results = iter_scored_files(detector, pending, pictures, progress=not quiet)
+    else:
+        results = score(pending, pictures)
     scored = flagged = 0
     start = time.perf_counter()
     try:
-        for prediction in detector.iter_predict(
-            pending,
-            progress=not quiet,
-            on_error=lambda name, exc: record_error(safe_text(name), str(exc)),
-        ):
-            summary = prediction.summary()
-            summary["path"] = name = safe_text(prediction.source)
-            if out_dir is not None and not no_images:
-                # Pictures first, then the row: a row on disk means its pictures are complete.
-                relative = Path(os.path.abspath(prediction.source)).relative_to(base)
-                mask = prediction.mask.astype(np.uint8) * 255
-                _save_png(mask, out_dir / "masks" / f"{relative}.png")
-                try:
-                    image = read_image(prediction.source)
-                    if image.shape[:2] != prediction.anomaly_map.shape:
-                        raise DataError(f"{name}: its size changed")
-                except DataError as exc:  # changed on disk since it was scored
-                    _warn(f"no overlay for {name}: {exc}")
-                else:
-                    t = detector.thresholds_.pixel
-                    shaded = outlined_overlay(image, prediction.anomaly_map, prediction.mask, t)
-                    _save_png(shaded, out_dir / "overlays" / f"{relative}.png")
+        for result in results:
+            if result.summary is None:
+                record_error(result.name, result.error)
+                continue
+            for note in result.notes:
+                _warn(note)
+            # Pictures first, then the row: a row on disk means its pictures are complete.
+            for kind, folder in (("mask", "masks"), ("overlay", "overlays")):
+                if kind in result.pngs:
+                    relative = _picture_path(result.source, base)
+                    _save_bytes(result.pngs[kind], out_dir / folder / f"{relative}.png")
             if table is not None:
-                table.write(
-                    [
-                        name,
-                        f"{prediction.score:.6g}",
-                        summary["predicted"],
-                        "" if summary["defect_pixels"] is None else summary["defect_pixels"],
-                        "",
-                    ]
-                )
+                write_row(table.write, result)
             if as_json:
-                echo(json.dumps(summary))
+                echo(json.dumps(result.summary))
             scored += 1
-            flagged += summary["predicted"] == "defective"
+            flagged += result.summary["predicted"] == "defective"
     except KeyboardInterrupt:
         where = f"; rows so far are in {out_dir / 'results.csv'}" if out_dir else ""
         resume = " (rerun the same command with --resume to finish)" if out_dir else ""
@@ -689,13 +790,11 @@ def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet) -> 
     return {"scored": scored, "skipped": len(errors)}
 
 
-def _save_png(array: np.ndarray, path: Path) -> None:
+def _save_bytes(data: bytes, path: Path) -> None:
     """Written beside its name, then renamed: a kill never leaves a torn picture."""
-    from PIL import Image
-
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    Image.fromarray(array).save(partial, format="PNG")
+    partial.write_bytes(data)
     os.replace(partial, path)
 
 

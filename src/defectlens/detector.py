@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +235,36 @@ class Detector(Predictor):
         its 21 fixed augmented versions (`components.augment.augment_support`).
         """
         resolve_device(device)  # an unknown or absent device: one line, before any work
+        fit_images, val = self.plan_fit(images, val_images)
+        torch.manual_seed(self.seed)
+        extractor = self.ensure_extractor()  # missing weights: said before image problems
+        check_readable([*fit_images, *val])
+        bar = tqdm(
+            total=len(fit_images), desc=f"fit {self.method}", disable=not progress, unit="img"
+        )
+        self.model_.device = device
+        try:
+            self.model_.fit(
+                extractor,
+                self.fit_batches(fit_images, on_batch=bar.update),
+                progress=progress,
+                val_batches=lambda: (
+                    torch.from_numpy(b.images)
+                    for b in iter_batches(val, self.image_size, self.batch_size)
+                ),
+            )
+        except ValueError as exc:
+            raise DefectLensError(f"fitting {self.method} failed: {exc}") from None
+        finally:
+            bar.close()
+        return self.finish_fit(fit_images, val, progress)
+
+    def plan_fit(
+        self,
+        images: str | Path | Sequence[ImageInput],
+        val_images: str | Path | Sequence[ImageInput] | None = None,
+    ) -> tuple[list[ImageInput], list[ImageInput]]:
+        """(images to fit on, validation images), as `fit` chooses them."""
         images = resolve_images(images)
         if self.shots is not None:
             fit_images, rest = self.split_shots(images, need_rest=val_images is None)
@@ -248,38 +278,31 @@ class Detector(Predictor):
             if not fit_images or not val:
                 raise DataError("need at least one fit image and one validation image")
             _warn_if_overlapping(fit_images, val)
-        torch.manual_seed(self.seed)
-        extractor = self.ensure_extractor()  # missing weights: said before image problems
-        check_readable([*fit_images, *val])
-        bar = tqdm(
-            total=len(fit_images), desc=f"fit {self.method}", disable=not progress, unit="img"
-        )
+        return fit_images, val
 
-        def batches() -> Iterator[torch.Tensor]:
-            # With augmentation, fewer source images per batch keep the batch at batch_size.
-            per_batch = self.batch_size
-            if self.augment_support:
-                per_batch = max(1, self.batch_size // N_SUPPORT_VERSIONS)
-            for batch in iter_batches(fit_images, self.image_size, per_batch):
-                images = torch.from_numpy(batch.images)
-                yield augment_support(images) if self.augment_support else images
-                bar.update(len(batch.sources))
+    @property
+    def images_per_batch(self) -> int:
+        """Source images per training batch: with augmentation, fewer, so that a batch of
+        them and their augmented versions stays at batch_size."""
+        if self.augment_support:
+            return max(1, self.batch_size // N_SUPPORT_VERSIONS)
+        return self.batch_size
 
-        self.model_.device = device
-        try:
-            self.model_.fit(
-                extractor,
-                batches(),
-                progress=progress,
-                val_batches=lambda: (
-                    torch.from_numpy(b.images)
-                    for b in iter_batches(val, self.image_size, self.batch_size)
-                ),
-            )
-        except ValueError as exc:
-            raise DefectLensError(f"fitting {self.method} failed: {exc}") from None
-        finally:
-            bar.close()
+    def fit_batches(
+        self, fit_images: Sequence[ImageInput], on_batch: Callable[[int], Any] | None = None
+    ) -> Iterator[torch.Tensor]:
+        """The training batches of `fit_images` (augmented when `augment_support`);
+        `on_batch(n)` is told how many source images each batch held."""
+        for batch in iter_batches(fit_images, self.image_size, self.images_per_batch):
+            images = torch.from_numpy(batch.images)
+            yield augment_support(images) if self.augment_support else images
+            if on_batch is not None:
+                on_batch(len(batch.sources))
+
+    def finish_fit(
+        self, fit_images: Sequence[ImageInput], val: Sequence[ImageInput], progress: bool = False
+    ) -> Detector:
+        """Record what was fitted on and set the thresholds: what follows the method's fit."""
         self.thresholds_ = None
         # What was fitted on, by name: in few-shot mode, the support set to report.
         self.n_fit_images_ = len(fit_images)

@@ -16,9 +16,12 @@ from defectlens.components.distances import block_mahalanobis, block_row_shapes,
 class GaussianAccumulator:
     """Streaming sufficient statistics of features (P, C, B) -> per-position mean/covariance."""
 
-    def __init__(self) -> None:
+    def __init__(self, shift: torch.Tensor | None = None) -> None:
         self.n = 0
-        self.shift: torch.Tensor | None = None  # (P, C) reference subtracted before summing
+        # (P, C) reference subtracted before summing: the first batch's mean unless given.
+        # Accumulators that share it add up exactly (`merge`): a distributed fit gives every
+        # partition the shift of the first batch, which is what a local fit would use.
+        self.shift = None if shift is None else shift.to(torch.float64)
         self.s1: torch.Tensor | None = None  # (P, C)      sum of y
         self.s2: torch.Tensor | None = None  # (P, C, C)   sum of y y^T
         self.a2: torch.Tensor | None = None  # (P,)        sum of |y|^4
@@ -29,7 +32,10 @@ class GaussianAccumulator:
         y = features.detach().to(torch.float64).transpose(1, 2)  # (P, B, C)
         if self.shift is None:
             self.shift = y.mean(dim=1)
+        if self.s1 is None:
             p, _, c = y.shape
+            if self.shift.shape != (p, c):
+                raise ValueError(f"features {tuple(y.shape)} do not match the shift's shape")
             self.s1 = y.new_zeros(p, c)
             self.s2 = y.new_zeros(p, c, c)
             self.a2 = y.new_zeros(p)
@@ -41,6 +47,25 @@ class GaussianAccumulator:
         torch.baddbmm(self.s2, y.transpose(1, 2), y, out=self.s2)  # in place: no P x C x C temp
         self.a2 += (sq * sq).sum(dim=1)
         self.ay += torch.bmm(sq.unsqueeze(1), y).squeeze(1)
+
+    def merge(self, other: GaussianAccumulator) -> GaussianAccumulator:
+        """Add another accumulator's sums to this one's (in place; returns self). Both must
+        use the same shift: the sums are then simply added, with no loss of precision."""
+        if other.n == 0:
+            return self
+        if self.n == 0:  # copies: adding to this one later must not change `other`
+            self.n, self.shift = other.n, other.shift.clone()
+            self.s1, self.s2 = other.s1.clone(), other.s2.clone()
+            self.a2, self.ay = other.a2.clone(), other.ay.clone()
+            return self
+        if not torch.equal(self.shift, other.shift):
+            raise ValueError("accumulators with different shifts cannot be added")
+        self.n += other.n
+        self.s1 += other.s1
+        self.s2 += other.s2
+        self.a2 += other.a2
+        self.ay += other.ay
+        return self
 
     def mean(self) -> torch.Tensor:
         return self.shift + self.s1 / self.n

@@ -48,6 +48,7 @@ import errno
 import io
 import numbers
 import os
+import re
 import stat
 import warnings
 from pathlib import Path
@@ -467,12 +468,47 @@ def read_image_bytes(
     return rgb, decoded.notes
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(name: object) -> bool:
+    """Whether `name` is a URL (`s3://bucket/a.png`, `file:///data/a.png`) rather than a path:
+    such names are read through fsspec (on Dask workers, where the images are)."""
+    return isinstance(name, str) and _URL.match(name) is not None
+
+
+def read_url(url: str) -> bytes:
+    """The bytes at an fsspec URL; every failure is a one-line DataError naming the URL
+    (a missing protocol package, such as s3fs for s3://, included)."""
+    try:
+        import fsspec
+    except ImportError:
+        raise DataError(
+            f"{url}: reading URLs needs fsspec (pip install 'defectlens[dask]')"
+        ) from None
+    try:
+        with fsspec.open(url, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise DataError(f"{url}: no such file") from None
+    except ImportError as exc:  # fsspec's "Install s3fs to access S3"
+        raise DataError(f"{url}: {_short(exc)}") from None
+    except Exception as exc:  # network, credentials and protocol errors of any fsspec backend
+        raise DataError(f"{url}: cannot be read ({_short(exc)})") from None
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read any supported image as RGB uint8 of shape (H, W, 3), upright as viewers show it.
 
     Raises DataError (one line naming the file) for anything unreadable or over the pixel limit;
-    issues a DataWarning for multi-frame files and for 10/12-bit data stored in 16 bits.
+    issues a DataWarning for multi-frame files and for 10/12-bit data stored in 16 bits. A URL
+    (`is_url`) is read through fsspec and decoded the same way.
     """
+    if is_url(path):
+        rgb, notes = read_image_bytes(read_url(path), path)
+        for note in notes:
+            warnings.warn(note, DataWarning, stacklevel=2)
+        return rgb
     path = Path(path)
     decoded = _open(path)
     try:

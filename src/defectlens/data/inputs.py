@@ -24,14 +24,19 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from defectlens.data.images import IMAGE_SUFFIXES, describe_os_error, describe_special_file
+from defectlens.data.images import (
+    IMAGE_SUFFIXES,
+    describe_os_error,
+    describe_special_file,
+    is_url,
+)
 
 
 @dataclass(frozen=True)
 class InputItem:
     """One input: `error` is None for an image to score, else why it cannot be scored."""
 
-    path: Path
+    path: Path | str  # a str only for a URL (`data.images.is_url`), read through fsspec
     error: str | None = None
 
 
@@ -131,6 +136,24 @@ def expand_pattern(pattern: str, skip_folder: Callable[[Path], bool]) -> list[In
     ]
 
 
+def expand_url(url: str) -> list[InputItem]:
+    """A URL names one file, or with `*`, `?` or `[...]` those its fsspec file system globs
+    (`s3://bucket/line1/*.png`). Whether a named file exists is found out where it is read."""
+    if not glob.has_magic(url):
+        return [InputItem(url)]
+    try:
+        import fsspec
+
+        fs, _, paths = fsspec.get_fs_token_paths(url)
+    except ImportError as exc:
+        return [InputItem(url, f"cannot list it ({exc}; pip install 'defectlens[dask]')")]
+    except Exception as exc:  # credentials, network and protocol errors of any backend
+        return [InputItem(url, f"cannot list it ({str(exc).splitlines()[0][:200]})")]
+    found = [fs.unstrip_protocol(p) for p in sorted(paths)]
+    images = [u for u in found if os.path.splitext(u)[1].lower() in IMAGE_SUFFIXES]
+    return [InputItem(u) for u in images] or [InputItem(url, "pattern matches no images")]
+
+
 def expand_inputs(
     names: Sequence[str], skip_folder: Callable[[Path], bool] = lambda p: False
 ) -> list[InputItem]:
@@ -142,6 +165,9 @@ def expand_inputs(
     """
     items: list[InputItem] = []
     for name in names:
+        if is_url(name):
+            items.extend(expand_url(name))
+            continue
         path = Path(name)
         kind, reason = classify(path)
         if kind == "file":
@@ -155,5 +181,6 @@ def expand_inputs(
             items.append(InputItem(path, reason))
     unique: dict[str, InputItem] = {}
     for item in items:
-        unique.setdefault(os.path.abspath(item.path), item)
+        key = item.path if isinstance(item.path, str) else os.path.abspath(item.path)
+        unique.setdefault(key, item)
     return list(unique.values())

@@ -97,10 +97,31 @@ class Padim(AnomalyMethod):
         progress: bool = False,
         val_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
     ) -> None:
+        self.begin_fit(extractor)
+        self.finish_fit(self.accumulate(extractor, batches, GaussianAccumulator()))
+
+    # Fitting in three steps, so that `defectlens.distributed` can run the middle one on many
+    # machines and add the partial sums together (`GaussianAccumulator.merge`).
+    def begin_fit(self, extractor: FeatureExtractor) -> None:
+        """Choose the channels (seeded: every worker chooses the same)."""
         self.channel_index = self._choose_channels(sum(extractor.channels))
-        accumulator = GaussianAccumulator()
+
+    @torch.no_grad()
+    def accumulate(
+        self,
+        extractor: FeatureExtractor,
+        batches: Iterable[torch.Tensor],
+        accumulator: GaussianAccumulator,
+    ) -> GaussianAccumulator:
+        """Add the embeddings of `batches` to the running sums."""
         for images in batches:
             accumulator.update(self._embed(extractor, images))
+        return accumulator
+
+    def finish_fit(self, accumulator: GaussianAccumulator) -> None:
+        """The Gaussians from the sums of every training image."""
+        if accumulator.n < 1:
+            raise ValueError("no training image was embedded")
         self.mean = accumulator.mean().float()
         packed = accumulator.precision_factors(self.shrinkage, self.epsilon)
         del accumulator

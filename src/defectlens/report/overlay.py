@@ -11,8 +11,11 @@ bounding box only, with a separable minimum filter whose cost does not grow with
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from matplotlib import colormaps
+from PIL import Image
 from scipy import ndimage
 
 _LUT = (colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
@@ -76,6 +79,36 @@ def outlined_overlay(
     """The heat-map overlay with the predicted defects outlined: what `predict` writes and
     the service returns."""
     return draw_outline(overlay(image, amap, threshold), mask)
+
+
+def result_pngs(
+    image: np.ndarray | None,
+    amap: np.ndarray | None,
+    mask: np.ndarray | None,
+    threshold: float,
+    wanted: tuple[str, ...] = ("overlay", "mask"),
+    compress_level: int = 6,
+) -> dict[str, bytes]:
+    """A scored image's pictures as PNG bytes, by kind: "overlay" (outlined heat map over the
+    image), "map" (the heat map alone) and "mask" (defects white). What `predict` writes, the
+    service returns and Dask workers send back, so all three draw the same pictures. A model
+    without maps (`amap` None) has none; `image` is needed for the overlay only."""
+    if amap is None or mask is None:
+        return {}
+    out = {}
+    for kind in wanted:
+        if kind == "overlay":
+            picture = outlined_overlay(image, amap, mask, threshold)
+        elif kind == "map":
+            picture = heat_rgb(amap, threshold)
+        elif kind == "mask":
+            picture = mask.astype(np.uint8) * 255
+        else:
+            raise ValueError(f"unknown picture kind {kind!r}")
+        buffer = io.BytesIO()
+        Image.fromarray(picture).save(buffer, format="PNG", compress_level=compress_level)
+        out[kind] = buffer.getvalue()
+    return out
 
 
 def panel(

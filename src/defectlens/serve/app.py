@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import io
 import logging
 import re
 import secrets
@@ -36,7 +35,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from PIL import Image
 from scipy import ndimage
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -44,7 +42,7 @@ from defectlens import __version__
 from defectlens.data.images import read_image_bytes
 from defectlens.errors import DataError, PixelLimitError
 from defectlens.prediction import Prediction, Predictor
-from defectlens.report.overlay import heat_rgb, outlined_overlay
+from defectlens.report.overlay import result_pngs
 from defectlens.results import one_line
 from defectlens.serve.batching import Batcher, QueueFull
 from defectlens.serve.metrics import ServiceMetrics
@@ -422,7 +420,15 @@ def create_app(
             counters.scored(name, filename, result.score, result.is_anomalous)
             entry = _describe(result, filename, thresholds.image, notes)
             if wanted:
-                pngs = await run_in_threadpool(_result_pngs, rgb, result, thresholds.pixel, wanted)
+                pngs = await run_in_threadpool(
+                    result_pngs,
+                    rgb,
+                    result.anomaly_map,
+                    result.mask,
+                    thresholds.pixel,
+                    tuple(wanted),
+                    1,
+                )
                 entry["outputs"] = {
                     k: ("data:image/png;base64," + base64.b64encode(v).decode("ascii"))
                     if encoding == "base64"
@@ -554,22 +560,3 @@ def _describe(result: Prediction, filename: str, threshold: float, notes: list) 
         "boxes": _boxes(result.mask),
         "warnings": list(notes),
     }
-
-
-def _result_pngs(
-    rgb: np.ndarray, result: Prediction, threshold: float, wanted: list[str]
-) -> dict[str, bytes]:
-    if result.anomaly_map is None:
-        return {}  # a model without maps (an exported DifferNet): scores only
-    out = {}
-    for kind in wanted:
-        if kind == "overlay":
-            picture = outlined_overlay(rgb, result.anomaly_map, result.mask, threshold)
-        elif kind == "map":
-            picture = heat_rgb(result.anomaly_map, threshold)
-        else:
-            picture = result.mask.astype(np.uint8) * 255
-        buffer = io.BytesIO()
-        Image.fromarray(picture).save(buffer, format="PNG", compress_level=1)
-        out[kind] = buffer.getvalue()
-    return out

@@ -1,0 +1,118 @@
+"""Scale-out on Dask against one machine (issue 13). One JSON line per measurement.
+
+    python benchmarks/dask_scaling.py DATA [--workers 1 2] [--fit]
+
+DATA is an MVTec-layout category. A PaDiM model is fitted on DATA's train/good once (locally),
+then DATA's test images are scored with `defectlens predict MODEL DATA/test --no-images`:
+locally, and with `--dask local:N` for each N. Reported per run: the wall time of the command
+(start-up, model loading and, for Dask, starting the workers included), the rate it prints
+for its scoring loop, and whether results.csv equals the local run's row for row. Then the
+scheduler's own cost per task: 500 trivial tasks on a 1-worker LocalCluster, submitted at
+once and gathered. With --fit: `defectlens fit DATA --dask local:2` against the local fit
+(wall time, and the largest relative difference of every saved tensor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "defectlens"]
+
+
+def run(args: list[str]) -> tuple[float, str]:
+    started = time.perf_counter()
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode not in (0, 1):
+        raise SystemExit(f"{' '.join(args)} failed:\n{done.stderr}")
+    return seconds, done.stdout + done.stderr
+
+
+def rate(output: str) -> float:
+    match = re.search(r"\(([\d.]+) img/s\)", output)
+    return float(match.group(1)) if match else float("nan")
+
+
+def noop(x: int) -> int:
+    return x
+
+
+def scheduler_overhead(tasks: int = 500) -> dict:
+    from dask.distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        client.gather(client.map(noop, range(10)))  # warm-up
+        started = time.perf_counter()
+        client.gather(client.map(noop, range(tasks), pure=False))
+        seconds = time.perf_counter() - started
+    return {"what": "scheduler overhead", "tasks": tasks, "ms_per_task": 1000 * seconds / tasks}
+
+
+def max_relative_difference(a: Path, b: Path) -> dict[str, float]:
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    out = {}
+    for name, x in left.items():
+        y = right[name].astype(np.float64)
+        out[name] = float(np.abs(x.astype(np.float64) - y).max() / max(np.abs(y).max(), 1e-300))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--fit", action="store_true")
+    args = parser.parse_args()
+    name = args.data.name
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        seconds, _ = run(["fit", str(args.data), "--out", str(tmp / "model"), "-q"])
+        print(json.dumps({"what": "fit padim", "data": name, "where": "local", "s": seconds}))
+        if args.fit:
+            for n in args.workers:
+                target = tmp / f"model-dask{n}"
+                seconds, _ = run(
+                    ["fit", str(args.data), "--out", str(target), "--dask", f"local:{n}", "-q"]
+                )
+                diff = max_relative_difference(target, tmp / "model")
+                line = {"what": "fit padim", "data": name, "where": f"local:{n}", "s": seconds}
+                print(json.dumps({**line, "max_relative_difference": diff}), flush=True)
+        test = str(args.data / "test")
+        local = tmp / "local"
+        model = str(tmp / "model")
+        seconds, output = run(["predict", model, test, "--no-images", "--out", str(local)])
+        rows = (local / "results.csv").read_text()
+        n_rows = rows.count("\n") - 1
+        line = {"what": "predict", "data": name, "where": "local", "images": n_rows}
+        print(json.dumps({**line, "wall_s": seconds, "img_per_s": rate(output)}), flush=True)
+        for n in args.workers:
+            out = tmp / f"dask{n}"
+            seconds, output = run(
+                ["predict", str(tmp / "model"), test, "--no-images", "--out", str(out),
+                 "--dask", f"local:{n}"]
+            )  # fmt: skip
+            same = (out / "results.csv").read_text() == rows
+            line = {"what": "predict", "data": name, "where": f"local:{n}", "images": n_rows}
+            print(
+                json.dumps({**line, "wall_s": seconds, "img_per_s": rate(output), "same": same}),
+                flush=True,
+            )
+    print(json.dumps(scheduler_overhead()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

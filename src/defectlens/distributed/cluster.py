@@ -1,0 +1,90 @@
+"""Reaching a Dask cluster: a scheduler's address, or `local[:N]` for worker processes here."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from defectlens.errors import DefectLensError
+
+CONNECT_TIMEOUT_S = 5.0  # an unreachable scheduler is an error after this long, not a hang
+WORKER_TIMEOUT_S = 30.0  # a reachable scheduler with no worker: an error after this long
+_LOCAL = re.compile(r"^local(?::(\d+))?$")
+
+
+def local_workers(address: str) -> int | None:
+    """N for `local:N` (`local`: one worker per core), None for a scheduler address."""
+    match = _LOCAL.match(address.strip())
+    if match is None:
+        return None
+    n = int(match.group(1)) if match.group(1) else (os.cpu_count() or 1)
+    if not 1 <= n <= 256:
+        raise DefectLensError(f"--dask {address}: give between 1 and 256 local workers")
+    return n
+
+
+def _import_dask() -> Any:
+    try:
+        import dask.distributed
+    except ImportError:
+        raise DefectLensError(
+            "--dask needs Dask on this machine and on the workers: pip install 'defectlens[dask]'"
+        ) from None
+    return dask.distributed
+
+
+@contextmanager
+def connect(address: str, connect_timeout: float = CONNECT_TIMEOUT_S) -> Iterator[Any]:
+    """A `dask.distributed.Client` for `address`, closed (with its local cluster) on exit.
+
+    `local:N` starts N worker processes on this machine, each with one task thread and
+    cores / N threads for torch and onnxruntime (Dask's own default is one thread per
+    worker for numerical libraries, which would leave cores idle). Anything else is a
+    scheduler's address (`tcp://host:8786`, `host:8786`), which must answer within
+    `connect_timeout` seconds and have a worker within `WORKER_TIMEOUT_S`.
+    """
+    distributed = _import_dask()
+    n = local_workers(address)
+    cluster = None
+    if n is not None:
+        threads = max(1, (os.cpu_count() or 1) // n)
+        cluster = distributed.LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address="127.0.0.1:0",  # None still takes port 8787 for its HTTP server
+            silence_logs=logging.ERROR,
+            env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+        )
+        client = distributed.Client(cluster)
+    else:
+        try:
+            client = distributed.Client(address, timeout=connect_timeout)
+        except (OSError, TimeoutError, ValueError) as exc:
+            detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise DefectLensError(
+                f"cannot connect to a Dask scheduler at {address} ({detail}); give "
+                "tcp://HOST:PORT of a running scheduler, or local[:N]"
+            ) from None
+    try:
+        try:
+            client.wait_for_workers(1, timeout=WORKER_TIMEOUT_S)
+        except (TimeoutError, OSError):
+            raise DefectLensError(
+                f"the Dask scheduler at {address} has no worker after {WORKER_TIMEOUT_S:g} s; "
+                "start some (`dask worker ADDRESS`)"
+            ) from None
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def worker_count(client: Any) -> int:
+    """How many workers the cluster has now."""
+    return max(1, len(client.nthreads()))
