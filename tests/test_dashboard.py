@@ -80,3 +80,62 @@ def test_load_no_errors_right_scores_and_flat_memory(server, fitted, brick_root)
     assert result["statuses"] == {200: 400}, result
     assert result["n_wrong"] == 0, result["wrong"]
     assert after - before < 30, (before, after)  # MB over 400 requests
+
+
+def test_sigterm_finishes_the_requests_in_flight(model_dir, fitted, brick_root):
+    """Graceful shutdown: requests the service has received when SIGTERM arrives are answered
+    in full (right scores), new connections are refused, and the process exits cleanly."""
+    import io
+    import re
+    import signal
+    import threading
+    import time
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    # Large uploads (512 px, decoded and mapped at full size) keep each request busy a while.
+    paths = sorted((brick_root / "test").rglob("*.png"))[:24]
+    arrays = [np.asarray(Image.open(p).convert("RGB").resize((512, 512))) for p in paths]
+    files = []
+    for i, array in enumerate(arrays):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        files.append(("images", (f"{i}.png", buffer.getvalue(), "image/png")))
+    expected = [p.score for p in fitted.predict(arrays)]
+    n_requests = 4
+    answers: list[httpx.Response | Exception] = []
+
+    with running_server([model_dir]) as (url, process):
+
+        def post() -> None:
+            try:
+                answers.append(
+                    httpx.post(f"{url}/v1/models/brick/predict", files=files, timeout=120)
+                )
+            except Exception as exc:  # recorded: the assertion below names it
+                answers.append(exc)
+
+        threads = [threading.Thread(target=post) for _ in range(n_requests)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while True:  # until the service holds all of them (the poll itself is one more)
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+            held = int(re.search(r"^defectlens_in_flight_requests (\d+)", text, re.M).group(1))
+            if held >= n_requests + 1:
+                break
+            assert time.monotonic() < deadline, "the requests never arrived together"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(120)
+        assert process.wait(60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz", timeout=5)
+    assert len(answers) == n_requests
+    for answer in answers:
+        assert isinstance(answer, httpx.Response) and answer.status_code == 200, answer
+        scores = [r["score"] for r in answer.json()["results"]]
+        assert scores == pytest.approx(expected, rel=1e-5)

@@ -88,3 +88,18 @@ def connect(address: str, connect_timeout: float = CONNECT_TIMEOUT_S) -> Iterato
 def worker_count(client: Any) -> int:
     """How many workers the cluster has now."""
     return max(1, len(client.nthreads()))
+
+
+def use_worker_threads() -> None:
+    """Give torch (and through it onnxruntime, whose sessions take torch's count) the threads
+    this worker should use: OMP_NUM_THREADS, which `local:N` sets to cores / N and Dask's nanny
+    defaults to 1. Set explicitly because a worker's task thread reports one thread whatever
+    the environment says. A worker without torch (scoring exports) is left as it is."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    threads = int(value) if value.isdigit() and int(value) > 0 else (os.cpu_count() or 1)
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -4,10 +4,11 @@ PaDiM's statistics are sums over images (per position: the count, the sum of emb
 the sum of their outer products, in float64; `components.gaussian.GaussianAccumulator`), so
 partitions of the training images can be embedded and summed on different workers and the
 partial sums added. The sums are kept relative to a shift (for precision); a local fit uses the
-first batch's mean, so the cluster first sums that same first batch, and every other partition
-uses its shift: the partial sums then add exactly, and only the order of additions differs
-from a local fit. The Gaussians are finalised once, on the client, and the thresholds are set
-there from the validation images, as `Detector.fit` sets them.
+first batch's mean, so the cluster first computes that same mean, and every partition sums
+relative to it: the partial sums then add exactly, and only the order of additions differs
+from a local fit. The Gaussians are finalised once, on a worker (the packed float32 factors
+travel back to the client, a quarter of the float64 sums), and the thresholds are set on the
+client from the validation images, as `Detector.fit` sets them.
 
 SPADE and PatchCore could distribute their feature extraction the same way (their memory bank
 is the concatenation of per-image features), but PatchCore's coreset selection is a greedy pass
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from defectlens.components.gaussian import GaussianAccumulator
 from defectlens.data.loader import ImageInput
 from defectlens.detector import Detector, check_readable
-from defectlens.distributed.cluster import worker_count
+from defectlens.distributed.cluster import use_worker_threads, worker_count
 from defectlens.errors import DataError, DefectLensError
 
 DISTRIBUTED_METHODS = ("padim",)
@@ -43,6 +44,7 @@ _lock = threading.Lock()
 def _worker_detector(params: dict[str, Any]) -> Detector:
     key = json.dumps(params, sort_keys=True)
     with _lock:
+        use_worker_threads()
         detector = _detectors.get(key)
         if detector is None:
             detector = Detector(**params)
@@ -63,14 +65,24 @@ def padim_sums(
     return detector.model_.accumulate(extractor, detector.fit_batches(sources), accumulator)
 
 
-def shift_of(accumulator: GaussianAccumulator) -> Any:
-    return accumulator.shift
+def padim_shift(params: dict[str, Any], sources: Sequence[str]) -> Any:
+    """The first batch's mean embedding: the shift a local fit sums relative to."""
+    return padim_sums(params, sources, None).shift
 
 
 def combined(first: GaussianAccumulator, second: GaussianAccumulator) -> GaussianAccumulator:
     """A new accumulator with both one's sums: inputs are left as they are, so a task that runs
     again (after a worker died) sees the same inputs."""
     return GaussianAccumulator().merge(first).merge(second)
+
+
+def padim_state(params: dict[str, Any], accumulator: GaussianAccumulator) -> dict[str, Any]:
+    """The fitted tensors from the total sums, computed on a worker: what comes back to the
+    client is the model (the packed factor, 4 bytes a value) instead of the float64 sums."""
+    model = Detector(**params).model_
+    model.channel_index = _worker_detector(params).model_.channel_index
+    model.finish_fit(accumulator)
+    return model.fitted_state()
 
 
 # -- on the client -----------------------------------------------------------------------------
@@ -85,8 +97,8 @@ def fit_on_cluster(
     """Fit `detector` (PaDiM) on the cluster, then set its thresholds here; returns it.
 
     Images are split as `Detector.fit` splits them and read by the workers (paths must be the
-    same there: a shared file system). `images_per_task` defaults to an even share for two
-    tasks per worker, in whole batches.
+    same there: a shared file system). `images_per_task` defaults to an even share per worker,
+    in whole batches (the fewer partial sums, the less to send and add).
     """
     if detector.method not in DISTRIBUTED_METHODS:
         raise DefectLensError(
@@ -101,36 +113,33 @@ def fit_on_cluster(
     detector.model_.begin_fit(extractor)
     names = [str(p) for p in fit_images]
     per_batch = detector.images_per_batch
-    head, rest = names[:per_batch], names[per_batch:]
-    if images_per_task is None:
-        share = math.ceil(len(rest) / (2 * worker_count(client))) if rest else per_batch
+    if images_per_task is None:  # one share per worker: the fewest partial sums to add
+        share = math.ceil(len(names) / worker_count(client))
         images_per_task = max(1, math.ceil(share / per_batch)) * per_batch
-    parts = [rest[i : i + images_per_task] for i in range(0, len(rest), images_per_task)]
+    parts = [names[i : i + images_per_task] for i in range(0, len(names), images_per_task)]
     params = detector.params()
-    # The first batch first: its mean is the shift every partition sums relative to.
-    first = client.submit(padim_sums, params, head, None, pure=False)
-    shift = client.submit(shift_of, first, pure=False)
-    futures = [first] + [client.submit(padim_sums, params, p, shift, pure=False) for p in parts]
-    sizes = {f.key: len(p) for f, p in zip(futures, [head, *parts], strict=True)}
+    # The first batch's mean first: the shift every partition sums relative to.
+    shift = client.submit(padim_shift, params, names[:per_batch], pure=False)
+    futures = [client.submit(padim_sums, params, p, shift, pure=False) for p in parts]
+    sizes = {f.key: len(p) for f, p in zip(futures, parts, strict=True)}
+    state = client.submit(padim_state, params, _tree_sum(client, futures), pure=False)
     bar = tqdm(total=len(names), desc="fit padim (dask)", disable=not progress, unit="img")
     try:
         from dask.distributed import as_completed
 
-        total = _tree_sum(client, futures)
         for future in as_completed(futures):
             future.result()  # a task's error, raised here
             bar.update(sizes[future.key])
-        accumulator = total.result()
+        fitted = state.result()
     except DefectLensError:
         raise
+    except ValueError as exc:  # finalising: e.g. a covariance that is not positive definite
+        raise DefectLensError(f"fitting padim failed: {exc}") from None
     except Exception as exc:  # KilledWorker, or a bug on a worker
         raise DefectLensError(f"fitting padim on the Dask cluster failed: {exc}") from None
     finally:
         bar.close()
-    try:
-        detector.model_.finish_fit(accumulator)
-    except ValueError as exc:
-        raise DefectLensError(f"fitting padim failed: {exc}") from None
+    detector.model_.load_fitted_state(fitted)
     return detector.finish_fit(fit_images, val, progress)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from defectlens.data.images import get_max_pixels, set_max_pixels
-from defectlens.distributed.cluster import worker_count
+from defectlens.distributed.cluster import use_worker_threads, worker_count
 from defectlens.errors import DefectLensError
 from defectlens.prediction import Predictor
 from defectlens.scoring import ScoredFile, score_files
@@ -41,6 +41,7 @@ def _worker_model(key: str, files: dict[str, bytes], weights: str | None) -> Pre
     from defectlens.loading import load_model
 
     with _lock:
+        use_worker_threads()
         model = _models.get(key)
         if model is None:
             folder = Path(tempfile.mkdtemp(prefix="defectlens-model-"))
