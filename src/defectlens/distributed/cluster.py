@@ -13,6 +13,7 @@ from defectlens.errors import DefectLensError
 
 CONNECT_TIMEOUT_S = 5.0  # an unreachable scheduler is an error after this long, not a hang
 WORKER_TIMEOUT_S = 30.0  # a reachable scheduler with no worker: an error after this long
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _LOCAL = re.compile(r"^local(?::(\d+))?$")
 
 
@@ -58,7 +59,8 @@ def connect(address: str, connect_timeout: float = CONNECT_TIMEOUT_S) -> Iterato
             processes=True,
             dashboard_address="127.0.0.1:0",  # None still takes port 8787 for its HTTP server
             silence_logs=logging.ERROR,
-            env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+            # Dask's nanny sets these three to 1 unless told otherwise.
+            env={name: str(threads) for name in _THREAD_VARIABLES},
         )
         client = distributed.Client(cluster)
     else:
@@ -91,15 +93,22 @@ def worker_count(client: Any) -> int:
 
 
 def use_worker_threads() -> None:
-    """Give torch (and through it onnxruntime, whose sessions take torch's count) the threads
-    this worker should use: OMP_NUM_THREADS, which `local:N` sets to cores / N and Dask's nanny
-    defaults to 1. Set explicitly because a worker's task thread reports one thread whatever
-    the environment says. A worker without torch (scoring exports) is left as it is."""
+    """Give torch (and through it onnxruntime, whose sessions take torch's count) and numpy's
+    BLAS the threads this worker should use: OMP_NUM_THREADS, which `local:N` sets to
+    cores / N and Dask's nanny defaults to 1. Set explicitly because a worker's task thread
+    reports one torch thread whatever the environment says, and Dask's nanny limits OpenBLAS
+    (PaDiM's Mahalanobis step) to one thread of its own."""
     value = os.environ.get("OMP_NUM_THREADS", "")
     threads = int(value) if value.isdigit() and int(value) > 0 else (os.cpu_count() or 1)
     try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(threads)  # every BLAS and OpenMP pool loaded so far
+    except ImportError:  # threadpoolctl comes with scikit-learn (the `full` install)
+        pass
+    try:
         import torch
-    except ImportError:
+    except ImportError:  # a worker scoring exports only
         return
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
