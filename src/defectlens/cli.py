@@ -889,6 +889,136 @@ def regad_train(
 
 
 @cli.command()
+@click.argument("data", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Where to save the chosen model.")
+@click.option(
+    "--methods",
+    default="padim,patchcore",
+    show_default=True,
+    help="Comma-separated methods to try.",
+)
+@click.option(
+    "--backbones",
+    "backbone_names",
+    default="efficientnet_lite0",
+    show_default=True,
+    help="Comma-separated backbones to try (see `defectlens backbones`).",
+)
+@click.option(
+    "--image-sizes",
+    default="256",
+    show_default=True,
+    help="Comma-separated image sizes to try (multiples of 32).",
+)
+@click.option(
+    "--budget-minutes",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Stop trying new candidates after this long (the ones tried are ranked).",
+)
+@click.option(
+    "--report",
+    type=click.Path(),
+    default=None,
+    help="Folder for selection.csv and selection.html [default: OUT.selection].",
+)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@device_option("Where a method that trains a network trains (auto, cpu, cuda, cuda:N).")
+@quiet_option
+def select(
+    data, out, methods, backbone_names, image_sizes, budget_minutes, report, batch_size, seed,
+    device, quiet,
+) -> None:  # fmt: skip
+    """Choose a configuration for DATA from its normal images only, and save it to --out.
+
+    Every combination of --methods, --backbones and --image-sizes is fitted on 80 % of
+    DATA's normal images (train/good of an MVTec root; test/ is never read) and scored on
+    the other 20 %, each of them also with one synthetic defect pasted in (scratch, spot,
+    hole, texture patch or smudge). Candidates are ranked by image AUROC on that task, then
+    AUPRO; the table is printed and written to --report. The winner is then fitted on all of
+    DATA as `defectlens fit` would and saved.
+    """
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from defectlens.methods import get_method
+    from defectlens.outputs import check_model_target, prepare_results_dir
+    from defectlens.report.html import write_selection_report
+    from defectlens.selection import Candidate
+    from defectlens.selection import select as run_selection
+
+    def names(text: str, what: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise DefectLensError(f"--{what}: give at least one")
+        return list(dict.fromkeys(items))
+
+    sizes = []
+    for item in names(image_sizes, "image-sizes"):
+        if not item.isdigit():
+            raise DefectLensError(f"--image-sizes: {item!r} is not a whole number")
+        sizes.append(int(item))
+    candidates = []
+    for method in names(methods, "methods"):
+        for backbone in names(backbone_names, "backbones"):
+            for size in sizes:
+                takes_seed = "seed" in get_method(method).param_names()  # unknown: said here
+                params = (("seed", seed),) if takes_seed else ()
+                candidate = Candidate(method, backbone, size, params)
+                candidate.detector(batch_size, seed)  # an unknown name or size: said now
+                candidates.append(candidate)
+    check_model_target(out, [data])
+    report_dir = prepare_results_dir(
+        report or f"{out}.selection", ["selection.csv", "selection.html"], "select", [data]
+    )
+    bar = tqdm(total=len(candidates), desc="select", disable=quiet, unit="config")
+    try:
+        ranked = run_selection(
+            data,
+            candidates,
+            budget_s=None if budget_minutes is None else 60 * budget_minutes,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            on_outcome=lambda outcome: bar.update(1),
+        )
+    finally:
+        bar.close()
+    rows = [{"rank": i + 1, **o.row()} for i, o in enumerate(ranked)]
+    _write_csv(report_dir / "selection.csv", rows)
+    winner = ranked[0]
+    if not np.isfinite(winner.image_auroc):
+        raise DefectLensError(f"no candidate could be fitted: {winner.error}")
+    write_selection_report(rows, report_dir / "selection.html", str(data), winner.candidate.label)
+    echo(f"{'rank':>4}  {'synthetic AUROC':>15}  {'AUPRO':>6}  {'fit s':>6}  candidate")
+    for row in rows:
+        auroc, pro = row["synthetic_image_auroc"], row["synthetic_aupro"]
+        echo(
+            f"{row['rank']:>4}  {auroc:>15.4f}  {pro:>6.3f}  {row['fit_s']:>6.1f}  "
+            f"{row['candidate']}" + (f"  ({row['error']})" if row["error"] else "")
+        )
+    echo(f"chosen: {winner.candidate.label}; fitting it on all of {data}")
+    detector = winner.candidate.detector(batch_size, seed)
+    detector.fit(data, progress=not quiet, device=device)
+    path = detector.save(out, protect=(data,))
+    echo(f"saved {path}; ranking in {report_dir / 'selection.csv'} and selection.html")
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+    import io
+
+    from defectlens.outputs import write_text_atomic
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+@cli.command()
 def backbones() -> None:
     """List the registered backbones, their feature taps and whether weights are available."""
     from defectlens.backbones import available_backbones

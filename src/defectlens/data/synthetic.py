@@ -149,6 +149,25 @@ def paste_defect(
     return np.clip(img, 0.0, 1.0), mask
 
 
+def with_synthetic_defects(
+    images: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normal images (N, 3, S, S) float32 in [0, 1] -> each twice, as it is and then with one
+    `paste_defect` defect, (2N, 3, S, S), with the masks (2N, S, S) float32 (zero for the clean
+    copies). Labelled anomalies made from normal images only: what Neural Batch Sampling
+    learns from and what `defectlens select` ranks configurations on."""
+    defective, masks = [], []
+    for image in images:
+        pasted, mask = paste_defect(image.transpose(1, 2, 0), rng)
+        defective.append(pasted.transpose(2, 0, 1).astype(np.float32))
+        masks.append(mask.astype(np.float32))
+    clean = np.zeros((len(images), *images.shape[-2:]), np.float32)
+    return (
+        np.concatenate([images, np.stack(defective)]),
+        np.concatenate([clean, np.stack(masks)]),
+    )
+
+
 def _save(array: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((np.clip(array, 0, 1) * 255 + 0.5).astype(np.uint8)).save(path)

@@ -1,9 +1,10 @@
 """Batch scoring on a Dask cluster, with results identical to `defectlens predict` here.
 
-The model's files are sent to every worker once (`scatter(broadcast=True)`) and loaded there
-once per worker process (cached by the files' SHA-256), not shipped with each task. Each task
-scores a chunk of inputs with `defectlens.scoring.score_files`, exactly what a local run does,
-reading the images where the worker is: local paths on a shared file system, or fsspec URLs
+The model's files travel to each worker once (as the result of one task that every chunk
+depends on) and are loaded there once per worker process (cached by the files' SHA-256), not
+shipped with each task. Each task scores a chunk of inputs with
+`defectlens.scoring.score_files`, exactly what a local run does, reading the images where the
+worker is: local paths on a shared file system, or fsspec URLs
 (`s3://` with s3fs installed). Results come back in input order, so the client writes the same
 rows and pictures a local run writes. A worker that dies takes its running tasks with it and
 Dask runs them again elsewhere; the client takes each chunk's result once, so every input
@@ -18,6 +19,7 @@ import shutil
 import tempfile
 import threading
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,10 @@ def _worker_model(key: str, files: dict[str, bytes], weights: str | None) -> Pre
             _models.clear()
             model = _models[key] = load_model(str(folder), weights=weights)
         return model
+
+
+def _model_payload(files: dict[str, bytes]) -> dict[str, bytes]:
+    return files
 
 
 def score_chunk(
@@ -101,9 +107,14 @@ def score_on_cluster(
     if not chunks:
         return
     key, files = model_files(model_dir)
-    [shared] = client.scatter([files], broadcast=True, hash=False)
-    del files
     run = uuid.uuid4().hex[:8]
+    # A task that returns the files, not a scatter: Dask's active memory manager drops the
+    # extra replicas of scattered data, and scattered data lost with its worker cannot be
+    # recovered; a task's result can (the scheduler runs it again from its arguments).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "large graph": deliberate, it is sent once
+        shared = client.submit(_model_payload, files, key=f"defectlens-model-{run}", pure=False)
+    del files
     window = max(4, 4 * worker_count(client))
     index: dict[str, int] = {}
     outstanding: dict[str, Any] = {}  # key -> future, cancelled if the run stops early

@@ -52,7 +52,7 @@ from defectlens.backbones import FeatureExtractor
 from defectlens.components.autoencoder import ConvDecoder, ConvEncoder
 from defectlens.data.dataset import find_anomalies
 from defectlens.data.loader import load_labelled
-from defectlens.data.synthetic import paste_defect
+from defectlens.data.synthetic import with_synthetic_defects
 from defectlens.errors import DataError, ModelFileError, ParameterError
 from defectlens.methods.trained import TrainedImageMethod
 from defectlens.metrics import auroc
@@ -440,13 +440,8 @@ class NBS(TrainedImageMethod):
 
 def _with_synthetic(images: torch.Tensor, rng: np.random.Generator):
     """Each image twice: as it is, and with one synthetic defect pasted in; with the masks."""
-    defective, masks = [], []
-    for image in images.numpy():
-        pasted, mask = paste_defect(image.transpose(1, 2, 0), rng)
-        defective.append(torch.from_numpy(pasted.transpose(2, 0, 1).astype(np.float32)))
-        masks.append(torch.from_numpy(mask.astype(np.float32)))
-    clean = torch.zeros(len(images), *images.shape[-2:])
-    return torch.cat([images, torch.stack(defective)]), torch.cat([clean, torch.stack(masks)])
+    pasted, masks = with_synthetic_defects(images.numpy(), rng)
+    return torch.from_numpy(pasted), torch.from_numpy(masks)
 
 
 def _labels(masks: torch.Tensor, side: int) -> torch.Tensor:

@@ -131,3 +131,28 @@ predicted mask in red, true mask in green.</p>
 </body></html>
 """
     write_text_atomic(path, page)
+
+
+def write_selection_report(rows: list[dict], path: Path, data: str, chosen: str) -> None:
+    """`defectlens select`'s ranking as a self-contained HTML table (best first)."""
+    columns = list(rows[0]) if rows else []
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+
+    def cell(value) -> str:
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        return f"<td>{html.escape(safe_text(text))}</td>"
+
+    body = "".join("<tr>" + "".join(cell(row[c]) for c in columns) + "</tr>" for row in rows)
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>defectlens select: {html.escape(safe_text(data))}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>
+<h1>Configuration chosen on synthetic defects</h1>
+<p>Data: {html.escape(safe_text(data))} (normal training images only; test/ is not read).
+Each candidate was fitted on 80 % of them and scored on the other 20 %, each also with one
+synthetic defect pasted in. Chosen: <strong>{html.escape(safe_text(chosen))}</strong>.</p>
+<table><thead><tr>{head}</tr></thead><tbody>
+{body}
+</tbody></table></body></html>
+"""
+    write_text_atomic(path, page)

@@ -1,0 +1,79 @@
+"""`defectlens select`: configurations ranked on synthetic defects made from normal images only,
+a broken configuration ranked last, test/ never read, the budget respected, the winner saved."""
+
+from __future__ import annotations
+
+import pytest
+
+from defectlens import Detector
+from defectlens.data import loader
+from defectlens.data.synthetic import make_category
+from defectlens.selection import Candidate, make_task, select, split_for_selection
+
+from .conftest import IMAGE_SIZE, read_csv, run_cli
+
+
+@pytest.fixture(scope="module")
+def tile_root(tmp_path_factory):
+    return make_category(
+        tmp_path_factory.mktemp("select"), "gravel", n_train=40, n_test_good=2, n_test_per_defect=1
+    )
+
+
+def test_a_broken_configuration_ranks_last_and_test_is_never_read(tile_root, monkeypatch):
+    read = []
+    original = loader.read_image
+    monkeypatch.setattr(loader, "read_image", lambda p: read.append(str(p)) or original(p))
+    candidates = [
+        Candidate("padim", image_size=IMAGE_SIZE, method_params=(("n_channels", 1),)),
+        Candidate("padim", image_size=IMAGE_SIZE),
+        Candidate("patchcore", image_size=IMAGE_SIZE),
+    ]
+    ranked = select(tile_root, candidates, batch_size=8)
+    assert ranked[-1].candidate == candidates[0], [
+        (o.candidate.label, o.image_auroc) for o in ranked
+    ]
+    assert ranked[0].image_auroc > ranked[-1].image_auroc + 0.1
+    assert read and all("/train/good/" in p for p in read)  # never test/ nor ground_truth/
+
+
+def test_the_task_holds_each_image_clean_and_with_a_defect(tile_root):
+    images = sorted((tile_root / "train" / "good").glob("*.png"))
+    fit, held_out = split_for_selection(images, seed=0)
+    assert not set(fit) & set(held_out) and len(held_out) == 8  # 20 % of 40
+    task = make_task(held_out, 96, seed=0)
+    assert len(task.images) == 16 and task.images[0].shape == (96, 96, 3)
+    assert list(task.labels) == [0] * 8 + [1] * 8
+    assert not any(m.any() for m in task.masks[:8]) and all(m.any() for m in task.masks[8:])
+    again = make_task(held_out, 96, seed=0)
+    assert all((a == b).all() for a, b in zip(task.images, again.images, strict=True))
+
+
+def test_select_command_saves_the_winner_and_respects_the_budget(
+    tile_root, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "chosen"
+    code, stdout, err = run_cli(
+        monkeypatch, capsys, "select", tile_root, "--out", out, "--methods", "padim,patchcore",
+        "--image-sizes", f"{IMAGE_SIZE}", "--batch-size", 8, "--budget-minutes", "0.0001", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = read_csv(tmp_path / "chosen.selection" / "selection.csv")
+    assert [r["rank"] for r in rows] == ["1", "2"]
+    assert rows[1]["error"] == "not tried: the time budget was spent"
+    assert rows[0]["method"] == "padim" and float(rows[0]["synthetic_image_auroc"]) > 0.5
+    assert "chosen: padim" in stdout
+    model = Detector.load(out)
+    assert model.method == "padim" and model.image_size == IMAGE_SIZE
+    assert (tmp_path / "chosen.selection" / "selection.html").read_text().count("<tr>") == 3
+
+
+def test_select_refuses_unknown_names_before_any_work(tile_root, tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(
+        monkeypatch, capsys, "select", tile_root, "--out", tmp_path / "m", "--methods", "padim,nope"
+    )
+    assert code == 2 and "nope" in err and not (tmp_path / "m.selection").exists()
+    code, _, err = run_cli(
+        monkeypatch, capsys, "select", tile_root, "--out", tmp_path / "m", "--image-sizes", "100"
+    )
+    assert code == 2 and "multiple of 32" in err
