@@ -131,9 +131,12 @@ def try_candidate(
     batch_size: int = 32,
     seed: int = 0,
     device: str | None = "auto",
+    keep_detector: bool = False,
 ) -> Outcome:
     """Fit `candidate` on `fit_images` (thresholds from the task's normal sources, which it
-    never fits on) and score the task. A candidate that fails says why, and ranks last."""
+    never fits on) and score the task. A candidate that fails says why, and ranks last. With
+    `keep_detector`, the fitted detector is in `extra["detector"]` (for studies that also
+    evaluate it on real defects)."""
     outcome = Outcome(candidate)
     try:
         detector = candidate.detector(batch_size, seed)
@@ -146,6 +149,8 @@ def try_candidate(
     except DefectLensError as exc:  # a parameter a method refuses, a fit that failed
         outcome.error = str(exc).splitlines()[0]
         return outcome
+    if keep_detector:
+        outcome.extra["detector"] = detector
     scores = np.array([p.score for p in predictions])
     outcome.image_auroc = auroc(scores, task.labels)
     if all(p.anomaly_map is not None for p in predictions):
