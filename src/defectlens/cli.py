@@ -198,6 +198,12 @@ def cli(debug: bool) -> None:
     help="spade: nearest training images per test image (default 5).",
 )
 @click.option(
+    "--members",
+    default=None,
+    help="ensemble: comma-separated member methods (padim, patchcore, spade) "
+    "[default: padim,patchcore].",
+)
+@click.option(
     "--anomalies",
     default=None,
     metavar="DIR",
@@ -267,6 +273,7 @@ def fit(
     coreset_ratio,
     nn_index,
     k_images,
+    members,
     anomalies,
     params,
     shots,
@@ -319,6 +326,7 @@ def fit(
         "k_images": k_images,
         "registration": registration,
         "anomalies": anomalies,
+        "members": None if members is None else [m.strip() for m in members.split(",")],
     }
     method_params = {k: v for k, v in named.items() if v is not None}
     method_params.update(_parse_params(params))

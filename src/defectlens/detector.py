@@ -77,6 +77,20 @@ def _warn_if_overlapping(fit_images: Sequence[ImageInput], val: Sequence[ImageIn
         )
 
 
+class _Replayable:
+    """Training batches a method may read more than once (an ensemble reads them once per
+    member), decoded again each time rather than held in memory; the bar restarts."""
+
+    def __init__(self, make: Callable[[], Iterator[torch.Tensor]], bar: tqdm) -> None:
+        self.make, self.bar, self.passes = make, bar, 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.passes:
+            self.bar.reset()
+        self.passes += 1
+        return self.make()
+
+
 class Detector(Predictor):
     """Learn normal appearance from good images, then score, localise and decide.
 
@@ -246,7 +260,7 @@ class Detector(Predictor):
         try:
             self.model_.fit(
                 extractor,
-                self.fit_batches(fit_images, on_batch=bar.update),
+                _Replayable(lambda: self.fit_batches(fit_images, on_batch=bar.update), bar),
                 progress=progress,
                 val_batches=lambda: (
                     torch.from_numpy(b.images)

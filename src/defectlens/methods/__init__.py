@@ -5,6 +5,7 @@ A method is registered by name; adding one is a new module here with one class.
 
 from defectlens.methods.base import METHODS, AnomalyMethod, MethodOutput, get_method
 from defectlens.methods.differnet import DifferNet
+from defectlens.methods.ensemble import Ensemble
 from defectlens.methods.gradcon import GradCon
 from defectlens.methods.memae import MemAE
 from defectlens.methods.mnad import MNAD
@@ -24,6 +25,7 @@ __all__ = [
     "NBS",
     "AnomalyMethod",
     "DifferNet",
+    "Ensemble",
     "GradCon",
     "MemAE",
     "MethodOutput",
