@@ -950,10 +950,11 @@ def select(
     import numpy as np
     from tqdm.auto import tqdm
 
+    from defectlens.data.dataset import find_normal_images
     from defectlens.methods import get_method
     from defectlens.outputs import check_model_target, prepare_results_dir
     from defectlens.report.html import write_selection_report
-    from defectlens.selection import Candidate
+    from defectlens.selection import Candidate, split_for_selection
     from defectlens.selection import select as run_selection
 
     def names(text: str, what: str) -> list[str]:
@@ -977,6 +978,7 @@ def select(
                 candidate.detector(batch_size, seed)  # an unknown name or size: said now
                 candidates.append(candidate)
     check_model_target(out, [data])
+    split_for_selection(find_normal_images(data), seed)  # too few images: said before writing
     report_dir = prepare_results_dir(
         report or f"{out}.selection", ["selection.csv", "selection.html"], "select", [data]
     )
