@@ -530,92 +530,66 @@ def predict(
     if dask_address is not None and backend is not None:
         raise DefectLensError("--backend does not apply to --dask: workers use their default")
     _apply_max_pixels(max_pixels)
+    from defectlens.data.inputs import expand_inputs
+    from defectlens.outputs import is_results_folder, prepare_results_dir
+    from defectlens.results import ResultsTable
+    from defectlens.scoring import RESULT_COLUMNS
+
     with contextlib.ExitStack() as stack:
         client = None
         if dask_address is not None:  # an unreachable cluster: said before anything is written
             from defectlens.distributed import connect
 
             client = stack.enter_context(connect(dask_address))
-        _predict(
-            model,
-            inputs,
-            out,
-            no_images,
-            as_json,
-            resume,
-            overwrite,
-            client,
-            chunk_size,
-            weights,
-            backend,
-            quiet,
-        )
-
-
-def _predict(
-    model,
-    inputs,
-    out,
-    no_images,
-    as_json,
-    resume,
-    overwrite,
-    client,
-    chunk_size,
-    weights,
-    backend,
-    quiet,
-) -> None:
-    from defectlens.data.inputs import expand_inputs
-    from defectlens.outputs import is_results_folder, prepare_results_dir
-    from defectlens.results import ResultsTable
-    from defectlens.scoring import RESULT_COLUMNS
-
-    out_dir = None
-    if out is not None:
-        out_dir = prepare_results_dir(out, ["results.csv", "overlays", "masks"], "predict", inputs)
-        if (out_dir / "results.csv").exists() and not (resume or overwrite):
-            raise DefectLensError(
-                f"{out_dir}: holds results.csv of an earlier run; pass --resume to continue it "
-                "or --overwrite to start again"
+        out_dir = None
+        if out is not None:
+            out_dir = prepare_results_dir(
+                out, ["results.csv", "overlays", "masks"], "predict", inputs
             )
-    items = expand_inputs(inputs, skip_folder=is_results_folder)
-    # Without anything to score, the model is not needed: say so before loading it.
-    detector = None
-    if not all(i.error for i in items):
-        detector = load_model(model, weights=weights, backend=backend)
-    if out_dir is not None and detector is not None:
-        _check_same_model(out_dir, model, detector, resume)
-    table = None
-    if out_dir is not None:
-        table = ResultsTable(
-            out_dir / "results.csv",
-            RESULT_COLUMNS,
-            resume=resume,
-            is_done=lambda row: row["predicted"] in ("good", "defective"),
-        )
-    score = None
-    if client is not None and detector is not None:
-        from defectlens.distributed import score_on_cluster
-
-        def score(pending, pictures):
-            return score_on_cluster(
-                client,
-                model,
-                pending,
-                pictures,
-                chunk_size=chunk_size or 4 * detector.batch_size,
-                progress=not quiet,
-                weights=weights,
+            if (out_dir / "results.csv").exists() and not (resume or overwrite):
+                raise DefectLensError(
+                    f"{out_dir}: holds results.csv of an earlier run; pass --resume to "
+                    "continue it or --overwrite to start again"
+                )
+        items = expand_inputs(inputs, skip_folder=is_results_folder)
+        # Without anything to score, the model is not needed: say so before loading it.
+        detector = None
+        if not all(i.error for i in items):
+            detector = load_model(model, weights=weights, backend=backend)
+        if out_dir is not None and detector is not None:
+            _check_same_model(out_dir, model, detector, resume)
+        table = None
+        if out_dir is not None:
+            table = ResultsTable(
+                out_dir / "results.csv",
+                RESULT_COLUMNS,
+                resume=resume,
+                is_done=lambda row: row["predicted"] in ("good", "defective"),
             )
+        score = None
+        if client is not None and detector is not None:
+            from defectlens.distributed import score_on_cluster
 
-    try:
-        outcome = _run_predict(detector, items, table, out_dir, no_images, as_json, quiet, score)
-    finally:
-        if table is not None:
-            table.close()
-    if outcome["skipped"]:
-        sys.exit(EXIT_SKIPPED)
+            def score(pending, pictures):
+                return score_on_cluster(
+                    client,
+                    model,
+                    pending,
+                    pictures,
+                    chunk_size=chunk_size or 4 * detector.batch_size,
+                    progress=not quiet,
+                    weights=weights,
+                )
+
+        try:
+            outcome = _run_predict(
+                detector, items, table, out_dir, no_images, as_json, quiet, score
+            )
+        finally:
+            if table is not None:
+                table.close()
+        if outcome["skipped"]:
+            sys.exit(EXIT_SKIPPED)
 
 
 @cli.command()
