@@ -60,7 +60,7 @@ def padim_sums(
     """One task: the sums of a partition's embeddings (relative to `shift`; None: to the mean
     of the partition's first batch, as a local fit does)."""
     detector = _worker_detector(params)
-    accumulator = GaussianAccumulator(None if shift is None else shift)
+    accumulator = GaussianAccumulator(shift)
     extractor = detector.ensure_extractor()
     return detector.model_.accumulate(extractor, detector.fit_batches(sources), accumulator)
 

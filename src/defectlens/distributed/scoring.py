@@ -33,7 +33,7 @@ from defectlens.prediction import Predictor
 from defectlens.scoring import ScoredFile, score_files
 
 # -- on the workers ----------------------------------------------------------------------------
-_models: dict[str, Predictor] = {}  # per worker process: files' SHA-256 -> the loaded model
+_models: dict[str, tuple[Predictor, Path]] = {}  # per worker: files' SHA-256 -> (model, folder)
 _lock = threading.Lock()
 
 
@@ -44,15 +44,16 @@ def _worker_model(key: str, files: dict[str, bytes], weights: str | None) -> Pre
 
     with _lock:
         use_worker_threads()
-        model = _models.get(key)
-        if model is None:
+        if key not in _models:
+            for _, old in _models.values():  # the previous run's model and its files
+                shutil.rmtree(old, ignore_errors=True)
+            _models.clear()
             folder = Path(tempfile.mkdtemp(prefix="defectlens-model-"))
             atexit.register(shutil.rmtree, folder, True)
             for name, data in files.items():
                 (folder / name).write_bytes(data)
-            _models.clear()
-            model = _models[key] = load_model(str(folder), weights=weights)
-        return model
+            _models[key] = (load_model(str(folder), weights=weights), folder)
+        return _models[key][0]
 
 
 def _model_payload(files: dict[str, bytes]) -> dict[str, bytes]:
