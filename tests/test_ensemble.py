@@ -3,13 +3,18 @@ images, combined; saved and loaded exactly; refused clearly where they cannot go
 
 from __future__ import annotations
 
+import copy
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 from defectlens import Detector
 from defectlens.data.dataset import find_test_samples
-from defectlens.errors import ParameterError
+from defectlens.errors import ModelFileError, ParameterError
+from defectlens.runtime.deployed import ExportedModel
 
 from .conftest import IMAGE_SIZE, run_cli
 
@@ -55,7 +60,7 @@ def test_saved_and_loaded_exactly_and_combined_as_asked(ensemble, brick_root, tm
     assert all(m.score >= p.score - 1e-6 for m, p in pairs)
 
 
-def test_bad_members_and_export_are_refused(model_dir, tmp_path, monkeypatch, capsys, ensemble):
+def test_bad_members_are_refused():
     for members, message in (
         (["padim"], "at least two different members"),
         (["padim", "padim"], "at least two different members"),
@@ -66,6 +71,51 @@ def test_bad_members_and_export_are_refused(model_dir, tmp_path, monkeypatch, ca
             Detector(method="ensemble", method_params={"members": members})
     with pytest.raises(ParameterError, match="not a member"):
         Detector(method="ensemble", method_params={"member_params": {"spade": {}}})
+
+
+def test_export_runs_every_member_and_refuses_edited_member_lists(
+    ensemble, brick_root, tmp_path, monkeypatch, capsys
+):
     saved = ensemble.save(tmp_path / "e")
     code, _, err = run_cli(monkeypatch, capsys, "export", saved, "--out", tmp_path / "x")
-    assert code == 2 and "ensemble cannot be exported yet" in err
+    assert code == 0, err
+    config = json.loads((tmp_path / "x" / "config.json").read_text())
+    finish = config["finish"]
+    assert [m["finish"]["kind"] for m in finish["members"]] == ["mahalanobis", "patch_knn"]
+    outputs = config["graphs"]["head"]["outputs"]
+    assert outputs[-1] == "m1_patches" and all(n.startswith("m0_map") for n in outputs[:-1])
+    images = [s.path for s in find_test_samples(brick_root)][:4]
+    exported = ExportedModel(tmp_path / "x")
+    pairs = zip(exported.predict(images), ensemble.predict(images), strict=True)
+    assert all(abs(a.score - b.score) <= 1e-4 * max(1.0, abs(b.score)) for a, b in pairs)
+
+    def edited(change) -> str:
+        folder = tmp_path / f"edit{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tmp_path / "x", folder)
+        data = json.loads((folder / "config.json").read_text())
+        change(data["finish"])
+        (folder / "config.json").write_text(json.dumps(data))
+        with pytest.raises(ModelFileError) as caught:
+            ExportedModel(folder)
+        return str(caught.value)
+
+    assert "2 to 16 members" in edited(lambda f: f["members"].pop())
+    assert "cannot be a member" in edited(lambda f: f["members"][0].update(finish=copy.deepcopy(f)))
+    assert "do not fit its finish" in edited(lambda f: f["members"][0].update(outputs=9))
+    assert "combine" in edited(lambda f: f.update(combine="median"))
+
+
+def test_int8_export_refits_every_member_on_the_quantised_backbone(
+    ensemble, brick_root, tmp_path, monkeypatch, capsys
+):
+    saved = ensemble.save(tmp_path / "e")
+    args = ["export", saved, "--out", tmp_path / "q", "--int8", "--calibration", brick_root]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["precision"] == "int8" and config["finish"]["kind"] == "ensemble"
+    assert config["int8"]["threshold_int8"] != config["int8"]["threshold_fp32"]
+    exported = ExportedModel(tmp_path / "q")
+    images = [s.path for s in find_test_samples(brick_root)][:4]
+    threshold = config["thresholds"]["image"]
+    assert all(p.is_anomalous == (p.score > threshold) for p in exported.predict(images))

@@ -27,6 +27,10 @@ EXPORTABLE = {
     "spade": {"k_images": 3},
     "patchcore": {"coreset_ratio": 0.2},
     "regad": {"registration": "identity"},  # a trained registration: tests/test_regad.py
+    "ensemble": {
+        "members": ["padim", "patchcore", "spade"],
+        "member_params": {"spade": {"k_images": 3}, "patchcore": {"coreset_ratio": 0.2}},
+    },
 }
 
 

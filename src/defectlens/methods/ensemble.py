@@ -9,8 +9,10 @@ comparable without a single defect label. Combined by the mean (default) or the 
 are standardised the same way and brought to the finest member's grid (bilinear) first.
 
 The backbone runs once per batch when scoring: every member reads its own strides of one
-shared pass. Members: the training-free methods (padim, patchcore, spade). Not exportable yet:
-`defectlens export` says so.
+shared pass. Members: the training-free methods (padim, patchcore, spade). Exported like any
+method: one backbone graph, a head graph holding every member's head (each on its strides),
+and the `ensemble` finish (`runtime.finish`), which runs each member's finish and then this
+module's standardise-and-combine arithmetic, so each member keeps its own parity contract.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -195,6 +198,29 @@ class Ensemble(AnomalyMethod):
             model.check_geometry(image_size, taps)
 
     def export_head(self) -> nn.Module:
-        raise ParameterError(
-            "ensemble cannot be exported yet: export its members as separate models"
-        )
+        return _EnsembleHead(self)
+
+    def export_finish(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        members, arrays = [], {"normalisation": self.normalisation.float().numpy()}
+        for i, model in enumerate(self.models):
+            spec, member_arrays = model.export_finish()
+            members.append({"finish": spec})  # each member's output count is added at export
+            arrays |= {f"{_PREFIX}{i}.{name}": array for name, array in member_arrays.items()}
+        return {"kind": "ensemble", "combine": self.combine, "members": members}, arrays
+
+
+class _EnsembleHead(nn.Module):
+    """Every member's export head, each on its own strides of the backbone's maps: one group
+    of outputs per member (flattened in order by the exporter)."""
+
+    def __init__(self, ensemble: Ensemble) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(model.export_head() for model in ensemble.models)
+        self.index = [[ensemble.strides.index(s) for s in m.strides] for m in ensemble.models]
+
+    def forward(self, *features: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], ...]:
+        groups = []
+        for head, index in zip(self.heads, self.index, strict=True):
+            out = head(*[features[i] for i in index])
+            groups.append(tuple(out) if isinstance(out, tuple | list) else (out,))
+        return tuple(groups)

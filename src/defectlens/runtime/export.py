@@ -193,8 +193,7 @@ def export_detector(
             features = list(features) if isinstance(features, tuple | list) else [features]
         with torch.no_grad():
             out = head(*features)
-        count = len(out) if isinstance(out, tuple | list) else 1
-        outputs = Finish.REGISTRY[spec["kind"]].output_names(count)
+        spec, outputs = Finish.REGISTRY[spec["kind"]].name_head_outputs(spec, out)
         _export_graph(head, features, names, outputs, tmp / "head.onnx", external_data_bytes)
         graphs = {
             "backbone": {"file": "backbone.onnx", "inputs": [INPUT], "outputs": names},

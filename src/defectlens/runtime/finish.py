@@ -13,6 +13,9 @@ with its parameters and arrays; every value is checked at load like a model's co
   `components.coverage.coverage_product`.
 - `image_score`: the head's image scores as they are, no map (DifferNet, whose maps are
   gradients through the backbone and need torch).
+- `ensemble`: one finish per member on its share of the head's outputs, each member's scores
+  and maps standardised by its validation statistics, brought to the finest member's grid
+  (bilinear) and combined by the mean or the maximum (`methods.ensemble`).
 Head outputs: the finish's fixed `outputs`, then, for a finish that lays out a pyramid, as many
 feature maps as the head returns, named `map0`, `map1`, ... (`output_names`).
 The methods call the same functions, so finishing is the same code in both.
@@ -34,6 +37,7 @@ from defectlens.components.knn import (
     patch_scores,
 )
 from defectlens.components.layout import position_major
+from defectlens.components.resample import bilinear_matrix
 from defectlens.errors import ParameterError
 from defectlens.params import check_choice, check_int
 
@@ -79,10 +83,15 @@ class Finish:
         return [*cls.outputs, *(f"map{i}" for i in range(extra))]
 
     @classmethod
-    def accepts(cls, names: list[str]) -> bool:
+    def name_head_outputs(cls, spec: dict[str, Any], outputs: Any) -> tuple[dict, list[str]]:
+        """At export: the spec to save and the names of a head's outputs, given what the head
+        returned on the example images (a tensor, or a tuple of them)."""
+        return spec, cls.output_names(len(outputs) if isinstance(outputs, tuple | list) else 1)
+
+    def accepts(self, names: list[str]) -> bool:
         """Whether a head's output names are the ones this finish reads, in order."""
         try:
-            return 0 < len(names) <= 64 and names == cls.output_names(len(names))
+            return 0 < len(names) <= 64 and names == self.output_names(len(names))
         except ParameterError:  # a count this finish cannot take
             return False
 
@@ -298,6 +307,107 @@ class DirectFinish(Finish):
         if maps.ndim != 3 or (scores is not None and scores.shape != maps.shape[:1]):
             raise ParameterError("the head's maps must be (B, h, w) with one score per image")
         return maps, scores
+
+
+class EnsembleFinish(Finish):
+    """Members' finishes on their shares of the head's outputs, then the ensemble's own
+    arithmetic (`methods.ensemble.Ensemble.forward`): a member's image score is its own score
+    or its raw map's maximum, standardised by the validation statistics in `normalisation`
+    (members, 4: score mean, score sd, map mean, map sd); maps are standardised, resized to
+    the finest member's grid (bilinear, align_corners=False) and combined as the scores are.
+    Member i's outputs are named `m{i}_<name>` and its arrays `member{i}.<name>`."""
+
+    kind = "ensemble"
+    arrays = ("normalisation",)
+
+    @classmethod
+    def parameters(cls) -> tuple[str, ...]:
+        return ("combine", "members")
+
+    @classmethod
+    def name_head_outputs(cls, spec: dict[str, Any], outputs: Any) -> tuple[dict, list[str]]:
+        members = spec["members"]
+        if not isinstance(outputs, tuple | list) or len(outputs) != len(members):
+            raise ParameterError("an ensemble head returns one group of outputs per member")
+        spec = {**spec, "members": []}
+        for member, group in zip(members, outputs, strict=True):
+            count = len(group) if isinstance(group, tuple | list) else 1
+            spec["members"].append({**member, "outputs": count})
+        names = []
+        for i, member in enumerate(spec["members"]):
+            kind = Finish.REGISTRY[member["finish"]["kind"]]
+            names += [f"m{i}_{name}" for name in kind.output_names(member["outputs"])]
+        return spec, names
+
+    def __init__(self, spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        own = {k: v for k, v in arrays.items() if not k.startswith("member")}
+        super().__init__(spec, own)
+        self.combine = check_choice("finish.combine", spec["combine"], ("mean", "max"))
+        members = spec["members"]
+        if not (isinstance(members, list) and 2 <= len(members) <= 16):
+            raise ParameterError("finish.members must list 2 to 16 members")
+        self.parts: list[Finish] = []
+        self.counts: list[int] = []
+        for i, member in enumerate(members):
+            if not (isinstance(member, dict) and set(member) == {"finish", "outputs"}):
+                raise ParameterError(f"finish.members[{i}] must give its finish and outputs")
+            inner = member["finish"]
+            if isinstance(inner, dict) and inner.get("kind") == self.kind:
+                raise ParameterError("an ensemble cannot be a member of an ensemble")
+            prefix = f"member{i}."
+            part = make_finish(
+                inner, {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            )
+            if not part.gives_maps:
+                raise ParameterError(f"ensemble member {part.kind} gives no anomaly maps")
+            self.parts.append(part)
+            self.counts.append(check_int(f"finish.members[{i}].outputs", member["outputs"], 1, 64))
+        stray = [
+            k
+            for k in arrays
+            if k.startswith("member")
+            and k.split(".")[0] not in {f"member{i}" for i in range(len(members))}
+        ]
+        if stray:
+            raise ParameterError(f"array {stray[0]!r} names no member")
+        stats = arrays["normalisation"]
+        if (
+            stats.dtype != np.float32
+            or stats.shape != (len(members), 4)
+            or not (stats[:, 1::2] > 0).all()
+        ):
+            raise ParameterError("normalisation must be float32 (members, 4), spreads > 0")
+        self.stats = stats
+
+    def output_names(self, count: int) -> list[str]:  # type: ignore[override]
+        if count != sum(self.counts):
+            raise ParameterError(f"the ensemble's head has {sum(self.counts)} outputs, not {count}")
+        names = []
+        for i, (part, n) in enumerate(zip(self.parts, self.counts, strict=True)):
+            names += [f"m{i}_{name}" for name in part.output_names(n)]
+        return names
+
+    def __call__(self, outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        results, start = [], 0
+        for part, n in zip(self.parts, self.counts, strict=True):
+            maps, scores = part(outputs[start : start + n])
+            start += n
+            maps = np.asarray(maps, np.float32)
+            if scores is None:
+                scores = maps.reshape(len(maps), -1).max(axis=1)
+            results.append((np.asarray(scores, np.float32), maps))
+        side = max(maps.shape[-1] for _, maps in results)
+        scores, maps = [], []
+        for (score, amap), (s_mean, s_sd, m_mean, m_sd) in zip(results, self.stats, strict=True):
+            scores.append((score - s_mean) / s_sd)
+            standard = (amap - m_mean) / m_sd
+            if standard.shape[-1] != side:
+                rows = bilinear_matrix(side, standard.shape[-2]).astype(np.float32)
+                cols = bilinear_matrix(side, standard.shape[-1]).astype(np.float32)
+                standard = rows @ standard @ cols.T
+            maps.append(standard)
+        combine = np.max if self.combine == "max" else np.mean
+        return combine(np.stack(maps), axis=0), combine(np.stack(scores), axis=0)
 
 
 def make_finish(spec: object, arrays: dict[str, np.ndarray]) -> Finish:
