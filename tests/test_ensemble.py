@@ -13,6 +13,7 @@ import torch
 
 from defectlens import Detector
 from defectlens.data.dataset import find_test_samples
+from defectlens.data.loader import iter_batches
 from defectlens.errors import ModelFileError, ParameterError
 from defectlens.runtime.deployed import ExportedModel
 
@@ -34,8 +35,6 @@ def test_members_are_fitted_as_they_would_be_alone(ensemble, fitted):
 def test_standardisation_puts_members_on_one_scale(ensemble, brick_root):
     extractor = ensemble.ensure_extractor()
     _, val = ensemble.plan_fit(brick_root)
-    from defectlens.data.loader import iter_batches
-
     images = torch.from_numpy(np.concatenate([b.images for b in iter_batches(val, IMAGE_SIZE, 8)]))
     outputs = ensemble.model_._member_outputs(extractor, images)
     raw = [float(scores.mean()) for scores, _ in outputs]
@@ -44,6 +43,36 @@ def test_standardisation_puts_members_on_one_scale(ensemble, brick_root):
     for i, (scores, _) in enumerate(outputs):
         standard = (scores - stats[i, 0]) / stats[i, 1]
         assert abs(float(standard.mean())) < 1e-4 and abs(float(standard.std()) - 1) < 1e-3
+
+
+def test_a_member_without_its_own_score_is_scored_by_its_smoothed_map(ensemble, fitted, brick_root):
+    model, extractor = ensemble.model_, ensemble.ensure_extractor()
+    _, val = ensemble.plan_fit(brick_root)
+    images = torch.from_numpy(next(iter_batches(val, IMAGE_SIZE, 8)).images)
+    (padim_scores, padim_maps), _ = model._member_outputs(extractor, images)
+    side = padim_maps.shape[-1]  # PaDiM's grid: stride 4, so sigma 4 px is 1 cell
+    assert model.score_smoothing.tolist() == [4.0 * side / IMAGE_SIZE, 0.0]  # PatchCore: own
+    raw_max = padim_maps.flatten(1).amax(1)
+    assert bool((padim_scores < raw_max).all())  # smoothing lowers a peak, never raises it
+    # Close to the score PaDiM gives alone (upsampled, then smoothed at full size): the same
+    # smoothing, applied on the grid instead.
+    own = fitted.score_batch(images.numpy())[0].reshape(len(images), -1).max(1)
+    assert np.allclose(padim_scores.numpy(), own, rtol=0.05)
+
+
+def test_models_saved_before_score_smoothing_keep_raw_maxima(ensemble, brick_root, tmp_path):
+    state = ensemble.model_.fitted_state()
+    del state["score_smoothing"]
+    old = Detector(method="ensemble", image_size=IMAGE_SIZE, batch_size=8)
+    old.model_.load_fitted_state(state)
+    assert old.model_.score_sigma == 0.0 and old.model_.score_smoothing.tolist() == [0.0, 0.0]
+    extractor = ensemble.ensure_extractor()
+    _, val = ensemble.plan_fit(brick_root)
+    images = torch.from_numpy(next(iter_batches(val, IMAGE_SIZE, 8)).images)
+    (scores, maps), _ = old.model_._member_outputs(extractor, images)
+    assert torch.equal(scores, maps.flatten(1).amax(1))
+    with pytest.raises(ParameterError, match="score_sigma"):
+        Detector(method="ensemble", method_params={"score_sigma": -1})
 
 
 def test_saved_and_loaded_exactly_and_combined_as_asked(ensemble, brick_root, tmp_path):

@@ -79,14 +79,17 @@ def _warn_if_overlapping(fit_images: Sequence[ImageInput], val: Sequence[ImageIn
 
 class _Replayable:
     """Training batches a method may read more than once (an ensemble reads them once per
-    member), decoded again each time rather than held in memory; the bar restarts."""
+    member), decoded again each time rather than held in memory; the bar restarts and says
+    which pass it counts, so a restart does not read as lost progress."""
 
     def __init__(self, make: Callable[[], Iterator[torch.Tensor]], bar: tqdm) -> None:
         self.make, self.bar, self.passes = make, bar, 0
+        self.desc = getattr(bar, "desc", "")  # a disabled bar has none
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self.passes:
             self.bar.reset()
+            self.bar.set_description(f"{self.desc} (pass {self.passes + 1})")
         self.passes += 1
         return self.make()
 

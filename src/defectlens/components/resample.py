@@ -88,3 +88,15 @@ def resample(
     rows = axis_matrix(int(out_size[0]), raw.shape[-2], image_size, float(sigma))
     cols = axis_matrix(int(out_size[1]), raw.shape[-1], image_size, float(sigma))
     return rows @ raw @ cols.T
+
+
+def smoothed_max(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """Each map (B, h, w) smoothed on its own grid by a Gaussian of `sigma` cells (as above;
+    0: not smoothed), then its maximum: (B,) float32. An ensemble scores a member that has no
+    image score of its own this way, in the model and in the exported finish alike."""
+    maps = np.asarray(maps, dtype=np.float32)
+    if sigma > 0:
+        rows = gaussian_matrix(maps.shape[-2], float(sigma)).astype(np.float32)
+        cols = gaussian_matrix(maps.shape[-1], float(sigma)).astype(np.float32)
+        maps = rows @ maps @ cols.T
+    return maps.reshape(len(maps), -1).max(axis=1)

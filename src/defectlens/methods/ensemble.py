@@ -8,6 +8,12 @@ members whose scores live on different scales (Mahalanobis distances, kNN distan
 comparable without a single defect label. Combined by the mean (default) or the maximum; maps
 are standardised the same way and brought to the finest member's grid (bilinear) first.
 
+A member's image score is the one it gives alone: its own score (PatchCore, SPADE), or, for a
+member without one (PaDiM), the maximum of its map smoothed as the detector smooths maps
+(`score_sigma` image pixels, applied on the member's own grid: σ / stride there). The raw
+map's maximum (`score_sigma=0`, the rule of models saved before 2026-12-05) scores PaDiM by its
+noisiest position; BENCHMARKS.md compares the two.
+
 The backbone runs once per batch when scoring: every member reads its own strides of one
 shared pass. Members: the training-free methods (padim, patchcore, spade). Exported like any
 method: one backbone graph, a head graph holding every member's head (each on its strides),
@@ -26,9 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlens.backbones import FeatureExtractor
+from defectlens.components.resample import smoothed_max
 from defectlens.errors import ModelFileError, ParameterError
 from defectlens.methods.base import AnomalyMethod, MethodOutput, get_method
-from defectlens.params import check_choice, check_seed
+from defectlens.params import check_choice, check_float, check_seed
 
 MEMBERS = ("padim", "patchcore", "spade")
 _PREFIX = "member"
@@ -58,7 +65,9 @@ class _MemberView:
 
 class Ensemble(AnomalyMethod):
     name = "ensemble"
-    fitted_buffers = ("normalisation",)  # (members, 4): score mean, score sd, map mean, map sd
+    # normalisation (members, 4): score mean, score sd, map mean, map sd. score_smoothing
+    # (members,): the Gaussian σ on each member's own map grid for its image score (0: none).
+    fitted_buffers = ("normalisation", "score_smoothing")
 
     def __init__(
         self,
@@ -66,6 +75,7 @@ class Ensemble(AnomalyMethod):
         combine: str = "mean",
         seed: int = 0,
         member_params: dict[str, dict[str, Any]] | None = None,
+        score_sigma: float = 4.0,
     ) -> None:
         super().__init__()
         if isinstance(members, str) or not isinstance(members, Sequence):
@@ -80,6 +90,7 @@ class Ensemble(AnomalyMethod):
         self.members = members
         self.combine = check_choice("combine", combine, ("mean", "max"))
         self.seed = check_seed("seed", seed)
+        self.score_sigma = check_float("score_sigma", score_sigma, 0.0, 64.0)
         if member_params is not None and not isinstance(member_params, dict):
             raise ParameterError(f"member_params must be a mapping, not {member_params!r}")
         given = dict(member_params or {})
@@ -116,6 +127,7 @@ class Ensemble(AnomalyMethod):
         for model in self.models:
             model.fit(_MemberView(extractor, model.strides), batches, progress, val_batches)
         self.normalisation = None
+        self.score_smoothing = self._smoothing(extractor, next(iter(val_batches()))[:1])
         outputs = [self._member_outputs(extractor, images) for images in val_batches()]
         rows = []
         for i in range(len(self.models)):
@@ -129,19 +141,30 @@ class Ensemble(AnomalyMethod):
         self.normalisation = stats.float()
 
     @torch.no_grad()
+    def _smoothing(self, extractor: FeatureExtractor, image: torch.Tensor) -> torch.Tensor:
+        """Per member, `score_sigma` in cells of its map grid (0 for a member with its own
+        image score): a cell spans image side / map side pixels."""
+        sigmas = []
+        for model in self.models:
+            result = model(_MemberView(extractor, model.strides), image)
+            cells = result.maps.shape[-1] / image.shape[-1]  # map cells per image pixel
+            sigmas.append(0.0 if result.scores is not None else self.score_sigma * cells)
+        return torch.tensor(sigmas, dtype=torch.float32)
+
+    @torch.no_grad()
     def _member_outputs(
         self, extractor: FeatureExtractor, images: torch.Tensor
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per member: (image scores (B,), raw maps (B, h, w)) from one backbone pass. A
-        member without its own scores is scored by its raw map's maximum."""
+        member without its own scores is scored by its smoothed map's maximum."""
         shared = extractor.fast(images)
         out = []
-        for model in self.models:
+        for model, sigma in zip(self.models, self.score_smoothing.tolist(), strict=True):
             result = model(_MemberView(extractor, model.strides, shared), images)
             maps = result.maps.float()
             scores = result.scores
             if scores is None:
-                scores = maps.flatten(1).amax(dim=1)
+                scores = torch.from_numpy(smoothed_max(maps.numpy(), sigma))
             out.append((scores.float(), maps))
         return out
 
@@ -170,7 +193,10 @@ class Ensemble(AnomalyMethod):
         return self.normalisation is not None and all(m.is_fitted for m in self.models)
 
     def fitted_state(self) -> dict[str, torch.Tensor]:
-        state = {"normalisation": self.normalisation.contiguous()}
+        state = {
+            "normalisation": self.normalisation.contiguous(),
+            "score_smoothing": self.score_smoothing.contiguous(),
+        }
         for i, model in enumerate(self.models):
             for name, tensor in model.fitted_state().items():
                 state[f"{_PREFIX}{i}.{name}"] = tensor
@@ -186,12 +212,19 @@ class Ensemble(AnomalyMethod):
             parts[int(index)][name] = tensors.pop(key)
         for model, part in zip(self.models, parts, strict=True):
             model.load_fitted_state(part)
+        if "score_smoothing" not in tensors and "normalisation" in tensors:
+            # Saved before members were scored through smoothed maps: raw maxima, as then.
+            tensors["score_smoothing"] = torch.zeros(len(self.models))
+            self.score_sigma = 0.0
         super().load_fitted_state(tensors)
 
     def after_load(self) -> None:
         stats = self.normalisation
         if stats.shape != (len(self.models), 4) or not bool((stats[:, 1::2] > 0).all()):
             raise ModelFileError("ensemble normalisation must be (members, 4), spreads > 0")
+        smoothing = self.score_smoothing
+        if smoothing.shape != (len(self.models),) or not bool((smoothing >= 0).all()):
+            raise ModelFileError("ensemble score_smoothing must be (members,), each >= 0")
 
     def check_geometry(self, image_size: int, taps: dict[int, int]) -> None:
         for model in self.models:
@@ -201,7 +234,13 @@ class Ensemble(AnomalyMethod):
         return _EnsembleHead(self)
 
     def export_finish(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        members, arrays = [], {"normalisation": self.normalisation.float().numpy()}
+        members, arrays = (
+            [],
+            {
+                "normalisation": self.normalisation.float().numpy(),
+                "score_smoothing": self.score_smoothing.float().numpy(),
+            },
+        )
         for i, model in enumerate(self.models):
             spec, member_arrays = model.export_finish()
             members.append({"finish": spec})  # each member's output count is added at export

@@ -37,7 +37,7 @@ from defectlens.components.knn import (
     patch_scores,
 )
 from defectlens.components.layout import position_major
-from defectlens.components.resample import bilinear_matrix
+from defectlens.components.resample import bilinear_matrix, smoothed_max
 from defectlens.errors import ParameterError
 from defectlens.params import check_choice, check_int
 
@@ -312,13 +312,16 @@ class DirectFinish(Finish):
 class EnsembleFinish(Finish):
     """Members' finishes on their shares of the head's outputs, then the ensemble's own
     arithmetic (`methods.ensemble.Ensemble.forward`): a member's image score is its own score
-    or its raw map's maximum, standardised by the validation statistics in `normalisation`
-    (members, 4: score mean, score sd, map mean, map sd); maps are standardised, resized to
-    the finest member's grid (bilinear, align_corners=False) and combined as the scores are.
-    Member i's outputs are named `m{i}_<name>` and its arrays `member{i}.<name>`."""
+    or its map's maximum after smoothing by `score_smoothing` (members,: σ in grid cells;
+    absent in exports made before it existed: 0, the raw maximum), standardised by the
+    validation statistics in `normalisation` (members, 4: score mean, score sd, map mean, map
+    sd); maps are standardised, resized to the finest member's grid (bilinear,
+    align_corners=False) and combined as the scores are. Member i's outputs are named
+    `m{i}_<name>` and its arrays `member{i}.<name>`."""
 
     kind = "ensemble"
     arrays = ("normalisation",)
+    optional_arrays = ("score_smoothing",)
 
     @classmethod
     def parameters(cls) -> tuple[str, ...]:
@@ -378,6 +381,14 @@ class EnsembleFinish(Finish):
         ):
             raise ParameterError("normalisation must be float32 (members, 4), spreads > 0")
         self.stats = stats
+        smoothing = arrays.get("score_smoothing", np.zeros(len(members), np.float32))
+        if (
+            smoothing.dtype != np.float32
+            or smoothing.shape != (len(members),)
+            or not (np.isfinite(smoothing) & (smoothing >= 0)).all()
+        ):
+            raise ParameterError("score_smoothing must be float32 (members,), each >= 0")
+        self.smoothing = smoothing.tolist()
 
     def output_names(self, count: int) -> list[str]:  # type: ignore[override]
         if count != sum(self.counts):
@@ -389,12 +400,12 @@ class EnsembleFinish(Finish):
 
     def __call__(self, outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         results, start = [], 0
-        for part, n in zip(self.parts, self.counts, strict=True):
+        for part, n, sigma in zip(self.parts, self.counts, self.smoothing, strict=True):
             maps, scores = part(outputs[start : start + n])
             start += n
             maps = np.asarray(maps, np.float32)
             if scores is None:
-                scores = maps.reshape(len(maps), -1).max(axis=1)
+                scores = smoothed_max(maps, sigma)
             results.append((np.asarray(scores, np.float32), maps))
         side = max(maps.shape[-1] for _, maps in results)
         scores, maps = [], []
