@@ -39,6 +39,9 @@ def main() -> None:
     torch.set_num_threads(2)
     images = find_normal_images(args.data)[: args.images]
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    # One throwaway fit first: the first configuration must not pay for imports, thread-pool
+    # and engine start-up (measured: 18.7 s instead of 12.0 s for PaDiM lite0/256 without it).
+    Detector(method="padim", backbone=BACKBONES[-1], image_size=SIZES[0]).fit(images[:16])
     for backbone in BACKBONES:
         for size in SIZES:
             batch = next(iter_batches(images[:32], size, 32)).images

@@ -77,3 +77,20 @@ def test_select_refuses_unknown_names_before_any_work(tile_root, tmp_path, monke
         monkeypatch, capsys, "select", tile_root, "--out", tmp_path / "m", "--image-sizes", "100"
     )
     assert code == 2 and "multiple of 32" in err
+
+
+def test_select_installed_backbones_tries_every_backbone_with_weights_here(
+    tile_root, tmp_path, monkeypatch, capsys
+):
+    from defectlens.backbones import available_backbones
+
+    here = [s.name for s in available_backbones() if s.weights_status().startswith("available")]
+    code, _, err = run_cli(
+        monkeypatch, capsys, "select", tile_root, "--out", tmp_path / "m", "--methods", "padim",
+        "--backbones", "installed", "--image-sizes", f"{IMAGE_SIZE}", "--batch-size", 8,
+        "--budget-minutes", "0.0001", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = read_csv(tmp_path / "m.selection" / "selection.csv")
+    assert sorted(r["backbone"] for r in rows) == sorted(here)
+    assert "efficientnet_lite0" in here

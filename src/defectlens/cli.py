@@ -884,7 +884,8 @@ def regad_train(
     "backbone_names",
     default="efficientnet_lite0",
     show_default=True,
-    help="Comma-separated backbones to try (see `defectlens backbones`).",
+    help="Comma-separated backbones to try (see `defectlens backbones`), or `installed`: "
+    "every backbone whose weights are on this machine.",
 )
 @click.option(
     "--image-sizes",
@@ -942,9 +943,12 @@ def select(
         if not item.isdigit():
             raise DefectLensError(f"--image-sizes: {item!r} is not a whole number")
         sizes.append(int(item))
+    backbone_list = names(backbone_names, "backbones")
+    if backbone_list == ["installed"]:
+        backbone_list = _installed_backbones()
     candidates = []
     for method in names(methods, "methods"):
-        for backbone in names(backbone_names, "backbones"):
+        for backbone in backbone_list:
             for size in sizes:
                 takes_seed = "seed" in get_method(method).param_names()  # unknown: said here
                 params = (("seed", seed),) if takes_seed else ()
@@ -987,6 +991,20 @@ def select(
     detector.fit(data, progress=not quiet, device=device)
     path = detector.save(out, protect=(data,))
     echo(f"saved {path}; ranking in {report_dir / 'selection.csv'} and selection.html")
+
+
+def _installed_backbones() -> list[str]:
+    """Every registered backbone whose weights can be found without a download, in registry order.
+
+    `select --backbones installed` tries them all: what pays off depends on the data
+    (BENCHMARKS.md), so the pool is what the user has, not a list we guessed.
+    """
+    from defectlens.backbones import available_backbones
+
+    found = [s.name for s in available_backbones() if s.weights_status().startswith("available")]
+    if not found:
+        raise DefectLensError("--backbones installed: no backbone has its weights on this machine")
+    return found
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
