@@ -94,3 +94,12 @@ def test_select_installed_backbones_tries_every_backbone_with_weights_here(
     rows = read_csv(tmp_path / "m.selection" / "selection.csv")
     assert sorted(r["backbone"] for r in rows) == sorted(here)
     assert "efficientnet_lite0" in here
+
+
+def test_select_installed_mixed_with_names_is_refused(tile_root, tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(
+        monkeypatch, capsys, "select", tile_root, "--out", tmp_path / "m",
+        "--backbones", "installed,efficientnet_lite0",
+    )  # fmt: skip
+    assert code == 2 and "give it alone" in err
+    assert not (tmp_path / "m").exists()

@@ -944,7 +944,11 @@ def select(
             raise DefectLensError(f"--image-sizes: {item!r} is not a whole number")
         sizes.append(int(item))
     backbone_list = names(backbone_names, "backbones")
-    if backbone_list == ["installed"]:
+    if "installed" in (b.lower() for b in backbone_list):
+        if len(backbone_list) > 1:
+            raise DefectLensError(
+                "--backbones: `installed` already means every backbone here; give it alone"
+            )
         backbone_list = _installed_backbones()
     candidates = []
     for method in names(methods, "methods"):
