@@ -5,6 +5,12 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from sklearn.covariance import ledoit_wolf
 
 from defectlens.components.blur import gaussian_blur
+from defectlens.components.distances import (
+    block_mahalanobis,
+    block_row_shapes,
+    block_row_views,
+    default_threads,
+)
 from defectlens.components.gaussian import (
     BlockRows,
     GaussianAccumulator,
@@ -69,6 +75,33 @@ def test_mahalanobis_matches_scipy():
                 query[p, :, b].numpy(), acc.mean()[p].numpy(), np.linalg.inv(cov[p].numpy())
             )
             assert d[b, p].item() == pytest.approx(expected, rel=1e-7)
+
+
+def test_mahalanobis_threads_give_the_same_numbers_bit_for_bit(monkeypatch):
+    """The positions are split between threads; no split may change a single bit, and the
+    default follows OMP_NUM_THREADS."""
+    rng = np.random.default_rng(0)
+    p, c, b = 37, 7, 3  # positions not a multiple of any chunk or thread count
+    w = np.tril(rng.normal(size=(p, c, c))).astype(np.float32)
+    rows = block_row_views(
+        np.concatenate(
+            [w[:, s : s + r, :cols].reshape(-1) for s, r, cols in block_row_shapes(c, 3)]
+        ),
+        p,
+        c,
+        3,
+    )
+    mean = rng.normal(size=(p, c, 1)).astype(np.float32)
+    x = rng.normal(size=(p, c, b)).astype(np.float32)
+    one = block_mahalanobis(rows, mean, x, chunk=512, threads=1)
+    expected = np.linalg.norm(np.einsum("pij,pjb->pib", w, x) - mean, axis=1).T
+    np.testing.assert_allclose(one, expected, rtol=1e-5)
+    for threads, chunk in [(2, 512), (3, 4), (8, 1), (64, 512)]:
+        assert np.array_equal(block_mahalanobis(rows, mean, x, chunk, threads), one)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "zero")
+    assert default_threads() >= 1
 
 
 def test_batched_cholesky_under_two_threads():

@@ -237,6 +237,11 @@ def test_metrics_count_requests_decisions_scores_and_drift(client, good_path):
     assert value(route, text) >= 3
     assert 'defectlens_score_bucket{model="brick",le="+Inf"}' in text
     assert 'defectlens_score_drift{model="brick"}' in text
+    # Each request here is one image scored alone: three more batches of one, busy time grows.
+    batches = 'defectlens_batch_images_bucket{model="brick",le="1.0"}'
+    assert value(batches, text) == value(batches, before) + 3
+    busy = 'defectlens_scoring_seconds_total{model="brick"}'
+    assert value(busy, text) > value(busy, before)
     assert 'defectlens_errors_total{kind="not_an_image"}' in text  # from the earlier tests
     drift = client.get("/v1/models/brick").json()["drift"]
     assert drift["recent"] >= 3 and drift["drift"] is not None

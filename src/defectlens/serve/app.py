@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
 from typing import Annotated, Any
 
@@ -159,7 +160,11 @@ def create_app(
     async def lifespan(app: FastAPI):
         for name, predictor in models.items():
             batcher = Batcher(
-                predictor, settings.max_batch, settings.max_wait_ms / 1000, settings.queue_size
+                predictor,
+                settings.max_batch,
+                settings.max_wait_ms / 1000,
+                settings.queue_size,
+                on_batch=partial(counters.batch, name),
             )
             card = model_card(name, predictor, (metrics or {}).get(name))
             served[name] = ServedModel(name, predictor, batcher, card)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -39,9 +40,17 @@ class Batcher:
     """A model's scoring queue and worker (see the module docstring)."""
 
     def __init__(
-        self, predictor: Predictor, max_batch: int, max_wait_s: float, queue_size: int
+        self,
+        predictor: Predictor,
+        max_batch: int,
+        max_wait_s: float,
+        queue_size: int,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
+        """`on_batch(images, seconds)` hears of every batch scored: how well batching works
+        is the first thing to look at when throughput disappoints."""
         self.predictor = predictor
+        self.on_batch = on_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -128,6 +137,7 @@ class Batcher:
         # images by position-derived names, and the same array sent twice must not collide.
         images = [image.view() for job in live for image in job.images]
         failed: dict[str, Exception] = {}
+        start = time.perf_counter()
         try:
             scored = {
                 p.source: p
@@ -139,6 +149,8 @@ class Batcher:
             for job in live:
                 job.future.set_exception(exc)
             return
+        if self.on_batch is not None:
+            self.on_batch(len(images), time.perf_counter() - start)
         # An image the model could not score (a non-finite map) fails alone, not its batch.
         results: list[Prediction | Exception] = []
         for i in range(len(images)):

@@ -23,6 +23,7 @@ import numpy as np
 
 from defectlens.thresholds import Thresholds
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Score buckets, as fractions of the way from the validation median (0) to the threshold (1).
 SCORE_FRACTIONS = (-1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
@@ -90,6 +91,8 @@ class ServiceMetrics:
         self.images: Counter[str] = Counter()
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.latency: dict[str, _Histogram] = {}
+        self.batches = {name: _Histogram(BATCH_BUCKETS) for name in thresholds}
+        self.batch_seconds = {name: 0.0 for name in thresholds}
         self.scores = {name: _Histogram(_score_bounds(t)) for name, t in thresholds.items()}
         self.window = {name: deque(maxlen=window) for name in thresholds}
         self.recent: deque[RecentResult] = deque(maxlen=recent)
@@ -100,6 +103,12 @@ class ServiceMetrics:
         with self._lock:
             self.requests[(route, status)] += 1
             self.latency.setdefault(route, _Histogram(LATENCY_BUCKETS)).observe(seconds)
+
+    def batch(self, model: str, images: int, seconds: float) -> None:
+        """A batch of `images` was scored in `seconds` (by the model's worker thread)."""
+        with self._lock:
+            self.batches[model].observe(images)
+            self.batch_seconds[model] += seconds
 
     def error(self, kind: str) -> None:
         with self._lock:
@@ -180,6 +189,18 @@ class ServiceMetrics:
             )
             for model, histogram in sorted(self.scores.items()):
                 lines += histogram.lines("defectlens_score", f'model="{model}"')
+            family("defectlens_batch_images", "histogram", "Images per scored batch, by model.")
+            for model, histogram in sorted(self.batches.items()):
+                lines += histogram.lines("defectlens_batch_images", f'model="{model}"')
+            family(
+                "defectlens_scoring_seconds_total",
+                "counter",
+                "Time the model's worker spent scoring batches (its busy time).",
+            )
+            for model, seconds in sorted(self.batch_seconds.items()):
+                lines.append(
+                    f'defectlens_scoring_seconds_total{{model="{model}"}} {_number(seconds)}'
+                )
         family(
             "defectlens_score_drift",
             "gauge",
