@@ -11,7 +11,8 @@ model (issue 12). One JSON line per client count.
   connections send single-image requests (multipart PNG) until `--requests` are done; every
   response's score is checked against the in-process prediction (to 1e-5: batch size changes
   float32 summation order). Reported: status counts, wrong scores, p50/p90/p99 latency,
-  throughput, and the server's resident memory before and after the run (after a warm-up).
+  throughput, the server's resident memory before and after the run (after a warm-up), the
+  mean images per scored batch and the share of the run its scoring worker was busy.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -78,9 +81,12 @@ def main() -> None:
     with running_server([args.model], *args.serve_arg) as (url, process):
         run_load(url, model, images, expected, clients=4, requests=100)  # warm-up
         for clients in args.clients:
-            before = rss_mb(process.pid)
+            before, batches = rss_mb(process.pid), batch_counters(url, model)
             result = run_load(url, model, images, expected, clients, args.requests)
             after = rss_mb(process.pid)
+            n_batches, n_images, busy = (
+                b - a for a, b in zip(batches, batch_counters(url, model), strict=True)
+            )
             row = {
                 "model": args.model,
                 "method": predictor.method,
@@ -94,8 +100,26 @@ def main() -> None:
                 "ratio_to_cli_loop": round(result["images_per_s"] / cli_loop, 3),
                 "rss_before_mb": round(before, 1),
                 "rss_after_mb": round(after, 1),
+                "mean_batch": round(n_images / n_batches, 2),
+                # the share of the run the scoring worker was busy scoring
+                "worker_busy": round(busy / result["wall_s"], 3),
             }
             print(json.dumps(row), flush=True)
+
+
+def batch_counters(url: str, model: str) -> tuple[float, float, float]:
+    """Batches and images scored and the worker's busy seconds so far, from /metrics."""
+    text = httpx.get(f"{url}/metrics").text
+
+    def value(series: str) -> float:
+        pattern = re.escape(series + '{model="' + model + '"}') + r" (\S+)"
+        return float(re.search(pattern, text).group(1))
+
+    return (
+        value("defectlens_batch_images_count"),
+        value("defectlens_batch_images_sum"),
+        value("defectlens_scoring_seconds_total"),
+    )
 
 
 def soak(args, model: str, images, expected) -> None:

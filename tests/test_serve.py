@@ -370,3 +370,32 @@ def test_a_batch_waits_only_for_requests_on_their_way(fitted, good_path):
     first.result(10), second.result(10)
     assert slow.batches[-1] == 2
     batcher.close(10)
+
+
+def test_a_batch_waits_for_as_many_requests_as_recently_came_at_once(fitted, good_path):
+    """Clients that send again when answered: 3 requests were in the service at once, so
+    the next batch waits (up to max_wait) for a third instead of settling for fewer."""
+    gate = threading.Event()
+    slow = Slow(fitted, gate)
+    batcher = Batcher(slow, max_batch=16, max_wait_s=2.0, queue_size=8)
+    image = np.asarray(Image.open(good_path).convert("RGB"))
+    first = batcher.submit([image])
+    while not slow.batches:
+        time.sleep(0.01)
+    waiting = [batcher.submit([image]), batcher.submit([image])]  # 3 in the service at once
+    gate.set()
+    for future in (first, *waiting):
+        future.result(10)
+    assert slow.batches == [1, 2]
+    two = [batcher.submit([image]), batcher.submit([image])]
+    time.sleep(0.3)  # the third client comes back while the batch still waits for it
+    third = batcher.submit([image])
+    for future in (*two, third):
+        future.result(10)
+    assert slow.batches == [1, 2, 3]
+    # ...and never longer than max_wait: two requests where three are expected go after 2 s
+    start = time.perf_counter()
+    for future in [batcher.submit([image]), batcher.submit([image])]:
+        future.result(10)
+    assert slow.batches[-1] == 2 and 1.5 < time.perf_counter() - start < 8
+    batcher.close(10)
