@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The few-shot rows of BENCHMARKS.md (issue 9). Needs ../shared/data; about 1.5 hours on 2
-# cores. Pass 1: K = 8, three support draws, every method, every set left out in turn; pass 2:
-# K = 2 and 4, two draws, RegAD, its ablation and PaDiM, on the two sets with pixel masks.
+# The few-shot rows of BENCHMARKS.md (issue 9). Needs ../shared/data. Pass 1: K = 8, three
+# support draws, every method, every set left out in turn; pass 2: K = 2 and 4, two draws,
+# RegAD, its ablation and PaDiM; pass 3: 100 channels; pass 4: DifferNet, K = 8, one draw.
+# Passes 1-3 take about 2.5 hours on 2 cores; pass 4 hours more (DifferNet's maps need a
+# backward pass per image). elpv_poly's pass 2 and pass 4 on magnetic_tile and elpv_poly have
+# not been run for BENCHMARKS.md.
 # Resumable: finished rows in the JSONL are skipped, trained registrations are reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +16,7 @@ for c in kolektorsdd deeppcb magnetic_tile elpv_poly; do
   .venv/bin/python benchmarks/fewshot.py $DATA --categories $c "${COMMON[@]}" --shots 8 \
     --draws 3 --methods padim_full regad regad_identity regad_default padim patchcore
 done
-for c in kolektorsdd magnetic_tile; do
+for c in kolektorsdd magnetic_tile deeppcb elpv_poly; do
   .venv/bin/python benchmarks/fewshot.py $DATA --categories $c "${COMMON[@]}" --shots 2 4 \
     --draws 2 --methods regad regad_identity padim
 done
@@ -22,6 +25,12 @@ for c in kolektorsdd magnetic_tile elpv_poly deeppcb; do
   .venv/bin/python benchmarks/fewshot.py $DATA --categories $c "${COMMON[@]}" --shots 8 \
     --draws 3 --methods regad@c100 padim@c100
 done
+# Pass 4: DifferNet on the same first support draw (deeppcb and kolektorsdd so far).
+for c in kolektorsdd deeppcb magnetic_tile elpv_poly; do
+  .venv/bin/python benchmarks/fewshot.py $DATA --categories $c --registrations "$REG" \
+    --out benchmarks/results/fewshot_differnet.jsonl --shots 8 --draws 1 --methods differnet
+done
+.venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_differnet.jsonl
 .venv/bin/python benchmarks/fewshot.py x --summary --out "$OUT"
 # RegAD's speed next to PaDiM's (fit with K = 8, scoring), in one process:
 .venv/bin/python benchmarks/fewshot_speed.py $DATA/magnetic_tile --registration "$REG/reg-magnetic_tile"

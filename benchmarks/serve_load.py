@@ -84,9 +84,7 @@ def main() -> None:
             before, batches = rss_mb(process.pid), batch_counters(url, model)
             result = run_load(url, model, images, expected, clients, args.requests)
             after = rss_mb(process.pid)
-            n_batches, n_images, busy = (
-                b - a for a, b in zip(batches, batch_counters(url, model), strict=True)
-            )
+            after_batches = batch_counters(url, model)
             row = {
                 "model": args.model,
                 "method": predictor.method,
@@ -100,26 +98,34 @@ def main() -> None:
                 "ratio_to_cli_loop": round(result["images_per_s"] / cli_loop, 3),
                 "rss_before_mb": round(before, 1),
                 "rss_after_mb": round(after, 1),
-                "mean_batch": round(n_images / n_batches, 2),
-                # the share of the run the scoring worker was busy scoring
-                "worker_busy": round(busy / result["wall_s"], 3),
+                **batch_stats(batches, after_batches, result["wall_s"]),
             }
             print(json.dumps(row), flush=True)
 
 
-def batch_counters(url: str, model: str) -> tuple[float, float, float]:
-    """Batches and images scored and the worker's busy seconds so far, from /metrics."""
+def batch_counters(url: str, model: str) -> tuple[float, float, float] | None:
+    """Batches and images scored and the worker's busy seconds so far, from /metrics (None
+    from a version of the service that did not count them)."""
     text = httpx.get(f"{url}/metrics").text
+    values = []
+    for series in (
+        "defectlens_batch_images_count",
+        "defectlens_batch_images_sum",
+        "defectlens_scoring_seconds_total",
+    ):
+        found = re.search(re.escape(series + '{model="' + model + '"}') + r" (\S+)", text)
+        if found is None:
+            return None
+        values.append(float(found.group(1)))
+    return tuple(values)
 
-    def value(series: str) -> float:
-        pattern = re.escape(series + '{model="' + model + '"}') + r" (\S+)"
-        return float(re.search(pattern, text).group(1))
 
-    return (
-        value("defectlens_batch_images_count"),
-        value("defectlens_batch_images_sum"),
-        value("defectlens_scoring_seconds_total"),
-    )
+def batch_stats(before, after, wall_s: float) -> dict:
+    """Mean images per batch and the share of the run the scoring worker was busy."""
+    if before is None or after is None:
+        return {}
+    n_batches, n_images, busy = (b - a for a, b in zip(before, after, strict=True))
+    return {"mean_batch": round(n_images / n_batches, 2), "worker_busy": round(busy / wall_s, 3)}
 
 
 def soak(args, model: str, images, expected) -> None:

@@ -1109,10 +1109,11 @@ def _check_port_free(host: str, port: int) -> None:
 @click.option(
     "--max-wait-ms",
     type=click.FloatRange(0, 1000),
-    default=5.0,
+    default=20.0,
     show_default=True,
-    help="How long a batch waits for requests still being read before it is scored (it "
-    "does not wait when none is on its way).",
+    help="Most a batch waits for company: for requests still being read, and for as many "
+    "requests as were recently in the service at once (a lone client never waits). 0 "
+    "scores whatever is queued at once.",
 )
 @click.option(
     "--queue-size",

@@ -66,7 +66,7 @@ class ServeSettings:
     max_pixels: int = 50_000_000
     max_images: int = 32  # per request
     max_batch: int = 16
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 20.0
     queue_size: int = 64
     timeout_s: float = 30.0
     api_key: str | None = None
