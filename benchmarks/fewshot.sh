@@ -3,8 +3,7 @@
 # support draws, every method, every set left out in turn; pass 2: K = 2 and 4, two draws,
 # RegAD, its ablation and PaDiM; pass 3: 100 channels; pass 4: DifferNet, K = 8, one draw.
 # Passes 1-3 take about 2.5 hours on 2 cores; pass 4 hours more (DifferNet's maps need a
-# backward pass per image). elpv_poly's pass 2 and pass 4 on magnetic_tile and elpv_poly have
-# not been run for BENCHMARKS.md.
+# backward pass per image). elpv_poly's pass 2 has not been run for BENCHMARKS.md.
 # Resumable: finished rows in the JSONL are skipped, trained registrations are reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +24,7 @@ for c in kolektorsdd magnetic_tile elpv_poly deeppcb; do
   .venv/bin/python benchmarks/fewshot.py $DATA --categories $c "${COMMON[@]}" --shots 8 \
     --draws 3 --methods regad@c100 padim@c100
 done
-# Pass 4: DifferNet on the same first support draw (deeppcb and kolektorsdd so far).
+# Pass 4: DifferNet on the same first support draw.
 for c in kolektorsdd deeppcb magnetic_tile elpv_poly; do
   .venv/bin/python benchmarks/fewshot.py $DATA --categories $c --registrations "$REG" \
     --out benchmarks/results/fewshot_differnet.jsonl --shots 8 --draws 1 --methods differnet
