@@ -3,7 +3,7 @@
 # support draws, every method, every set left out in turn; pass 2: K = 2 and 4, two draws,
 # RegAD, its ablation and PaDiM; pass 3: 100 channels; pass 4: DifferNet, K = 8, one draw.
 # Passes 1-3 take about 2.5 hours on 2 cores; pass 4 about an hour more (DifferNet's maps need a
-# backward pass per image). elpv_poly's pass 2 has not been run for BENCHMARKS.md.
+# backward pass per image).
 # Resumable: finished rows in the JSONL are skipped, trained registrations are reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
