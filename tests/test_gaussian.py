@@ -5,12 +5,7 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from sklearn.covariance import ledoit_wolf
 
 from defectlens.components.blur import gaussian_blur
-from defectlens.components.distances import (
-    block_mahalanobis,
-    block_row_shapes,
-    block_row_views,
-    default_threads,
-)
+from defectlens.components.distances import block_mahalanobis, default_threads
 from defectlens.components.gaussian import (
     BlockRows,
     GaussianAccumulator,
@@ -83,14 +78,7 @@ def test_mahalanobis_threads_give_the_same_numbers_bit_for_bit(monkeypatch):
     rng = np.random.default_rng(0)
     p, c, b = 37, 7, 3  # positions not a multiple of any chunk or thread count
     w = np.tril(rng.normal(size=(p, c, c))).astype(np.float32)
-    rows = block_row_views(
-        np.concatenate(
-            [w[:, s : s + r, :cols].reshape(-1) for s, r, cols in block_row_shapes(c, 3)]
-        ),
-        p,
-        c,
-        3,
-    )
+    rows = [r.numpy() for r in BlockRows.from_packed(pack_lower(torch.from_numpy(w)), c, 3).rows]
     mean = rng.normal(size=(p, c, 1)).astype(np.float32)
     x = rng.normal(size=(p, c, b)).astype(np.float32)
     one = block_mahalanobis(rows, mean, x, chunk=512, threads=1)

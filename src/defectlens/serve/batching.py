@@ -142,10 +142,9 @@ class Batcher:
                     break
                 jobs.append(more)
                 count += len(more.images)
-            with self._lock:
+            with self._lock:  # `submit` saw the most at once; a carried-over job may add one
                 self._scoring = len(jobs)
-                at_once = len(jobs) + self._queue.qsize() + self._arriving
-                self._peaks.append(max(self._peak, at_once))
+                self._peaks.append(max(self._peak, len(jobs)))
                 self._peak = 0
             try:
                 self._score(jobs)
