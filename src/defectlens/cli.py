@@ -1164,7 +1164,10 @@ def serve(
     """
     import uvicorn
 
+    from defectlens.allocator import limit_arenas
     from defectlens.serve.app import MODEL_NAME, ServeSettings, create_app
+
+    limit_arenas()  # before loading starts the engines' threads: memory levels off under load
 
     api_key = None
     if api_key_file is not None:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from defectlens.allocator import reuse_freed_memory
 from defectlens.errors import DefectLensError
 
 CONNECT_TIMEOUT_S = 5.0  # an unreachable scheduler is an error after this long, not a hang
@@ -92,12 +93,19 @@ def worker_count(client: Any) -> int:
     return max(1, len(client.nthreads()))
 
 
-def use_worker_threads() -> None:
-    """Give torch (and through it onnxruntime, whose sessions take torch's count) and numpy's
-    BLAS the threads this worker should use: OMP_NUM_THREADS, which `local:N` sets to
-    cores / N and Dask's nanny defaults to 1. Set explicitly because a worker's task thread
-    reports one torch thread whatever the environment says, and Dask's nanny limits OpenBLAS
-    (PaDiM's Mahalanobis step) to one thread of its own."""
+def prepare_worker() -> None:
+    """Undo two of Dask's worker defaults that cost defectlens's work its speed (called
+    before the model is loaded):
+
+    - Threads: give torch (and through it onnxruntime, whose sessions take torch's count)
+      and numpy's BLAS the threads this worker should use: OMP_NUM_THREADS, which `local:N`
+      sets to cores / N and Dask's nanny defaults to 1. Set explicitly because a worker's task
+      thread reports one torch thread whatever the environment says, and Dask's nanny limits
+      OpenBLAS (PaDiM's Mahalanobis step) to one thread of its own.
+    - Memory: large arrays come from the heap again (`allocator.reuse_freed_memory`), not
+      from a fresh mapping each time, as the nanny's `MALLOC_TRIM_THRESHOLD_` made them.
+    """
+    reuse_freed_memory()
     value = os.environ.get("OMP_NUM_THREADS", "")
     threads = int(value) if value.isdigit() and int(value) > 0 else (os.cpu_count() or 1)
     try:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from defectlens.components.gaussian import GaussianAccumulator
 from defectlens.data.loader import ImageInput
 from defectlens.detector import Detector, check_readable
-from defectlens.distributed.cluster import use_worker_threads, worker_count
+from defectlens.distributed.cluster import prepare_worker, worker_count
 from defectlens.errors import DataError, DefectLensError
 
 DISTRIBUTED_METHODS = ("padim",)
@@ -44,7 +44,7 @@ _lock = threading.Lock()
 def _worker_detector(params: dict[str, Any]) -> Detector:
     key = json.dumps(params, sort_keys=True)
     with _lock:
-        use_worker_threads()
+        prepare_worker()
         detector = _detectors.get(key)
         if detector is None:
             detector = Detector(**params)

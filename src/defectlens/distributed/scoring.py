@@ -27,7 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from defectlens.data.images import get_max_pixels, set_max_pixels
-from defectlens.distributed.cluster import use_worker_threads, worker_count
+from defectlens.distributed.cluster import prepare_worker, worker_count
 from defectlens.errors import DefectLensError
 from defectlens.prediction import Predictor
 from defectlens.scoring import ScoredFile, score_files
@@ -43,7 +43,7 @@ def _worker_model(key: str, files: dict[str, bytes], weights: str | None) -> Pre
     from defectlens.loading import load_model
 
     with _lock:
-        use_worker_threads()
+        prepare_worker()
         if key not in _models:
             for _, old in _models.values():  # the previous run's model and its files
                 shutil.rmtree(old, ignore_errors=True)
