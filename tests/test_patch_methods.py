@@ -241,6 +241,20 @@ def test_patchsvdd_fits_beats_chance_round_trips_and_exports(patchsvdd, brick_ro
     assert_round_trip_and_export(patchsvdd, brick_root, tmp_path)
 
 
+def test_patchsvdd_draws_pairs_from_each_image_pairs_per_image_times_an_epoch(
+    brick_root, monkeypatch
+):
+    from defectlens.methods.patchsvdd import PatchSVDD
+
+    drawn, loss = [], PatchSVDD.loss
+    monkeypatch.setattr(PatchSVDD, "loss", lambda self, i: drawn.append(i) or loss(self, i))
+    params = {"max_epochs": 1, "pairs_per_image": 3, "batch_size": 16, "coreset_ratio": 1.0}
+    detector = Detector(method="patchsvdd", image_size=64, method_params=params)
+    detector.fit(brick_root, device="cpu")
+    counts = torch.bincount(torch.cat(drawn), minlength=detector.n_fit_images_)
+    assert counts.tolist() == [3] * detector.n_fit_images_
+
+
 def test_patchsvdd_needs_64_px_images(brick_root):
     with pytest.raises(DefectLensError, match="at least 64 px"):
         Detector(method="patchsvdd", image_size=32, method_params={"max_epochs": 1}).fit(
