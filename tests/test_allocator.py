@@ -3,13 +3,14 @@ setting is checked by what it changes in a fresh process, not by mallopt's retur
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
 
 import pytest
 
-from defectlens.allocator import limit_arenas, reuse_freed_memory
+from defectlens.allocator import limit_arenas
 
 pytestmark = pytest.mark.skipif(
     platform.libc_ver()[0] != "glibc", reason="these settings are glibc's mallopt"
@@ -70,7 +71,7 @@ def test_the_service_cap_makes_threads_share_two_arenas(tmp_path, monkeypatch):
     """What keeps the server's memory from creeping under load: threads started after the
     cap share 2 arenas (8 without it). A MALLOC_ARENA_MAX the user set wins."""
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    env = dict(__import__("os").environ)
+    env = dict(os.environ)
     assert _probe(ARENA_PROBE, "cap", str(tmp_path / "cap.xml"), env=env) == 2
     assert _probe(ARENA_PROBE, "default", str(tmp_path / "default.xml"), env=env) > 2
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
@@ -84,9 +85,8 @@ def test_a_dask_worker_reuses_large_arrays_despite_the_nannys_trim_threshold(mon
     page-faulted in (hundreds of faults each, measured 420-930); after `reuse_freed_memory` it
     is the same heap memory again, and the faults vanish. This was Dask's per-worker slowdown."""
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
-    env = dict(__import__("os").environ)
+    env = dict(os.environ)
     mapped = _probe(FAULT_PROBE, "default", env=env)
     reused = _probe(FAULT_PROBE, "reuse", env=env)
     assert mapped > 100 * 100  # 100 arrays, each mapped and faulted in afresh
     assert reused < mapped / 20, (reused, mapped)
-    assert reuse_freed_memory()  # in this process too (a worker calls it before loading)

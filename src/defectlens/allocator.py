@@ -68,6 +68,6 @@ def reuse_freed_memory(
     mallopt = _glibc_mallopt()
     if mallopt is None:
         return False
-    return (mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1) & (
-        mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
-    )
+    mapped = mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
+    trimmed = mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1  # set even if the first failed
+    return mapped and trimmed
