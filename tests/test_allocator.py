@@ -1,8 +1,10 @@
-"""glibc's allocator as the service and Dask workers set it (`defectlens.allocator`): each
-setting is checked by what it changes in a fresh process, not by mallopt's return value."""
+"""Process settings of the scoring processes: glibc's allocator as the service and Dask workers
+set it (`defectlens.allocator`), and numpy's BLAS threads (`defectlens.blas`). Each is checked
+in a fresh process, by what it changes there."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -12,7 +14,7 @@ import pytest
 
 from defectlens.allocator import limit_arenas
 
-pytestmark = pytest.mark.skipif(
+glibc_only = pytest.mark.skipif(
     platform.libc_ver()[0] != "glibc", reason="these settings are glibc's mallopt"
 )
 
@@ -67,6 +69,7 @@ def _probe(script: str, *args: str, env: dict[str, str]) -> int:
     return int(done.stdout.strip())
 
 
+@glibc_only
 def test_the_service_cap_makes_threads_share_two_arenas(tmp_path, monkeypatch):
     """What keeps the server's memory from creeping under load: threads started after the
     cap share 2 arenas (8 without it). A MALLOC_ARENA_MAX the user set wins."""
@@ -80,6 +83,7 @@ def test_the_service_cap_makes_threads_share_two_arenas(tmp_path, monkeypatch):
         limit_arenas(0)
 
 
+@glibc_only
 def test_a_dask_worker_reuses_large_arrays_despite_the_nannys_trim_threshold(monkeypatch):
     """Under Dask's MALLOC_TRIM_THRESHOLD_=65536 every 8 MB array is a fresh mapping,
     page-faulted in (hundreds of faults each, measured 420-930); after `reuse_freed_memory` it
@@ -90,3 +94,29 @@ def test_a_dask_worker_reuses_large_arrays_despite_the_nannys_trim_threshold(mon
     reused = _probe(FAULT_PROBE, "reuse", env=env)
     assert mapped > 100 * 100  # 100 arrays, each mapped and faulted in afresh
     assert reused < mapped / 20, (reused, mapped)
+
+
+BLAS_PROBE = """
+import json
+import faiss, numpy
+from threadpoolctl import threadpool_info
+from defectlens.blas import numpy_blas_single_threaded
+before = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+assert numpy_blas_single_threaded()
+after = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+print(json.dumps([before, after]))
+"""
+
+
+def test_scoring_processes_keep_numpys_blas_to_one_thread_and_leave_faiss_alone():
+    """numpy's OpenBLAS (whose idle helpers spun for 0.1 s after each map resampling, taking a
+    core from the next image) goes to one thread; faiss's own OpenBLAS keeps its threads."""
+    done = subprocess.run(
+        [sys.executable, "-c", BLAS_PROBE], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    before, after = json.loads(done.stdout)
+    numpy_libs = [path for path in after if "numpy" in path]
+    assert numpy_libs and all(after[path] == 1 for path in numpy_libs)
+    others = [path for path in after if path not in numpy_libs]
+    assert others and all(after[path] == before[path] for path in others)  # faiss's

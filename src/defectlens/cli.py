@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 
 from defectlens import __version__
+from defectlens.blas import numpy_blas_single_threaded
 from defectlens.data.images import is_url
 from defectlens.errors import DefectLensError, DefectLensWarning
 from defectlens.loading import load_model
@@ -412,6 +413,7 @@ def evaluate(model, data, out, save_maps, no_report, weights, backend, max_pixel
 
     _apply_max_pixels(max_pixels)
     out_dir = prepare_results_dir(out, PRODUCES, "evaluate")
+    numpy_blas_single_threaded()  # see defectlens.blas: OpenBLAS's idle threads spin
     detector = load_model(model, weights=weights, backend=backend)
 
     def on_skip(path: str, error: str) -> None:
@@ -555,6 +557,7 @@ def predict(
         # Without anything to score, the model is not needed: say so before loading it.
         detector = None
         if not all(i.error for i in items):
+            numpy_blas_single_threaded()  # see defectlens.blas: OpenBLAS's idle threads spin
             detector = load_model(model, weights=weights, backend=backend)
         if out_dir is not None and detector is not None:
             _check_same_model(out_dir, model, detector, resume)
@@ -1168,6 +1171,7 @@ def serve(
     from defectlens.serve.app import MODEL_NAME, ServeSettings, create_app
 
     limit_arenas()  # before loading starts the engines' threads: memory levels off under load
+    numpy_blas_single_threaded()  # single images: 25 instead of 35 ms (defectlens.blas)
 
     api_key = None
     if api_key_file is not None:

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from defectlens.allocator import reuse_freed_memory
+from defectlens.blas import numpy_blas_single_threaded
 from defectlens.errors import DefectLensError
 
 CONNECT_TIMEOUT_S = 5.0  # an unreachable scheduler is an error after this long, not a hang
@@ -97,11 +98,12 @@ def prepare_worker() -> None:
     """Undo two of Dask's worker defaults that cost defectlens's work its speed (called
     before the model is loaded):
 
-    - Threads: give torch (and through it onnxruntime, whose sessions take torch's count)
-      and numpy's BLAS the threads this worker should use: OMP_NUM_THREADS, which `local:N`
-      sets to cores / N and Dask's nanny defaults to 1. Set explicitly because a worker's task
-      thread reports one torch thread whatever the environment says, and Dask's nanny limits
-      OpenBLAS (PaDiM's Mahalanobis step) to one thread of its own.
+    - Threads: give torch (and through it onnxruntime, whose sessions take torch's count),
+      the OpenMP pools and faiss's BLAS the threads this worker should use: OMP_NUM_THREADS,
+      which `local:N` sets to cores / N and Dask's nanny defaults to 1. Set explicitly
+      because a worker's task thread reports one torch thread whatever the environment says.
+      numpy's own BLAS then gets one thread, as in every scoring process
+      (`blas.numpy_blas_single_threaded`); PaDiM's Mahalanobis step has threads of its own.
     - Memory: large arrays come from the heap again (`allocator.reuse_freed_memory`), not
       from a fresh mapping each time, as the nanny's `MALLOC_TRIM_THRESHOLD_` made them.
     """
@@ -112,8 +114,9 @@ def prepare_worker() -> None:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(threads)  # every BLAS and OpenMP pool loaded so far
-    except ImportError:  # threadpoolctl comes with scikit-learn (the `full` install)
+    except ImportError:  # threadpoolctl is a dependency; a worker may still lack it
         pass
+    numpy_blas_single_threaded()  # but numpy's: its idle threads spin (defectlens.blas)
     try:
         import torch
     except ImportError:  # a worker scoring exports only
