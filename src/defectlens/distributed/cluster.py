@@ -11,6 +11,7 @@ from typing import Any
 
 from defectlens.allocator import reuse_freed_memory
 from defectlens.blas import numpy_blas_single_threaded
+from defectlens.components.distances import default_threads
 from defectlens.errors import DefectLensError
 
 CONNECT_TIMEOUT_S = 5.0  # an unreachable scheduler is an error after this long, not a hang
@@ -108,8 +109,7 @@ def prepare_worker() -> None:
       from a fresh mapping each time, as the nanny's `MALLOC_TRIM_THRESHOLD_` made them.
     """
     reuse_freed_memory()
-    value = os.environ.get("OMP_NUM_THREADS", "")
-    threads = int(value) if value.isdigit() and int(value) > 0 else (os.cpu_count() or 1)
+    threads = default_threads()  # the Mahalanobis step's own rule: OMP_NUM_THREADS, else CPUs
     try:
         from threadpoolctl import threadpool_limits
 
