@@ -15,7 +15,8 @@ from PIL import Image
 from scipy import ndimage
 
 from defectlens import Detector, load
-from defectlens.data.synthetic import DEFECTS, make_category, paste_defect
+from defectlens.data import synthetic
+from defectlens.data.synthetic import ALL_DEFECTS, make_category, paste_defect
 from defectlens.errors import DataError, DefectLensError, DefectLensWarning, ParameterError
 from defectlens.evaluation import evaluate
 from tests.conftest import run_cli
@@ -25,7 +26,7 @@ TINY = {"max_epochs": 4, "patience": 4, "steps": 32, "snapshots": 4, "predictor_
 
 
 @pytest.mark.parametrize("size", [64, 128, 300])
-@pytest.mark.parametrize("kind", DEFECTS)
+@pytest.mark.parametrize("kind", ALL_DEFECTS)
 def test_a_pasted_defect_changes_only_what_its_mask_marks(kind, size):
     rng = np.random.default_rng(0)
     image = rng.uniform(0.3, 0.7, (size, size, 3))
@@ -63,6 +64,7 @@ def test_nbs_with_synthetic_defects_beats_chance_round_trips_and_exports(nbs, br
     first = [next(ae.parameters()) for ae in model.net.snapshots]
     assert not torch.equal(first[0], first[-1])
     assert model.supervision.startswith("synthetic defects pasted on")
+    assert model.supervision.endswith("(scratch, spot, hole, patch, smudge)")  # the default
     metrics = evaluate(nbs, brick_root).metrics
     assert metrics["supervision"] == model.supervision
     assert metrics["image_auroc"] > 0.65 and metrics["pixel_auroc"] > 0.7, metrics
@@ -155,6 +157,24 @@ def test_nbs_needs_four_training_images_and_64_px(brick_root):
         Detector(method="nbs", image_size=32, method_params=TINY).fit(brick_root, device="cpu")
     with pytest.raises(ParameterError, match="steps"):
         Detector(method="nbs", method_params={"snapshots": 8, "steps": 4})
+    with pytest.raises(ParameterError, match="unknown defect kind 'dent'"):
+        Detector(method="nbs", method_params={"defects": "self,dent"})
+
+
+def test_nbs_learns_from_the_defect_kinds_asked_for(brick_root, monkeypatch):
+    asked = []
+    original = synthetic.paste_defect
+
+    def paste(image, rng, kinds):
+        asked.append(kinds)
+        return original(image, rng, kinds)
+
+    monkeypatch.setattr(synthetic, "paste_defect", paste)
+    params = {**TINY, "max_epochs": 1, "defects": "self"}
+    detector = Detector(method="nbs", image_size=64, batch_size=8, method_params=params)
+    detector.fit(brick_root, device="cpu")
+    assert asked and set(asked) == {synthetic.SELF_TEXTURE_DEFECTS}
+    assert detector.model_.supervision.endswith("(cutpaste, scar, blob, stain)")
 
 
 def test_a_non_finite_episode_stops_training_and_keeps_the_last_good_one(brick_root, monkeypatch):

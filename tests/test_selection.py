@@ -7,7 +7,14 @@ import pytest
 
 from defectlens import Detector
 from defectlens.data import loader
-from defectlens.data.synthetic import make_category
+from defectlens.data.synthetic import (
+    ALL_DEFECTS,
+    DEFECTS,
+    SELF_TEXTURE_DEFECTS,
+    defect_kinds,
+    make_category,
+)
+from defectlens.errors import ParameterError
 from defectlens.selection import Candidate, make_task, select, split_for_selection
 
 from .conftest import IMAGE_SIZE, read_csv, run_cli
@@ -41,12 +48,26 @@ def test_the_task_holds_each_image_clean_and_with_a_defect(tile_root):
     images = sorted((tile_root / "train" / "good").glob("*.png"))
     fit, held_out = split_for_selection(images, seed=0)
     assert not set(fit) & set(held_out) and len(held_out) == 8  # 20 % of 40
-    task = make_task(held_out, 96, seed=0)
-    assert len(task.images) == 16 and task.images[0].shape == (96, 96, 3)
-    assert list(task.labels) == [0] * 8 + [1] * 8
+    task = make_task(held_out, 96, seed=0, kinds=ALL_DEFECTS)
+    assert len(task.images) == 8 * (1 + len(ALL_DEFECTS)) and task.images[0].shape == (96, 96, 3)
+    assert list(task.labels) == [0] * 8 + [1] * 8 * len(ALL_DEFECTS)
+    assert task.kinds == [""] * 8 + [k for k in ALL_DEFECTS for _ in range(8)]
     assert not any(m.any() for m in task.masks[:8]) and all(m.any() for m in task.masks[8:])
-    again = make_task(held_out, 96, seed=0)
+    again = make_task(held_out, 96, seed=0, kinds=ALL_DEFECTS)
     assert all((a == b).all() for a, b in zip(task.images, again.images, strict=True))
+    # a kind's defects do not depend on which other kinds are asked for
+    scars = make_task(held_out, 96, seed=0, kinds=["scar"])
+    assert scars.kinds == [""] * 8 + ["scar"] * 8
+    first = task.kinds.index("scar")
+    for a, b in zip(scars.images[8:], task.images[first : first + 8], strict=True):
+        assert (a == b).all()
+
+
+def test_defect_kinds_accept_groups_and_refuse_unknown_names():
+    assert defect_kinds(["self"]) == SELF_TEXTURE_DEFECTS
+    assert defect_kinds(["scar", "DRAWN"]) == (*DEFECTS, "scar")
+    with pytest.raises(ParameterError, match=r"unknown defect kind 'dent'.*cutpaste"):
+        defect_kinds(["dent"])
 
 
 def test_select_command_saves_the_winner_and_respects_the_budget(
@@ -62,6 +83,8 @@ def test_select_command_saves_the_winner_and_respects_the_budget(
     assert [r["rank"] for r in rows] == ["1", "2"]
     assert rows[1]["error"] == "not tried: the time budget was spent"
     assert rows[0]["method"] == "padim" and float(rows[0]["synthetic_image_auroc"]) > 0.5
+    by_kind = dict(item.split("=") for item in rows[0]["auroc_by_kind"].split())
+    assert list(by_kind) == list(DEFECTS) and all(0 <= float(v) <= 1 for v in by_kind.values())
     assert "chosen: padim" in stdout
     model = Detector.load(out)
     assert model.method == "padim" and model.image_size == IMAGE_SIZE
@@ -77,6 +100,11 @@ def test_select_refuses_unknown_names_before_any_work(tile_root, tmp_path, monke
         monkeypatch, capsys, "select", tile_root, "--out", tmp_path / "m", "--image-sizes", "100"
     )
     assert code == 2 and "multiple of 32" in err
+    code, _, err = run_cli(
+        monkeypatch, capsys, "select", tile_root, "--out", tmp_path / "m", "--defects", "dent"
+    )
+    assert code == 2 and "unknown defect kind 'dent'" in err
+    assert not (tmp_path / "m.selection").exists()
 
 
 def test_select_installed_backbones_tries_every_backbone_with_weights_here(

@@ -908,27 +908,36 @@ def regad_train(
     default=None,
     help="Folder for selection.csv and selection.html [default: OUT.selection].",
 )
+@click.option(
+    "--defects",
+    default="drawn",
+    show_default=True,
+    help="Synthetic defect kinds of the task, comma-separated: scratch, spot, hole, patch, "
+    "smudge (drawn), cutpaste, scar, blob, stain (the image's own texture), or the groups "
+    "`drawn`, `self`, `all`.",
+)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option("Where a method that trains a network trains (auto, cpu, cuda, cuda:N).")
 @quiet_option
 def select(
-    data, out, methods, backbone_names, image_sizes, budget_minutes, report, batch_size, seed,
-    device, quiet,
+    data, out, methods, backbone_names, image_sizes, budget_minutes, report, defects, batch_size,
+    seed, device, quiet,
 ) -> None:  # fmt: skip
     """Choose a configuration for DATA from its normal images only, and save it to --out.
 
     Every combination of --methods, --backbones and --image-sizes is fitted on 80 % of
     DATA's normal images (train/good of an MVTec root; test/ is never read) and scored on
-    the other 20 %, each of them also with one synthetic defect pasted in (scratch, spot,
-    hole, texture patch or smudge). Candidates are ranked by image AUROC on that task, then
-    AUPRO; the table is printed and written to --report. The winner is then fitted on all of
-    DATA as `defectlens fit` would and saved.
+    the other 20 %, each of them also once with each kind of synthetic defect (--defects).
+    Candidates are ranked by image AUROC on that task, then AUPRO; the table is printed and
+    written to --report. The winner is then fitted on all of DATA as `defectlens fit` would
+    and saved.
     """
     import numpy as np
     from tqdm.auto import tqdm
 
     from defectlens.data.dataset import find_normal_images
+    from defectlens.data.synthetic import defect_kinds
     from defectlens.methods import get_method
     from defectlens.outputs import check_model_target, prepare_results_dir
     from defectlens.report.html import write_selection_report
@@ -946,6 +955,7 @@ def select(
         if not item.isdigit():
             raise DefectLensError(f"--image-sizes: {item!r} is not a whole number")
         sizes.append(int(item))
+    kinds = defect_kinds(names(defects, "defects"))
     backbone_list = names(backbone_names, "backbones")
     if "installed" in (b.lower() for b in backbone_list):
         if len(backbone_list) > 1:
@@ -977,6 +987,7 @@ def select(
             seed=seed,
             device=device,
             on_outcome=lambda outcome: bar.update(1),
+            defects=kinds,
         )
     finally:
         bar.close()
@@ -985,7 +996,9 @@ def select(
     winner = ranked[0]
     if not np.isfinite(winner.image_auroc):
         raise DefectLensError(f"no candidate could be fitted: {winner.error}")
-    write_selection_report(rows, report_dir / "selection.html", str(data), winner.candidate.label)
+    write_selection_report(
+        rows, report_dir / "selection.html", str(data), winner.candidate.label, kinds
+    )
     echo(f"{'rank':>4}  {'synthetic AUROC':>15}  {'AUPRO':>6}  {'fit s':>6}  candidate")
     for row in rows:
         auroc, pro = row["synthetic_image_auroc"], row["synthetic_aupro"]

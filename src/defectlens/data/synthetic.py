@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from defectlens.errors import ParameterError
+
 TEXTURES = ("brick", "gravel", "grass")
 DEFECTS = ("scratch", "spot", "hole", "patch", "smudge")
 
@@ -119,13 +121,153 @@ def _smudge(img, rng, other):
     return alpha >= 0.5
 
 
+# Defects made of the image's own texture (CutPaste, Li et al. CVPR 2021; DRAEM's Perlin-noise
+# shapes, Zavrtanik et al. ICCV 2021): the pasted content has the part's own grain and colour,
+# only moved, turned, and a little lighter or darker, so they are as subtle as real defects
+# often are -- the drawn defects above are far easier than real ones (BENCHMARKS.md, issue 15).
+
+
+def _perlin(size: int, cells: int, rng: np.random.Generator) -> np.ndarray:
+    """Gradient (Perlin) noise, (size, size) in about [-0.7, 0.7], `cells` lattice cells a
+    side: a smooth random field whose thresholded shape looks like a stain or a worn area."""
+    angles = rng.uniform(0.0, 2.0 * np.pi, (cells + 1, cells + 1))
+    grads = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+    t = np.arange(size) * cells / size
+    i, f = t.astype(int), t - t.astype(int)
+    fade = f * f * f * (f * (f * 6 - 15) + 10)
+    corners = []
+    for dy in (0, 1):
+        for dx in (0, 1):
+            g = grads[(i + dy)[:, None], (i + dx)[None, :]]
+            corners.append(g[..., 0] * (f - dy)[:, None] + g[..., 1] * (f - dx)[None, :])
+    top = corners[0] + fade[None, :] * (corners[1] - corners[0])
+    bottom = corners[2] + fade[None, :] * (corners[3] - corners[2])
+    return top + fade[:, None] * (bottom - top)
+
+
+def _perlin_blob(img: np.ndarray, rng: np.random.Generator, radius: tuple[int, int]) -> np.ndarray:
+    """An irregular blob (bool): Perlin noise thresholded inside a soft ellipse window, so the
+    shape is ragged but stays one defect of bounded size."""
+    window = _soft_ellipse(img, rng, radius, blur=3.0)
+    cells = int(rng.choice([4, 8, 16]))
+    field = window * (0.6 + _perlin(img.shape[0], cells, rng))
+    mask = field > 0.5
+    return mask if mask.sum() >= _px(img, 4) ** 2 else window > 0.5
+
+
+def _elsewhere(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image's own texture from another place (shifted by at least an eighth of the side,
+    half the time also turned by 90 degrees or mirrored), with its brightness and contrast
+    jittered: content for a self-texture defect."""
+    side = img.shape[0]
+    source = np.rot90(img, int(rng.integers(1, 4))) if rng.random() < 0.5 else img[:, ::-1]
+    if rng.random() < 0.5:
+        source = img
+    low = _px(img, 16)
+    shift = [int(rng.integers(low, side - low + 1)) for _ in range(2)]
+    source = np.roll(source, shift, axis=(0, 1))
+    mean = source.mean()
+    contrast = rng.uniform(0.8, 1.2)
+    brightness = _towards_room(mean, rng) * rng.uniform(0.03, 0.12)
+    return (source - mean) * contrast + mean + brightness
+
+
+def _towards_room(mean: float, rng: np.random.Generator) -> float:
+    """+1 (lighter) or -1 (darker): random for a mid-grey image, towards the middle for a very
+    light or dark one, where the other way would be clipped away (white PCB board)."""
+    if mean > 0.65:
+        return -1.0
+    if mean < 0.35:
+        return 1.0
+    return float(rng.choice([-1.0, 1.0]))
+
+
+def _cutpaste(img, rng, other):
+    size = img.shape[0]
+    area = rng.uniform(0.02, 0.15) * size * size
+    aspect = np.exp(rng.uniform(np.log(0.3), np.log(3.3)))
+    h = int(np.clip(np.sqrt(area / aspect), _px(img, 4), size // 2))
+    w = int(np.clip(np.sqrt(area * aspect), _px(img, 4), size // 2))
+    edge = _px(img, 4)
+    y = int(rng.integers(edge, size - h - edge + 1))
+    x = int(rng.integers(edge, size - w - edge + 1))
+    mask = np.zeros(img.shape[:2], dtype=bool)
+    mask[y : y + h, x : x + w] = True
+    img[mask] = _elsewhere(img, rng)[mask]
+    return mask
+
+
+def _scar(img, rng, other):
+    size = img.shape[0]
+    length, width = rng.uniform(_px(img, 10), _px(img, 26)), rng.uniform(_px(img, 2), _px(img, 5))
+    angle = rng.uniform(0.0, np.pi)
+    margin = length / 2 + _px(img, 4)
+    cy, cx = rng.uniform(margin, size - margin, size=2)
+    along = np.array([np.cos(angle), np.sin(angle)])
+    across = np.array([-along[1], along[0]])
+    centre = np.array([cx, cy])
+    corners = [
+        tuple(centre + a * along * length / 2 + b * across * width / 2)
+        for a, b in ((-1, -1), (1, -1), (1, 1), (-1, 1))
+    ]
+    canvas = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(canvas).polygon(corners, fill=255)
+    mask = np.asarray(canvas) > 0
+    img[mask] = _elsewhere(img, rng)[mask]
+    return mask
+
+
+def _blob(img, rng, other):
+    mask = _perlin_blob(img, rng, (8, 20))
+    alpha = rng.uniform(0.6, 1.0) * mask
+    _blend(img, alpha, _elsewhere(img, rng))
+    return mask
+
+
+def _stain(img, rng, other):
+    mask = _perlin_blob(img, rng, (8, 24))
+    alpha = ndimage.gaussian_filter(mask.astype(np.float64), 1.5 * img.shape[0] / 128)
+    shift = _towards_room(float(img[mask].mean()), rng) * rng.uniform(0.08, 0.2)
+    _blend(img, alpha, np.clip(img + shift, 0, 1))
+    return alpha >= 0.5
+
+
 _MAKERS: dict[str, Callable] = {
     "scratch": _scratch,
     "spot": _spot,
     "hole": _hole,
     "patch": _patch,
     "smudge": _smudge,
+    "cutpaste": _cutpaste,
+    "scar": _scar,
+    "blob": _blob,
+    "stain": _stain,
 }
+SELF_TEXTURE_DEFECTS = ("cutpaste", "scar", "blob", "stain")
+ALL_DEFECTS = DEFECTS + SELF_TEXTURE_DEFECTS
+
+
+DEFECT_GROUPS = {"drawn": DEFECTS, "self": SELF_TEXTURE_DEFECTS, "all": ALL_DEFECTS}
+
+
+def defect_kinds(names: Sequence[str]) -> tuple[str, ...]:
+    """Defect kinds from names of kinds or groups (`DEFECT_GROUPS`), in the generator's
+    order; an unknown name is a one-line error that lists the choices."""
+    chosen: set[str] = set()
+    for name in names:
+        key = name.strip().lower()
+        if key in DEFECT_GROUPS:
+            chosen.update(DEFECT_GROUPS[key])
+        elif key in ALL_DEFECTS:
+            chosen.add(key)
+        else:
+            raise ParameterError(
+                f"unknown defect kind {name!r}; choose from {', '.join(ALL_DEFECTS)} "
+                f"or the groups {', '.join(DEFECT_GROUPS)}"
+            )
+    if not chosen:
+        raise ParameterError("no defect kind given")
+    return tuple(k for k in ALL_DEFECTS if k in chosen)
 
 
 def paste_defect(
@@ -150,15 +292,16 @@ def paste_defect(
 
 
 def with_synthetic_defects(
-    images: np.ndarray, rng: np.random.Generator
+    images: np.ndarray, rng: np.random.Generator, kinds: Sequence[str] = DEFECTS
 ) -> tuple[np.ndarray, np.ndarray]:
     """Normal images (N, 3, S, S) float32 in [0, 1] -> each twice, as it is and then with one
-    `paste_defect` defect, (2N, 3, S, S), with the masks (2N, S, S) float32 (zero for the clean
-    copies). Labelled anomalies made from normal images only: what Neural Batch Sampling
-    learns from and what `defectlens select` ranks configurations on."""
+    `paste_defect` defect of `kinds`, (2N, 3, S, S), with the masks (2N, S, S) float32 (zero
+    for the clean copies). Labelled anomalies made from normal images only: what Neural
+    Batch Sampling learns from. (`defectlens select` pastes every kind on every image
+    instead: `selection.make_task`.)"""
     defective, masks = [], []
     for image in images:
-        pasted, mask = paste_defect(image.transpose(1, 2, 0), rng)
+        pasted, mask = paste_defect(image.transpose(1, 2, 0), rng, kinds)
         defective.append(pasted.transpose(2, 0, 1).astype(np.float32))
         masks.append(mask.astype(np.float32))
     clean = np.zeros((len(images), *images.shape[-2:]), np.float32)

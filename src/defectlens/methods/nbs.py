@@ -12,8 +12,9 @@ separates held-out labelled pixels.
 
 Labelled anomalies: `anomalies`, an MVTec-layout folder of defective images with masks
 (test/<defect>/ + ground_truth/), or -- without it -- `data.synthetic.paste_defect` defects
-pasted on copies of held-out normal images. `supervision` (config.json, metrics.json) says
-which was used. Test images and their labels are never read.
+of the `defects` kinds (default: the drawn ones) pasted on copies of held-out normal images.
+`supervision` (config.json, metrics.json) says which was used. Test images and their labels
+are never read.
 
 How it is split: the fit images are divided into the *pool* the autoencoder trains on and a
 held-out `labelled_fraction` whose clean and defective copies train the predictor; the
@@ -39,7 +40,7 @@ What changed from the paper, and why:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ from defectlens.backbones import FeatureExtractor
 from defectlens.components.autoencoder import ConvDecoder, ConvEncoder
 from defectlens.data.dataset import find_anomalies
 from defectlens.data.loader import load_labelled
-from defectlens.data.synthetic import with_synthetic_defects
+from defectlens.data.synthetic import defect_kinds, with_synthetic_defects
 from defectlens.errors import DataError, ModelFileError, ParameterError
 from defectlens.methods.trained import TrainedImageMethod
 from defectlens.metrics import auroc
@@ -166,6 +167,7 @@ class NBS(TrainedImageMethod):
         input_size: int = 128,
         widths: tuple[int, ...] | None = None,
         anomalies: str | None = None,
+        defects: str = "drawn",
         snapshots: int = 8,
         steps: int = 96,
         labelled_fraction: float = 0.3,
@@ -193,6 +195,10 @@ class NBS(TrainedImageMethod):
         if anomalies is not None and not isinstance(anomalies, str | Path):
             raise ParameterError(f"anomalies must be a folder path, not {anomalies!r}")
         self.anomalies = None if anomalies is None else str(anomalies)
+        if not isinstance(defects, str):
+            raise ParameterError(f"defects must be comma-separated kinds, not {defects!r}")
+        self.kinds = defect_kinds(defects.split(","))  # an unknown kind: said here
+        self.defects = defects
         self.snapshots = check_int("snapshots", snapshots, 2, 64)
         self.steps = check_int("steps", steps, self.snapshots, 100_000)
         self.labelled_fraction = check_float("labelled_fraction", labelled_fraction, 0.05, 0.9)
@@ -239,11 +245,11 @@ class NBS(TrainedImageMethod):
             held, val = held[half:], held[:half]
         val = val[torch.randperm(len(val), generator=generator)[:MAX_REWARD]]
         if samples is None:
-            labelled, labelled_masks = _with_synthetic(held, rng)
-            reward_images, reward_masks = _with_synthetic(val, rng)
+            labelled, labelled_masks = _with_synthetic(held, rng, self.kinds)
+            reward_images, reward_masks = _with_synthetic(val, rng, self.kinds)
             self.supervision = (
                 f"synthetic defects pasted on {len(held)} held-out training images and "
-                f"{len(val)} validation images"
+                f"{len(val)} validation images ({', '.join(self.kinds)})"
             )
         else:
             real, real_masks = (torch.from_numpy(a) for a in load_labelled(samples, size))
@@ -256,7 +262,7 @@ class NBS(TrainedImageMethod):
                 reward_images = torch.cat([val, real[reward]])
                 reward_masks = torch.cat([torch.zeros(len(val), size, size), real_masks[reward]])
             else:  # a single labelled defect trains the predictor; synthetic ones reward
-                reward_images, reward_masks = _with_synthetic(val, rng)
+                reward_images, reward_masks = _with_synthetic(val, rng, self.kinds)
             self.supervision = (
                 f"{len(real)} real anomalous images from {self.anomalies} "
                 f"({len(real) - n_reward} train the predictor, "
@@ -438,9 +444,9 @@ class NBS(TrainedImageMethod):
             raise ModelFileError("nbs profile statistics must be (snapshots, 2), spreads > 0")
 
 
-def _with_synthetic(images: torch.Tensor, rng: np.random.Generator):
-    """Each image twice: as it is, and with one synthetic defect pasted in; with the masks."""
-    pasted, masks = with_synthetic_defects(images.numpy(), rng)
+def _with_synthetic(images: torch.Tensor, rng: np.random.Generator, kinds: Sequence[str]):
+    """Each image twice: as it is, and with one synthetic defect of `kinds`; with the masks."""
+    pasted, masks = with_synthetic_defects(images.numpy(), rng, kinds)
     return torch.from_numpy(pasted), torch.from_numpy(masks)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -133,7 +134,9 @@ predicted mask in red, true mask in green.</p>
     write_text_atomic(path, page)
 
 
-def write_selection_report(rows: list[dict], path: Path, data: str, chosen: str) -> None:
+def write_selection_report(
+    rows: list[dict], path: Path, data: str, chosen: str, defects: Sequence[str]
+) -> None:
     """`defectlens select`'s ranking as a self-contained HTML table (best first)."""
     columns = list(rows[0]) if rows else []
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
@@ -149,8 +152,9 @@ def write_selection_report(rows: list[dict], path: Path, data: str, chosen: str)
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>
 <h1>Configuration chosen on synthetic defects</h1>
 <p>Data: {html.escape(safe_text(data))} (normal training images only; test/ is not read).
-Each candidate was fitted on 80 % of them and scored on the other 20 %, each also with one
-synthetic defect pasted in. Chosen: <strong>{html.escape(safe_text(chosen))}</strong>.</p>
+Each candidate was fitted on 80 % of them and scored on the other 20 %, each also once with
+a synthetic defect of each kind ({html.escape(", ".join(defects))}).
+Chosen: <strong>{html.escape(safe_text(chosen))}</strong>.</p>
 <table><thead><tr>{head}</tr></thead><tbody>
 {body}
 </tbody></table></body></html>
