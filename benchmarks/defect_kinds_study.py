@@ -78,19 +78,24 @@ def main() -> None:
     parser.add_argument("--candidates", nargs="+", default=CANDIDATES)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/defect_kinds_cache"))
     parser.add_argument("--scores", type=Path, default=None, help="save raw scores (.npz) here")
+    parser.add_argument(
+        "--kinds", nargs="+", default=list(ALL_DEFECTS), help="score only these kinds"
+    )
     args = parser.parse_args()
     side = max(int(c.split("/")[2]) for c in args.candidates)
     saved = {}
     for root in args.data:
         fit_images, held_out = split_for_selection(find_normal_images(root), seed=0)
-        full = make_task(held_out, side, seed=0, kinds=ALL_DEFECTS)  # what select pastes
+        full = make_task(held_out, side, seed=0, kinds=args.kinds)  # what select pastes
         task = {
             kind: (
                 [im for im, k in zip(full.images, full.kinds, strict=True) if k == name],
                 [m for m, k in zip(full.masks, full.kinds, strict=True) if k == name],
             )
-            for kind, name in [("normal", ""), *((k, k) for k in ALL_DEFECTS)]
+            for kind, name in [("normal", ""), *((k, k) for k in args.kinds)]
         }
+        groups = {n: ks for n, ks in DEFECT_GROUPS.items() if set(ks) <= set(args.kinds)}
+        groups["asked"] = tuple(args.kinds)
         rows = []
         for text in args.candidates:
             detector, meta = fitted(text, root, fit_images, held_out, args.cache)
@@ -101,12 +106,12 @@ def main() -> None:
                 maps[kind] = [p.anomaly_map for p in predictions]
             row = {"data": root.name, "candidate": text, **meta}
             normal = scores["normal"]
-            for kind in ALL_DEFECTS:
+            for kind in args.kinds:
                 labels = np.repeat([0, 1], [len(normal), len(scores[kind])])
                 row[f"auroc_{kind}"] = auroc(np.concatenate([normal, scores[kind]]), labels)
                 saved[f"{root.name}|{text}|{kind}"] = scores[kind]
             saved[f"{root.name}|{text}|normal"] = normal
-            for name, kinds in DEFECT_GROUPS.items():
+            for name, kinds in groups.items():
                 pooled = np.concatenate([normal] + [scores[k] for k in kinds])
                 labels = np.repeat([0, 1], [len(normal), len(pooled) - len(normal)])
                 row[f"auroc_{name}"] = auroc(pooled, labels)
@@ -117,7 +122,7 @@ def main() -> None:
                     row[f"aupro_{name}"] = aupro(all_maps, masks)
             print(json.dumps(row), flush=True)
             rows.append(row)
-        for name in DEFECT_GROUPS:
+        for name in groups:
             synthetic = [r[f"auroc_{name}"] for r in rows]
             real = [r["real_image_auroc"] for r in rows]
             pick = max(rows, key=lambda r: (r[f"auroc_{name}"], r.get(f"aupro_{name}") or 0))
