@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
+from selection_study import DEFAULT_CANDIDATES  # benchmarks/ is on the path when run
 
 from defectlens.data.dataset import find_normal_images
 from defectlens.data.synthetic import ALL_DEFECTS, DEFECT_GROUPS
@@ -33,13 +34,9 @@ from defectlens.evaluation import evaluate
 from defectlens.metrics import aupro, auroc
 from defectlens.selection import make_task, split_for_selection
 
+# The selection study's candidates and its lite2 rows, in its order (so fits equal its fits).
 CANDIDATES = [
-    "padim/efficientnet_lite0/256",
-    "patchcore/efficientnet_lite0/256",
-    "padim/efficientnet_lite1/256",
-    "patchcore/efficientnet_lite1/256",
-    "padim/efficientnet_lite0/320",
-    "spade/efficientnet_lite0/256",
+    *DEFAULT_CANDIDATES,
     "padim/efficientnet_lite2/256",
     "patchcore/efficientnet_lite2/256",
 ]
