@@ -15,7 +15,14 @@ from defectlens.data.synthetic import (
     make_category,
 )
 from defectlens.errors import ParameterError
-from defectlens.selection import Candidate, make_task, select, split_for_selection
+from defectlens.selection import (
+    Candidate,
+    Outcome,
+    make_task,
+    near_ties,
+    select,
+    split_for_selection,
+)
 
 from .conftest import IMAGE_SIZE, read_csv, run_cli
 
@@ -61,6 +68,13 @@ def test_the_task_holds_each_image_clean_and_with_a_defect(tile_root):
     first = task.kinds.index("scar")
     for a, b in zip(scars.images[8:], task.images[first : first + 8], strict=True):
         assert (a == b).all()
+
+
+def test_candidates_the_task_cannot_tell_apart_are_named():
+    aurocs = [0.990, 0.987, 0.980, float("nan")]
+    ranked = [Outcome(Candidate("padim", image_size=32 * (i + 1)), a) for i, a in enumerate(aurocs)]
+    assert near_ties(ranked) == [ranked[1]]
+    assert near_ties(ranked[:1]) == [] and near_ties(ranked[3:]) == []
 
 
 def test_defect_kinds_accept_groups_and_refuse_unknown_names():

@@ -941,7 +941,7 @@ def select(
     from defectlens.methods import get_method
     from defectlens.outputs import check_model_target, prepare_results_dir
     from defectlens.report.html import write_selection_report
-    from defectlens.selection import Candidate, split_for_selection
+    from defectlens.selection import TIE_AUROC, Candidate, near_ties, split_for_selection
     from defectlens.selection import select as run_selection
 
     def names(text: str, what: str) -> list[str]:
@@ -1005,6 +1005,13 @@ def select(
         echo(
             f"{row['rank']:>4}  {auroc:>15.4f}  {pro:>6.3f}  {row['fit_s']:>6.1f}  "
             f"{row['candidate']}" + (f"  ({row['error']})" if row["error"] else "")
+        )
+    ties = near_ties(ranked)
+    if ties:
+        echo(
+            f"note: {len(ties)} other candidate(s) within {TIE_AUROC} synthetic AUROC of the "
+            f"winner ({', '.join(o.candidate.label for o in ties)}): the task cannot tell them "
+            "apart. If you have a few real defects, compare them with `defectlens evaluate`."
         )
     echo(f"chosen: {winner.candidate.label}; fitting it on all of {data}")
     detector = winner.candidate.detector(batch_size, seed)
