@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
-from selection_study import DEFAULT_CANDIDATES  # benchmarks/ is on the path when run
+from selection_study import DEFAULT_CANDIDATES, parse  # benchmarks/ is on the path when run
 
 from defectlens.data.dataset import find_normal_images
 from defectlens.data.synthetic import ALL_DEFECTS, DEFECT_GROUPS
@@ -49,12 +49,7 @@ def fitted(text: str, root: Path, fit_images, held_out, cache: Path) -> tuple[De
     meta_path = folder.with_suffix(".json")
     if meta_path.exists():
         return Detector.load(folder), json.loads(meta_path.read_text())
-    method, backbone, size = text.split("/")
-    seed = {"seed": 0} if method in ("padim", "patchcore") else {}
-    detector = Detector(
-        method=method, backbone=backbone, image_size=int(size), batch_size=32, seed=0,
-        method_params=seed,
-    )  # fmt: skip
+    detector = parse(text).detector(batch_size=32, seed=0)  # as the selection study builds it
     started = time.perf_counter()
     detector.fit(list(fit_images), val_images=list(held_out))
     fit_s = time.perf_counter() - started

@@ -22,7 +22,7 @@ import numpy as np
 
 from defectlens.data.dataset import find_normal_images
 from defectlens.data.loader import iter_batches
-from defectlens.data.synthetic import ALL_DEFECTS, DEFECTS, defect_kinds, paste_defect
+from defectlens.data.synthetic import ALL_DEFECTS, DEFECTS, defect_kinds, paste_defect, to_uint8
 from defectlens.detector import Detector, check_readable
 from defectlens.errors import DataError, DefectLensError
 from defectlens.metrics import aupro, auroc
@@ -135,7 +135,7 @@ def make_task(
         for batch in iter_batches(list(sources), side, 32)
         for image in batch.images
     ]
-    images = [_to_uint8(a) for a in arrays]
+    images = [to_uint8(a) for a in arrays]
     masks = [np.zeros((side, side), bool) for _ in arrays]
     labels = [0] * len(arrays)
     task_kinds = [""] * len(arrays)
@@ -145,15 +145,11 @@ def make_task(
         rng = np.random.default_rng([seed, index])
         for array in arrays:
             pasted, mask = paste_defect(array, rng, (kind,))
-            images.append(_to_uint8(pasted))
+            images.append(to_uint8(pasted))
             masks.append(mask)
             labels.append(1)
             task_kinds.append(kind)
     return SyntheticTask(images, np.array(labels), masks, list(sources), task_kinds)
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def try_candidate(

@@ -311,9 +311,14 @@ def with_synthetic_defects(
     )
 
 
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1] (values outside are clipped) as uint8, rounded."""
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
 def _save(array: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((np.clip(array, 0, 1) * 255 + 0.5).astype(np.uint8)).save(path)
+    Image.fromarray(to_uint8(array)).save(path)
 
 
 def make_category(
