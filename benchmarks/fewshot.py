@@ -15,7 +15,9 @@ draw). Methods (`--methods`):
 - padim_full: PaDiM on every train/good image except the validation ones, no augmentation,
   once per category (the reference the gap is measured to),
 - any of these with "@cN" appended (e.g. regad@c100): the same, keeping N random channels of
-  the concatenated stages (PaDiM's `n_channels`) instead of all of them.
+  the concatenated stages (PaDiM's `n_channels`) instead of all of them; with "@lw" (e.g.
+  padim@lw, regad@c100@lw): the covariances shrunk by Ledoit-Wolf (`shrinkage`) instead of
+  only the fixed epsilon.
 One JSON line per (category, method, K, draw) is appended to --out; finished rows are skipped
 on a rerun, so the run can be resumed. `--summary` prints the Markdown tables from --out.
 """
@@ -47,7 +49,9 @@ def registration_for(category: Path, data: list[Path], folder: Path, args) -> Pa
 
     path = folder / f"reg-{category.name}"
     if not (path / "config.json").is_file():
-        config = RegistrationConfig(max_epochs=args.reg_epochs, max_minutes=args.reg_minutes)
+        config = RegistrationConfig(
+            max_epochs=args.reg_epochs, max_minutes=args.reg_minutes, localiser=args.localiser
+        )
         pool = [d for d in data if d != category]
         build_registration(pool, path, image_size=args.image_size, config=config, progress=True)
     return path
@@ -59,8 +63,11 @@ def detector_for(name: str, k: int | None, draw: int, registration: Path, image_
     # regad_default passes none: the registration shipped with defectlens
     registrations = {"regad": str(registration), "regad_identity": "identity"}
     params = {"registration": registrations[name]} if name in registrations else {}
-    if variant:
-        params["n_channels"] = int(variant.removeprefix("c"))
+    for option in filter(None, variant.split("@")):
+        if option == "lw":  # Ledoit-Wolf shrinkage of the covariance (PaDiM's `shrinkage`)
+            params["shrinkage"] = "ledoit_wolf"
+        else:
+            params["n_channels"] = int(option.removeprefix("c"))
     return Detector(
         method={"padim_full": "padim"}.get(name, name.split("_")[0]),
         image_size=image_size,
@@ -198,6 +205,9 @@ def main() -> None:
     parser.add_argument("--registrations", default="/tmp/defectlens-fewshot-registrations")
     parser.add_argument("--reg-epochs", type=int, default=10)
     parser.add_argument("--reg-minutes", type=float, default=8.0)
+    parser.add_argument(
+        "--localiser", default="paper", help="localisation nets of registrations trained here"
+    )
     parser.add_argument("--summary", action="store_true", help="only print the tables")
     args = parser.parse_args()
     if args.summary:

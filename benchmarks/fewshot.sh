@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The few-shot rows of BENCHMARKS.md (issue 9). Needs ../shared/data. Pass 1: K = 8, three
 # support draws, every method, every set left out in turn; pass 2: K = 2 and 4, two draws,
-# RegAD, its ablation and PaDiM; pass 3: 100 channels; pass 4: DifferNet, K = 8, one draw.
+# RegAD, its ablation and PaDiM; pass 3: 100 channels; pass 4: DifferNet, K = 8, one draw;
+# pass 5: PaDiM with Ledoit-Wolf shrinkage.
 # Passes 1-3 take about 2.5 hours on 2 cores; pass 4 about an hour more (DifferNet's maps need a
 # backward pass per image).
 # Resumable: finished rows in the JSONL are skipped, trained registrations are reused.
@@ -29,6 +30,12 @@ for c in kolektorsdd deeppcb magnetic_tile elpv_poly; do
   .venv/bin/python benchmarks/fewshot.py $DATA --categories $c --registrations "$REG" \
     --out benchmarks/results/fewshot_differnet.jsonl --shots 8 --draws 1 --methods differnet
 done
+# Pass 5: PaDiM with Ledoit-Wolf shrinkage on the same supports (about 15 minutes).
+for c in kolektorsdd magnetic_tile elpv_poly deeppcb; do
+  .venv/bin/python benchmarks/fewshot.py $DATA --categories $c --registrations "$REG" \
+    --out benchmarks/results/fewshot_lw.jsonl --shots 8 --draws 3 --methods padim@lw
+done
+.venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_lw.jsonl
 .venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_differnet.jsonl
 .venv/bin/python benchmarks/fewshot.py x --summary --out "$OUT"
 # RegAD's speed next to PaDiM's (fit with K = 8, scoring), in one process:

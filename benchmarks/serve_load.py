@@ -48,8 +48,15 @@ def main() -> None:
         type=int,
         default=0,
         metavar="ROUNDS",
-        help="instead of the comparison: ROUNDS x --requests at the last --clients count "
-        "against one fresh server, its memory after each round",
+        help="instead of the comparison: ROUNDS x --requests against one fresh server, its "
+        "memory after each round; the rounds take the --clients counts in turn",
+    )
+    parser.add_argument(
+        "--soak-minutes",
+        type=float,
+        default=0.0,
+        metavar="M",
+        help="with --soak: start no round after M minutes (0: run every round)",
     )
     args = parser.parse_args()
     paths = list_images(Path(args.images))
@@ -129,14 +136,21 @@ def batch_stats(before, after, wall_s: float) -> dict:
 
 
 def soak(args, model: str, images, expected) -> None:
-    """The server's memory over repeated load (issue 12's memory check)."""
+    """The server's memory over repeated load (issue 12's memory check). Cycling through
+    client counts varies the batch sizes, the pattern that fragments native memory."""
+    start = time.monotonic()
     with running_server([args.model], *args.serve_arg) as (url, process):
         print(f"start: {rss_mb(process.pid):.0f} MB", flush=True)
         for i in range(args.soak):
-            r = run_load(url, model, images, expected, args.clients[-1], args.requests)
+            minutes = (time.monotonic() - start) / 60
+            if args.soak_minutes and minutes >= args.soak_minutes:
+                break
+            clients = args.clients[i % len(args.clients)]
+            r = run_load(url, model, images, expected, clients, args.requests)
             print(
-                f"round {i + 1}: {r['statuses']}, {r['n_wrong']} wrong, "
-                f"{r['images_per_s']:.1f} img/s, RSS {rss_mb(process.pid):.0f} MB",
+                f"round {i + 1} ({clients} clients, {minutes:.1f} min): {r['statuses']}, "
+                f"{r['n_wrong']} wrong, {r['images_per_s']:.1f} img/s, "
+                f"RSS {rss_mb(process.pid):.0f} MB",
                 flush=True,
             )
 

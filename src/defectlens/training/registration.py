@@ -28,10 +28,11 @@ from tqdm.auto import tqdm
 from defectlens.backbones import FeatureExtractor
 from defectlens.components.geometry import rotation, warp
 from defectlens.components.registration import RegistrationNet
+from defectlens.components.stn import LOCALISERS
 from defectlens.data.dataset import find_normal_images
 from defectlens.data.loader import iter_batches
 from defectlens.errors import DataError
-from defectlens.params import check_float, check_int, check_seed
+from defectlens.params import check_choice, check_float, check_int, check_seed
 from defectlens.training.loop import StopRule, resolve_device, train_epochs
 
 
@@ -59,6 +60,7 @@ class RegistrationConfig:
     momentum: float = 0.9
     val_fraction: float = 0.1
     pose_jitter: float = 0.0
+    localiser: str = "paper"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,6 +74,7 @@ class RegistrationConfig:
         check_float("momentum", self.momentum, 0.0, 1.0, high_open=True)
         check_float("val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         check_float("pose_jitter", self.pose_jitter, 0.0, 180.0)
+        check_choice("localiser", self.localiser, tuple(LOCALISERS))
         check_seed("seed", self.seed)
 
 
@@ -100,10 +103,14 @@ def load_pool(
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DataError(f"two pool categories are both named {duplicates[0]!r}")
-    pool = []
-    for source, name in tqdm(
-        list(zip(sources, names, strict=True)), desc="read pool", disable=not progress
-    ):
+    if len(sources) < 2:
+        raise DataError(
+            "registration training needs at least two categories (it learns what they share)"
+        )
+    # Every folder is listed and counted before any image is decoded, so a bad pool entry
+    # fails at once, not after minutes of reading the others.
+    listed = []
+    for source in sources:
         paths = find_normal_images(source)
         n_val = max(1, round(len(paths) * config.val_fraction))
         need = config.shots + 1 + n_val
@@ -112,15 +119,16 @@ def load_pool(
                 f"{source}: {len(paths)} normal images; registration training with "
                 f"--shots {config.shots} needs at least {need} per category"
             )
+        listed.append((paths, n_val))
+    pool = []
+    for (paths, n_val), name in tqdm(
+        list(zip(listed, names, strict=True)), desc="read pool", disable=not progress
+    ):
         order = np.random.default_rng([config.seed, len(pool)]).permutation(len(paths))
         images = np.concatenate(
             [b.images for b in iter_batches([paths[i] for i in order], image_size, 64)]
         )
         pool.append(Category(name, _to_uint8(images[n_val:]), _to_uint8(images[:n_val])))
-    if len(pool) < 2:
-        raise DataError(
-            "registration training needs at least two categories (it learns what they share)"
-        )
     return pool
 
 
@@ -185,7 +193,9 @@ def train_registration(
     validation epoch's weights) and the loss history."""
     device = device or torch.device("cpu")
     torch.manual_seed(config.seed)
-    net = RegistrationNet(extractor.strides, extractor.channels).to(device)
+    net = RegistrationNet(extractor.strides, extractor.channels, localiser=config.localiser).to(
+        device
+    )
     extractor.to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     optimiser = torch.optim.SGD(params, lr=config.learning_rate, momentum=config.momentum)
