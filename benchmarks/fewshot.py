@@ -49,9 +49,7 @@ def registration_for(category: Path, data: list[Path], folder: Path, args) -> Pa
 
     path = folder / f"reg-{category.name}"
     if not (path / "config.json").is_file():
-        config = RegistrationConfig(
-            max_epochs=args.reg_epochs, max_minutes=args.reg_minutes, localiser=args.localiser
-        )
+        config = RegistrationConfig(max_epochs=args.reg_epochs, max_minutes=args.reg_minutes)
         pool = [d for d in data if d != category]
         build_registration(pool, path, image_size=args.image_size, config=config, progress=True)
     return path
@@ -205,9 +203,6 @@ def main() -> None:
     parser.add_argument("--registrations", default="/tmp/defectlens-fewshot-registrations")
     parser.add_argument("--reg-epochs", type=int, default=10)
     parser.add_argument("--reg-minutes", type=float, default=8.0)
-    parser.add_argument(
-        "--localiser", default="paper", help="localisation nets of registrations trained here"
-    )
     parser.add_argument("--summary", action="store_true", help="only print the tables")
     args = parser.parse_args()
     if args.summary:

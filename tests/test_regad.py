@@ -17,7 +17,7 @@ from defectlens.components.registration import (
     RegistrationNet,
     load_registration,
 )
-from defectlens.components.stn import LOCALISERS, MODES, SpatialTransformer
+from defectlens.components.stn import MODES, SpatialTransformer
 from defectlens.data import find_test_samples
 from defectlens.data.synthetic import make_pose_category
 from defectlens.errors import DataError, ModelFileError, WeightsError
@@ -77,10 +77,9 @@ def test_a_known_rotation_is_undone_in_the_image_frame():
     assert torch.equal(RegistrationNet.to_image_frame(stage_maps, [t1, t2])[2], back[2])
 
 
-@pytest.mark.parametrize("localiser", sorted(LOCALISERS))
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_untrained_transformers_are_exactly_the_identity(mode, localiser):
-    stn = SpatialTransformer(8, mode, localiser=localiser).eval()
+def test_untrained_transformers_are_exactly_the_identity(mode):
+    stn = SpatialTransformer(8, mode).eval()
     x = torch.rand(2, 8, 16, 16)
     with torch.no_grad():
         warped, theta = stn(x)
@@ -328,41 +327,3 @@ def test_a_short_pool_entry_fails_before_any_image_is_read(pose_pool, tmp_path, 
     monkeypatch.setattr(registration, "iter_batches", no_decoding)
     with pytest.raises(DataError, match=r"small: 2 normal images.*needs at least"):
         registration.load_pool([*pose_pool, small], IMAGE_SIZE, RegistrationConfig(shots=2))
-
-
-def test_a_light_localiser_is_trained_saved_and_restored(
-    monkeypatch, capsys, pose_pool, registration, brick_root, tmp_path
-):
-    code, _, err = run_cli(
-        monkeypatch, capsys, "regad", "train", *pose_pool, "--out", tmp_path / "light",
-        "--image-size", IMAGE_SIZE, "--steps", 2, "--epochs", 1, "--batch-size", 2,
-        "--localiser", "light", "-q",
-    )  # fmt: skip
-    assert code == 0, err
-    config = json.loads((tmp_path / "light" / "config.json").read_text())
-    assert config["architecture"]["localiser"] == "light"
-    net, _ = load_registration(tmp_path / "light")
-    first = net.transformers["4"].localise[0]
-    assert first.stride == (2, 2) and first.out_channels == LOCALISERS["light"][0]
-    detector = Detector(
-        method="regad",
-        image_size=IMAGE_SIZE,
-        shots=2,
-        method_params={"registration": str(tmp_path / "light")},
-    ).fit(brick_root)
-    paths = [s.path for s in find_test_samples(brick_root)]
-    # A saved model rebuilds its transformers from their tensors alone: the light ones again.
-    loaded = Detector.load(detector.save(tmp_path / "model"))
-    assert loaded.model_.net.transformers["4"].localise[0].stride == (2, 2)
-    for a, b in zip(detector.predict(paths), loaded.predict(paths), strict=True):
-        assert a.score == b.score
-    # A registration saved before the choice existed (no "localiser") is the paper's.
-    old = tmp_path / "old"
-    old.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        (old / name).write_bytes((registration[0] / name).read_bytes())
-    config = json.loads((old / "config.json").read_text())
-    del config["architecture"]["localiser"]
-    (old / "config.json").write_text(json.dumps(config))
-    net, _ = load_registration(old)
-    assert net.localiser == "paper" and net.transformers["4"].localise[0].stride == (1, 1)

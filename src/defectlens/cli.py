@@ -831,20 +831,12 @@ def regad() -> None:
     show_default=True,
     help="Rotate training images by up to this many degrees (for pools without pose changes).",
 )
-@click.option(
-    "--localiser",
-    type=click.Choice(["paper", "light"]),
-    default="paper",
-    show_default=True,
-    help="The transformers' localisation nets: RegAD's (paper), or a strided first "
-    "convolution (light, an experiment: see BENCHMARKS.md).",
-)
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option("Where to train: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N.")
 @quiet_option
 def regad_train(
     pool, out, exclude, backbone, weights, image_size, shots, batch_size, steps, epochs,
-    patience, max_minutes, lr, pose_jitter, localiser, seed, device, quiet,
+    patience, max_minutes, lr, pose_jitter, seed, device, quiet,
 ) -> None:  # fmt: skip
     """Train a registration network on the normal images of the POOL categories.
 
@@ -864,7 +856,6 @@ def regad_train(
         max_minutes=max_minutes,
         learning_rate=lr,
         pose_jitter=pose_jitter,
-        localiser=localiser,
         seed=seed,
     )
     try:

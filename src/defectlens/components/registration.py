@@ -29,7 +29,7 @@ from torch import nn
 
 from defectlens.backbones import FeatureExtractor
 from defectlens.components.geometry import compose, invert, warp
-from defectlens.components.stn import LOCALISERS, MODES, SpatialTransformer
+from defectlens.components.stn import MODES, SpatialTransformer
 from defectlens.errors import ModelFileError
 from defectlens.outputs import (
     MODEL_TENSORS,
@@ -70,15 +70,14 @@ class RegistrationNet(nn.Module):
         mode: str = "rotation_scale",
         hidden: int = 128,
         pooled: int = 4,
-        localiser: str = "paper",
     ) -> None:
         super().__init__()
         self.strides = tuple(strides)
         self.channels = tuple(channels)
-        self.mode, self.hidden, self.pooled, self.localiser = mode, hidden, pooled, localiser
+        self.mode, self.hidden, self.pooled = mode, hidden, pooled
         self.transformers = nn.ModuleDict(
             {
-                str(s): SpatialTransformer(c, mode, hidden, pooled, localiser)
+                str(s): SpatialTransformer(c, mode, hidden, pooled)
                 for s, c in zip(strides, channels, strict=True)
             }
         )
@@ -92,7 +91,6 @@ class RegistrationNet(nn.Module):
             "mode": self.mode,
             "hidden": self.hidden,
             "pooled": self.pooled,
-            "localiser": self.localiser,
         }
 
     def register(
@@ -172,18 +170,10 @@ def net_from_transformer_state(state: dict[str, torch.Tensor]) -> RegistrationNe
         raise ModelFileError("registration tensors are incomplete") from None
     modes = [m for m, (_, identity) in MODES.items() if len(identity) == n_params]
     pooled = math.isqrt(fc1.shape[1] // 16)
-    # The localisers differ in the first convolution's width (its stride has no tensor).
-    width = first[strides[0]].shape[0]
-    localisers = [name for name, (w, _) in LOCALISERS.items() if w == width]
-    if not modes or not localisers:
-        raise ModelFileError("registration tensors have an unknown transform or localiser")
+    if not modes:
+        raise ModelFileError("registration tensors have an unknown transform")
     net = RegistrationNet(
-        strides,
-        [first[s].shape[1] for s in strides],
-        modes[0],
-        fc1.shape[0],
-        pooled,
-        localisers[0],
+        strides, [first[s].shape[1] for s in strides], modes[0], fc1.shape[0], pooled
     )
     try:
         net.transformers.load_state_dict(state, strict=True)
@@ -229,12 +219,7 @@ def load_registration(path: str | Path) -> tuple[RegistrationNet, dict[str, Any]
         tensors = load_file(str(tensors_path))
         arch = config["architecture"]
         net = RegistrationNet(
-            arch["strides"],
-            arch["channels"],
-            arch["mode"],
-            arch["hidden"],
-            arch["pooled"],
-            arch.get("localiser", "paper"),  # files from before the choice existed
+            arch["strides"], arch["channels"], arch["mode"], arch["hidden"], arch["pooled"]
         )
         net.load_state_dict({k: v.clone() for k, v in tensors.items()}, strict=True)
     except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:

@@ -10,13 +10,6 @@ pooled to a fixed `pooled` x `pooled` grid before the fully connected layers (th
 input size is hard-coded for 224 px images, and their first layer alone has 3.2 M parameters),
 and the hidden layer has 128 units instead of 1024. The whole registration network then fits
 in well under 2 MB, small enough to ship.
-
-`localiser` picks the localisation network's first convolution (`LOCALISERS`): "paper", 64
-channels at the map's full resolution, RegAD's; or "light", 32 channels with stride 2, which
-reads the same map at a quarter of the positions. The transform is three numbers per image
-predicted from a 4 x 4 pooled grid, so the full-resolution pass buys little: on
-efficientnet_lite0 at 256 px the paper's first convolution on the 64 x 64 stage-1 map is the
-largest part of what RegAD adds to PaDiM's scoring time (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -63,10 +56,6 @@ MODES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], tuple[float, ...]
 }
 
 
-# localiser -> (channels of the first convolution, its stride)
-LOCALISERS: dict[str, tuple[int, int]] = {"paper": (64, 1), "light": (32, 2)}
-
-
 class _FixedGrid(nn.Module):
     """Pool a map to `size` x `size`: the mean of each cell when the side divides evenly (as
     `AdaptiveAvgPool2d`), else bilinear resampling; unlike adaptive pooling with uneven cells,
@@ -87,28 +76,20 @@ class SpatialTransformer(nn.Module):
     """Feature map (B, C, H, W) -> (the map warped by a predicted transform, its theta)."""
 
     def __init__(
-        self,
-        channels: int,
-        mode: str = "rotation_scale",
-        hidden: int = 128,
-        pooled: int = 4,
-        localiser: str = "paper",
+        self, channels: int, mode: str = "rotation_scale", hidden: int = 128, pooled: int = 4
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown transform mode {mode!r}; choose one of {sorted(MODES)}")
-        if localiser not in LOCALISERS:
-            raise ValueError(f"unknown localiser {localiser!r}; choose one of {list(LOCALISERS)}")
-        self.mode, self.localiser = mode, localiser
+        self.mode = mode
         to_theta, identity = MODES[mode]
         self.to_theta = to_theta
-        width, stride = LOCALISERS[localiser]
         self.localise = nn.Sequential(
-            nn.Conv2d(channels, width, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(width),
+            nn.Conv2d(channels, 64, 3, padding=1, bias=False),
+            nn.BatchNorm2d(64),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, 2, 1),
-            nn.Conv2d(width, 16, 3, padding=1, bias=False),
+            nn.Conv2d(64, 16, 3, padding=1, bias=False),
             nn.BatchNorm2d(16),
             nn.ReLU(inplace=True),
             _FixedGrid(pooled),

@@ -173,13 +173,28 @@ class Students(TrainedImageMethod):
         students = self.net["students"][scale]
         return torch.stack([student.dense(pixels) for student in students], dim=1)
 
-    def score(self, *x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        pixels, teachers = x[0], x[1:]
+    def scale_maps(
+        self,
+        pixels: torch.Tensor,
+        teachers: Sequence[torch.Tensor],
+        error_weight: float = 1.0,
+        variance_weight: float = 1.0,
+    ) -> list[torch.Tensor]:
+        """Each scale's map (B, h, w), finest first: weighted standardised error + variance.
+        Public so that a study can score by one scale or one term of the fitted model
+        (`benchmarks/students_terms.py`); `score` uses both terms at weight 1, the paper's."""
         maps = []
         for k, teacher in enumerate(teachers):
             error, variance = error_and_variance(self._descriptors(k, pixels), teacher)
             e_mean, e_std, v_mean, v_std = self.score_stats[k]
-            maps.append((error - e_mean) / e_std + (variance - v_mean) / v_std)
+            maps.append(
+                error_weight * (error - e_mean) / e_std
+                + variance_weight * (variance - v_mean) / v_std
+            )
+        return maps
+
+    def score(self, *x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        maps = self.scale_maps(x[0], x[1:])
         side = maps[0].shape[-1]  # the finest grid: patch sizes ascend, and so do strides
         return torch.stack([_resize_map(m, side) for m in maps]).mean(dim=0), None
 

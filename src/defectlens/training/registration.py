@@ -28,11 +28,10 @@ from tqdm.auto import tqdm
 from defectlens.backbones import FeatureExtractor
 from defectlens.components.geometry import rotation, warp
 from defectlens.components.registration import RegistrationNet
-from defectlens.components.stn import LOCALISERS
 from defectlens.data.dataset import find_normal_images
 from defectlens.data.loader import iter_batches
 from defectlens.errors import DataError
-from defectlens.params import check_choice, check_float, check_int, check_seed
+from defectlens.params import check_float, check_int, check_seed
 from defectlens.training.loop import StopRule, resolve_device, train_epochs
 
 
@@ -60,7 +59,6 @@ class RegistrationConfig:
     momentum: float = 0.9
     val_fraction: float = 0.1
     pose_jitter: float = 0.0
-    localiser: str = "paper"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -74,7 +72,6 @@ class RegistrationConfig:
         check_float("momentum", self.momentum, 0.0, 1.0, high_open=True)
         check_float("val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         check_float("pose_jitter", self.pose_jitter, 0.0, 180.0)
-        check_choice("localiser", self.localiser, tuple(LOCALISERS))
         check_seed("seed", self.seed)
 
 
@@ -193,9 +190,7 @@ def train_registration(
     validation epoch's weights) and the loss history."""
     device = device or torch.device("cpu")
     torch.manual_seed(config.seed)
-    net = RegistrationNet(extractor.strides, extractor.channels, localiser=config.localiser).to(
-        device
-    )
+    net = RegistrationNet(extractor.strides, extractor.channels).to(device)
     extractor.to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     optimiser = torch.optim.SGD(params, lr=config.learning_rate, momentum=config.momentum)
