@@ -59,6 +59,8 @@ def main() -> None:
         help="with --soak: start no round after M minutes (0: run every round)",
     )
     args = parser.parse_args()
+    if args.soak_minutes and not args.soak:
+        parser.error("--soak-minutes limits a --soak run; give --soak ROUNDS too")
     paths = list_images(Path(args.images))
     images = [(p.name, p.read_bytes()) for p in paths]
     if len({name for name, _ in images}) != len(images):
