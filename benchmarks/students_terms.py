@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from defectlens import Detector
 from defectlens.data.dataset import find_normal_images
 from defectlens.evaluation import evaluate
+from defectlens.methods.students import mean_of_scales
 
 # label -> (scales kept (None: all), error weight, variance weight)
 VARIANTS = {
@@ -38,15 +38,9 @@ def scorer(method, scales, error_weight, variance_weight):
 
     def score(*x: torch.Tensor):
         maps = method.scale_maps(x[0], x[1:], error_weight, variance_weight)
-        maps = [m for k, m in enumerate(maps) if scales is None or k in scales]
-        side = max(m.shape[-1] for m in maps)
-        maps = [
-            m
-            if m.shape[-1] == side
-            else F.interpolate(m[:, None], size=(side, side), mode="bilinear")[:, 0]
-            for m in maps
-        ]
-        return torch.stack(maps).mean(dim=0), None
+        return mean_of_scales(
+            [m for k, m in enumerate(maps) if scales is None or k in scales]
+        ), None
 
     return score
 

@@ -194,9 +194,7 @@ class Students(TrainedImageMethod):
         return maps
 
     def score(self, *x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        maps = self.scale_maps(x[0], x[1:])
-        side = maps[0].shape[-1]  # the finest grid: patch sizes ascend, and so do strides
-        return torch.stack([_resize_map(m, side) for m in maps]).mean(dim=0), None
+        return mean_of_scales(self.scale_maps(x[0], x[1:])), None
 
     # -- fitting -----------------------------------------------------------------------------
     def fit(
@@ -368,10 +366,18 @@ def _images_and_maps(
     return torch.cat(pixels), [torch.cat(per_stride) for per_stride in zip(*maps, strict=True)]
 
 
-def _resize_map(m: torch.Tensor, side: int) -> torch.Tensor:
-    if m.shape[-1] == side:
-        return m
-    return F.interpolate(m[:, None], size=(side, side), mode="bilinear", align_corners=False)[:, 0]
+def mean_of_scales(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Scale maps (B, h, w), finest first -> their mean on the finest grid (the paper's
+    multi-scale score; patch sizes ascend, and so do strides)."""
+    side = maps[0].shape[-1]
+    return torch.stack(
+        [
+            m
+            if m.shape[-1] == side
+            else F.interpolate(m[:, None], size=(side, side), mode="bilinear")[:, 0]
+            for m in maps
+        ]
+    ).mean(dim=0)
 
 
 class _Windows:
