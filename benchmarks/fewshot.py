@@ -17,7 +17,9 @@ draw). Methods (`--methods`):
 - any of these with "@cN" appended (e.g. regad@c100): the same, keeping N random channels of
   the concatenated stages (PaDiM's `n_channels`) instead of all of them; with "@lw" (e.g.
   padim@lw, regad@c100@lw): the covariances shrunk by Ledoit-Wolf (`shrinkage`) instead of
-  only the fixed epsilon.
+  only the fixed epsilon; with "@jD" (regad only, e.g. regad@j20): the registration trained
+  with its training images turned by up to D degrees (`regad train --pose-jitter D`), cached
+  as reg-CATEGORY-jD.
 One JSON line per (category, method, K, draw) is appended to --out; finished rows are skipped
 on a rerun, so the run can be resumed. `--summary` prints the Markdown tables from --out.
 """
@@ -43,19 +45,29 @@ N_VAL = 20
 FEW_SHOT = ("regad", "regad_identity", "regad_default", "padim", "patchcore", "spade", "differnet")
 
 
-def registration_for(category: Path, data: list[Path], folder: Path, args) -> Path:
+def pose_jitter(name: str) -> float:
+    """The "@jD" option of a method name: degrees of pose jitter, 0 when absent."""
+    options = name.split("@")[1:]
+    return next((float(o[1:]) for o in options if o.startswith("j")), 0.0)
+
+
+def registration_for(
+    category: Path, data: list[Path], folder: Path, args, jitter: float = 0.0
+) -> Path:
     """The registration trained without `category` (trained now if not cached)."""
     from defectlens.training.registration import RegistrationConfig, build_registration
 
-    path = folder / f"reg-{category.name}"
+    path = folder / (f"reg-{category.name}" + (f"-j{jitter:g}" if jitter else ""))
     if not (path / "config.json").is_file():
-        config = RegistrationConfig(max_epochs=args.reg_epochs, max_minutes=args.reg_minutes)
+        config = RegistrationConfig(
+            max_epochs=args.reg_epochs, max_minutes=args.reg_minutes, pose_jitter=jitter
+        )
         pool = [d for d in data if d != category]
         build_registration(pool, path, image_size=args.image_size, config=config, progress=True)
     return path
 
 
-def detector_for(name: str, k: int | None, draw: int, registration: Path, image_size: int):
+def detector_for(name: str, k: int | None, draw: int, registration: Path | None, image_size: int):
     # A name may end in "@cN": the same method keeping N random channels (n_channels=N).
     name, _, variant = name.partition("@")
     # regad_default passes none: the registration shipped with defectlens
@@ -64,6 +76,8 @@ def detector_for(name: str, k: int | None, draw: int, registration: Path, image_
     for option in filter(None, variant.split("@")):
         if option == "lw":  # Ledoit-Wolf shrinkage of the covariance (PaDiM's `shrinkage`)
             params["shrinkage"] = "ledoit_wolf"
+        elif option.startswith("j"):  # pose jitter: chosen by the registration passed in
+            continue
         else:
             params["n_channels"] = int(option.removeprefix("c"))
     return Detector(
@@ -96,15 +110,17 @@ def run(args) -> None:
         order = np.random.default_rng(0).permutation(len(images))
         val = [images[i] for i in sorted(order[:N_VAL])]
         candidates = [images[i] for i in sorted(order[N_VAL:])]
-        registration = None
-        if any(m.partition("@")[0] == "regad" for m in args.methods):
-            registration = registration_for(category, data, folder, args)
+        registrations = {
+            j: registration_for(category, data, folder, args, j)
+            for j in {pose_jitter(m) for m in args.methods if m.partition("@")[0] == "regad"}
+        }
         jobs = [(m, k, d) for k in args.shots for d in range(args.draws) for m in args.methods]
         if "padim_full" in args.methods:
             jobs = [("padim_full", None, 0)] + [j for j in jobs if j[0] != "padim_full"]
         for method, k, draw in jobs:
             if (category.name, method, k, draw) in done:
                 continue
+            registration = registrations.get(pose_jitter(method))
             detector = detector_for(method, k, draw, registration, args.image_size)
             start = time.perf_counter()
             detector.fit(candidates, val_images=val)

@@ -9,18 +9,21 @@
 #     bash benchmarks/trained.sh
 # reruns only the feature rows, with the budget BENCHMARKS.md's feature rows had;
 #   METHODS="students segaided patchsvdd" SPACES=pixels bash benchmarks/trained.sh
-# only issue 11's rows (Neural Batch Sampling has a `space`: METHODS=nbs runs both).
+# only issue 11's rows (Neural Batch Sampling has a `space`: METHODS=nbs runs both);
+#   SETS=deeppcb METHODS="students patchsvdd" SPACES=pixels bash benchmarks/trained.sh
+# the deeppcb rows of issue 11 (SETS: which development sets, by folder name).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-benchmarks/results/trained.jsonl}
 SPACES=${SPACES:-pixels features}
 METHODS=${METHODS:-memae mnad gradcon ognet students segaided patchsvdd nbs}
+SETS=${SETS:-magnetic_tile kolektorsdd}
 SPACELESS=" students segaided patchsvdd "
 read -r -a EXTRA <<< "${EXTRA:-}"
 mkdir -p "$(dirname "$OUT")"
 for space in $SPACES; do
-  for d in magnetic_tile kolektorsdd; do
+  for d in $SETS; do
     for m in $METHODS; do
       if [[ "$SPACELESS" == *" $m "* ]]; then
         [[ "$space" == pixels ]] || continue  # one run: these have no `space`

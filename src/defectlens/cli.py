@@ -829,7 +829,8 @@ def regad() -> None:
     type=float,
     default=0.0,
     show_default=True,
-    help="Rotate training images by up to this many degrees (for pools without pose changes).",
+    help="Rotate training images by up to this many degrees, for parts that turn on the line "
+    "when the pool's do not (on parts that do not turn it lowered accuracy: BENCHMARKS.md).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option("Where to train: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N.")
