@@ -140,6 +140,18 @@ def test_fit_refuses_bad_destinations_and_parameters(
     assert after == before
 
 
+def test_a_bad_channel_count_is_said_before_the_backbone_is_exported(
+    sandbox, monkeypatch, capsys, tmp_path
+):
+    # A first export of the backbone's graph takes half a minute: a parameter the backbone
+    # cannot satisfy must be refused before it, leaving no graph in an empty cache.
+    cache = tmp_path / "fresh-cache"
+    monkeypatch.setenv("DEFECTLENS_CACHE_DIR", str(cache))
+    code, _, err = run_cli(monkeypatch, capsys, *FIT, "--out", "m", "--n-channels", "177")
+    _ok_error(code, err, "n_channels is 177", "176 channels")
+    assert not cache.exists() or not any(cache.rglob("*.onnx"))
+
+
 DATA_CASES = [
     ("nowhere", ["nowhere: no such file or directory"]),
     ("file.txt", ["file.txt: not a folder"]),

@@ -194,6 +194,7 @@ class Detector(Predictor):
             extractor = build_extractor(
                 self.backbone, self.model_.strides, self.image_size, self.weights
             )
+            self.model_.check_backbone(extractor.channels)  # before any graph is exported
             extractor.use_backend(make_backend(self.backend, extractor))
             self.extractor_ = extractor
         return self.extractor_

@@ -20,7 +20,7 @@ predictions from it carry no map.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -114,6 +114,11 @@ class AnomalyMethod(nn.Module):
 
     def after_load(self) -> None:
         """Check loaded tensors (raise ModelFileError) and rebuild derived state; optional."""
+
+    def check_backbone(self, channels: Sequence[int]) -> None:
+        """Raise ParameterError if the parameters cannot work with a backbone whose taps at
+        `strides` give `channels`. The Detector asks before the backbone's graph is built (a
+        first export takes half a minute), so a wrong value is said at once; optional."""
 
     def check_geometry(self, image_size: int, taps: dict[int, int]) -> None:
         """Raise ModelFileError if the loaded tensors cannot score images of `image_size` with a

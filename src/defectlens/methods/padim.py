@@ -79,11 +79,15 @@ class Padim(AnomalyMethod):
             return None
         return self.channel_index.numpy()
 
-    def _choose_channels(self, total: int) -> torch.Tensor:
+    def check_backbone(self, channels: Sequence[int]) -> None:
+        total = sum(channels)
         if self.n_channels is not None and self.n_channels > total:
             raise ParameterError(
                 f"n_channels is {self.n_channels} but the backbone's taps give {total} channels"
             )
+
+    def _choose_channels(self, total: int) -> torch.Tensor:
+        self.check_backbone([total])
         if self.n_channels is None or self.n_channels == total:
             return torch.arange(total)
         generator = torch.Generator().manual_seed(self.seed)
