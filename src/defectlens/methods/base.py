@@ -118,7 +118,7 @@ class AnomalyMethod(nn.Module):
     def check_backbone(self, channels: Sequence[int]) -> None:
         """Raise ParameterError if the parameters cannot work with a backbone whose taps at
         `strides` give `channels`. The Detector asks before the backbone's graph is built (a
-        first export takes half a minute), so a wrong value is said at once; optional."""
+        first export takes up to half a minute), so a wrong value is said at once; optional."""
 
     def check_geometry(self, image_size: int, taps: dict[int, int]) -> None:
         """Raise ModelFileError if the loaded tensors cannot score images of `image_size` with a
