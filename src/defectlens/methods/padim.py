@@ -87,7 +87,6 @@ class Padim(AnomalyMethod):
             )
 
     def _choose_channels(self, total: int) -> torch.Tensor:
-        self.check_backbone([total])
         if self.n_channels is None or self.n_channels == total:
             return torch.arange(total)
         generator = torch.Generator().manual_seed(self.seed)
@@ -108,6 +107,7 @@ class Padim(AnomalyMethod):
     # machines and add the partial sums together (`GaussianAccumulator.merge`).
     def begin_fit(self, extractor: FeatureExtractor) -> None:
         """Choose the channels (seeded: every worker chooses the same)."""
+        self.check_backbone(extractor.channels)  # for callers that skip the Detector's check
         self.channel_index = self._choose_channels(sum(extractor.channels))
 
     @torch.no_grad()
