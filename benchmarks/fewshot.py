@@ -19,7 +19,9 @@ draw). Methods (`--methods`):
   padim@lw, regad@c100@lw): the covariances shrunk by Ledoit-Wolf (`shrinkage`) instead of
   only the fixed epsilon; with "@jD" (regad only, e.g. regad@j20): the registration trained
   with its training images turned by up to D degrees (`regad train --pose-jitter D`), cached
-  as reg-CATEGORY-jD.
+  as reg-CATEGORY-jD; with "@bL" (regad only, e.g. regad@b0.001): the registration trained
+  with its backbone at learning rate L (`regad train --backbone-lr L`), cached as
+  reg-CATEGORY-bL, and fitted on that tuned backbone.
 One JSON line per (category, method, K, draw) is appended to --out; finished rows are skipped
 on a rerun, so the run can be resumed. `--summary` prints the Markdown tables from --out.
 """
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 
 from defectlens import Detector
+from defectlens.components.registration import BACKBONE_FILE
 from defectlens.data.dataset import find_normal_images
 from defectlens.evaluation import evaluate
 
@@ -45,22 +48,30 @@ N_VAL = 20
 FEW_SHOT = ("regad", "regad_identity", "regad_default", "padim", "patchcore", "spade", "differnet")
 
 
-def pose_jitter(name: str) -> float:
-    """The "@jD" option of a method name: degrees of pose jitter, 0 when absent."""
+def registration_options(name: str) -> tuple[float, float]:
+    """The "@jD" and "@bL" options of a method name: degrees of pose jitter and the
+    backbone's learning rate, 0 when absent."""
     options = name.split("@")[1:]
-    return next((float(o[1:]) for o in options if o.startswith("j")), 0.0)
+    jitter = next((float(o[1:]) for o in options if o.startswith("j")), 0.0)
+    backbone_lr = next((float(o[1:]) for o in options if o.startswith("b")), 0.0)
+    return jitter, backbone_lr
 
 
 def registration_for(
-    category: Path, data: list[Path], folder: Path, args, jitter: float = 0.0
+    category: Path, data: list[Path], folder: Path, args, options: tuple[float, float]
 ) -> Path:
     """The registration trained without `category` (trained now if not cached)."""
     from defectlens.training.registration import RegistrationConfig, build_registration
 
-    path = folder / (f"reg-{category.name}" + (f"-j{jitter:g}" if jitter else ""))
+    jitter, backbone_lr = options
+    suffix = (f"-j{jitter:g}" if jitter else "") + (f"-b{backbone_lr:g}" if backbone_lr else "")
+    path = folder / f"reg-{category.name}{suffix}"
     if not (path / "config.json").is_file():
         config = RegistrationConfig(
-            max_epochs=args.reg_epochs, max_minutes=args.reg_minutes, pose_jitter=jitter
+            max_epochs=args.reg_epochs,
+            max_minutes=args.reg_minutes,
+            pose_jitter=jitter,
+            backbone_learning_rate=backbone_lr,
         )
         pool = [d for d in data if d != category]
         build_registration(pool, path, image_size=args.image_size, config=config, progress=True)
@@ -76,12 +87,14 @@ def detector_for(name: str, k: int | None, draw: int, registration: Path | None,
     for option in filter(None, variant.split("@")):
         if option == "lw":  # Ledoit-Wolf shrinkage of the covariance (PaDiM's `shrinkage`)
             params["shrinkage"] = "ledoit_wolf"
-        elif option.startswith("j"):  # pose jitter: chosen by the registration passed in
+        elif option[0] in "jb":  # jitter, backbone: chosen by the registration passed in
             continue
         else:
             params["n_channels"] = int(option.removeprefix("c"))
+    tuned = registration / BACKBONE_FILE if registration and name == "regad" else None
     return Detector(
         method={"padim_full": "padim"}.get(name, name.split("_")[0]),
+        weights=str(tuned) if tuned and tuned.is_file() else None,
         image_size=image_size,
         method_params=params,
         shots=k,
@@ -111,8 +124,10 @@ def run(args) -> None:
         val = [images[i] for i in sorted(order[:N_VAL])]
         candidates = [images[i] for i in sorted(order[N_VAL:])]
         registrations = {
-            j: registration_for(category, data, folder, args, j)
-            for j in {pose_jitter(m) for m in args.methods if m.partition("@")[0] == "regad"}
+            o: registration_for(category, data, folder, args, o)
+            for o in {
+                registration_options(m) for m in args.methods if m.partition("@")[0] == "regad"
+            }
         }
         jobs = [(m, k, d) for k in args.shots for d in range(args.draws) for m in args.methods]
         if "padim_full" in args.methods:
@@ -120,7 +135,7 @@ def run(args) -> None:
         for method, k, draw in jobs:
             if (category.name, method, k, draw) in done:
                 continue
-            registration = registrations.get(pose_jitter(method))
+            registration = registrations.get(registration_options(method))
             detector = detector_for(method, k, draw, registration, args.image_size)
             start = time.perf_counter()
             detector.fit(candidates, val_images=val)

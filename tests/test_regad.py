@@ -14,6 +14,7 @@ from defectlens import Detector
 from defectlens.backbones import build_extractor
 from defectlens.components.geometry import compose, invert, rotation, translation, warp
 from defectlens.components.registration import (
+    BACKBONE_FILE,
     RegistrationNet,
     load_registration,
 )
@@ -139,6 +140,37 @@ def test_the_epoch_is_chosen_on_held_out_training_images_only(pose_pool, tmp_pat
         "coins": {"train": 9, "val": 3},
         "camera": {"train": 9, "val": 3},
     }
+
+
+def test_a_registration_trained_with_its_backbone_saves_and_needs_that_backbone(
+    pose_pool, brick_root, tmp_path
+):
+    """`backbone_learning_rate` tunes the backbone too; the tuned one is saved as a weights
+    file in the registration folder, and a fit must use it."""
+    config = RegistrationConfig(
+        shots=2, batch_size=2, steps_per_epoch=2, max_epochs=1, backbone_learning_rate=1e-3
+    )
+    path, _ = build_registration(pose_pool, tmp_path / "r", image_size=IMAGE_SIZE, config=config)
+    tuned = path / BACKBONE_FILE
+    config_json = json.loads((path / "config.json").read_text())
+    assert config_json["backbone_weights"] == BACKBONE_FILE
+    original = build_extractor("efficientnet_lite0", (4, 8, 16), IMAGE_SIZE)
+    extractor = build_extractor("efficientnet_lite0", (4, 8, 16), IMAGE_SIZE, str(tuned))
+    assert config_json["weights_sha256"] == extractor.weights_sha256 != original.weights_sha256
+    before, after = original.weights_state(), extractor.weights_state()
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    early = "_blocks.0.", "_conv_stem."  # before the first tap: trained; the head: untouched
+    assert any(k.startswith(early) for k in changed)
+    assert not any(k.startswith(("_conv_head", "_fc", "_blocks.15.")) for k in changed)
+    assert all("running_" not in k for k in changed)  # batch-norm statistics stay ImageNet's
+    params = {"registration": str(path)}
+    with pytest.raises(ModelFileError, match=f"--weights {tuned}"):
+        Detector(method="regad", image_size=IMAGE_SIZE, method_params=params).fit(brick_root)
+    detector = Detector(
+        method="regad", image_size=IMAGE_SIZE, weights=str(tuned), method_params=params
+    ).fit(brick_root)
+    assert detector.ensure_extractor().weights_sha256 == extractor.weights_sha256
 
 
 def test_registration_folder_problems_are_one_line_errors(registration, tmp_path):

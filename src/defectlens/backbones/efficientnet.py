@@ -61,6 +61,10 @@ class TappedEfficientNet(nn.Module):
         # The weight files hold the bare EfficientNet's keys.
         return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def weights_state(self) -> dict[str, torch.Tensor]:
+        """The tensors under the weight files' keys (the bare EfficientNet's)."""
+        return self.model.state_dict()
+
 
 def _locator(variant: str):
     digit = variant[-1]

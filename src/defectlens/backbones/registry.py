@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from defectlens.errors import WeightsError
@@ -70,10 +71,15 @@ def _load_builtin() -> None:
 
 
 def load_state_dict_strict(net: nn.Module, path: Path, backbone: str) -> None:
-    """Load a weights file with `weights_only=True` and strict key/shape checking."""
+    """Load a weights file with strict key/shape checking: safetensors (what defectlens
+    writes, e.g. a backbone fine-tuned by `regad train --backbone-lr`) or a torch file read
+    with `weights_only=True` (never unpickling code)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
+        if path.suffix == ".safetensors":
+            state = load_safetensors(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch and safetensors raise many types for a bad file
         raise WeightsError(f"{path}: cannot read weights for {backbone}: {exc}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -137,6 +143,12 @@ class FeatureExtractor(nn.Module):
         if between is None:
             return self.net(normalised, self.strides)
         return self.net(normalised, self.strides, between)
+
+    def weights_state(self) -> dict[str, torch.Tensor]:
+        """The backbone's tensors under its weights file's keys: saved as safetensors, they are
+        a file `--weights` reads (how a fine-tuned backbone travels)."""
+        own = getattr(self.net, "weights_state", None)
+        return {k: v.contiguous() for k, v in (own() if own else self.net.state_dict()).items()}
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         # The backbone is frozen: BatchNorm must keep its ImageNet statistics whatever the caller

@@ -8,10 +8,12 @@ each stage's output is returned to the image frame by one composed inverse warp 
 chain of inverse warps of the registered maps, so features are resampled at most once, and
 the first stage not at all) and the maps feed a per-position Gaussian (`methods.regad`).
 
-Only the transformers and the head are trained; the backbone stays frozen (its ImageNet
-batch-norm statistics included, as CPU batch sizes cannot re-estimate them), so a registration
-model is a few hundred kB of safetensors plus a JSON config naming the backbone, its weights'
-hash and the image size it was trained for.
+By default only the transformers and the head are trained; the backbone stays frozen (its
+ImageNet batch-norm statistics included, as CPU batch sizes cannot re-estimate them), so a
+registration model is a few hundred kB of safetensors plus a JSON config naming the backbone,
+its weights' hash and the image size it was trained for. A registration trained with its
+backbone (the paper's way, `regad train --backbone-lr`) also holds the tuned backbone as a
+weights file, `BACKBONE_FILE`, which its config's hash names.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from defectlens.outputs import (
 )
 
 REGISTRATION_VERSION = 1
+BACKBONE_FILE = "backbone.safetensors"  # a backbone tuned with the transformers, if any
 
 
 def _head(channels: int, layers: int) -> nn.Sequential:
@@ -183,10 +186,15 @@ def net_from_transformer_state(state: dict[str, torch.Tensor]) -> RegistrationNe
 
 
 def save_registration(
-    net: RegistrationNet, path: str | Path, info: dict[str, Any], protect: Sequence[str | Path] = ()
+    net: RegistrationNet,
+    path: str | Path,
+    info: dict[str, Any],
+    protect: Sequence[str | Path] = (),
+    files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write config.json + model.safetensors atomically (an existing registration folder is
-    replaced, anything else refused). `info`: backbone, weights' hash, image size, training."""
+    """Write config.json + model.safetensors, and `files` (name -> content, e.g. a tuned
+    backbone) atomically (an existing registration folder is replaced, anything else refused).
+    `info`: backbone, weights' hash, image size, training."""
     path = check_model_target(path, protect, kind="registration")
     state = {f"transformers.{k}": v for k, v in transformer_state(net).items()}
     for name, head in (("encoder", net.encoder), ("predictor", net.predictor)):
@@ -197,7 +205,13 @@ def save_registration(
         "architecture": net.architecture(),
         **info,
     }
-    write_folder(path, lambda target: save_file(state, str(target)), config, "registration")
+
+    def write(target: Path) -> None:
+        save_file(state, str(target))
+        for name, content in (files or {}).items():
+            (target.parent / name).write_bytes(content)
+
+    write_folder(path, write, config, "registration")
     return path
 
 
@@ -241,6 +255,12 @@ def check_registration_fits(
     if config["backbone"] != extractor.spec.name:
         problems.append(f"backbone {config['backbone']}, not {extractor.spec.name}")
     elif config["weights_sha256"] != extractor.weights_sha256:
+        tuned = config.get("backbone_weights")
+        if tuned:  # trained with its backbone: that file must be the backbone's weights
+            raise ModelFileError(
+                f"{where}: this registration tuned its backbone; fit with "
+                f"--weights {Path(where) / tuned} (that file, unaltered)"
+            )
         problems.append("other backbone weights (sha256 differs)")
     if config["image_size"] != extractor.image_size:
         problems.append(f"image size {config['image_size']}, not {extractor.image_size}")

@@ -3,8 +3,11 @@
 Episodes as in the authors' code: every step takes `batch_size` query images of ONE category,
 each with `shots` other images of the same category as supports (their registered features
 averaged), and minimises the head's symmetric per-position loss (`components.registration`).
-Categories take turns in a seeded order. Only the transformers and the head train; the
-backbone is frozen.
+Categories take turns in a seeded order. By default only the transformers and the head train
+and the backbone is frozen (a registration is then a few hundred kB). With
+`backbone_learning_rate` > 0 the backbone's convolutions train too, as in the paper (its
+batch-norm statistics stay ImageNet's: CPU batch sizes cannot re-estimate them), and the
+tuned backbone is saved next to the transformers as a weights file (`BACKBONE_FILE`).
 
 Model selection never looks at a target category or at test labels (RegAD's released code picks
 each epoch on the target's test set): each *training* category holds out `val_fraction` of its
@@ -15,6 +18,7 @@ images, and the loss on fixed, seeded episodes of those held-out images picks th
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Sequence
@@ -23,11 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save as save_safetensors
+from torch import nn
 from tqdm.auto import tqdm
 
 from defectlens.backbones import FeatureExtractor
 from defectlens.components.geometry import rotation, warp
-from defectlens.components.registration import RegistrationNet
+from defectlens.components.registration import BACKBONE_FILE, RegistrationNet
 from defectlens.data.dataset import find_normal_images
 from defectlens.data.loader import iter_batches
 from defectlens.errors import DataError
@@ -59,6 +65,7 @@ class RegistrationConfig:
     momentum: float = 0.9
     val_fraction: float = 0.1
     pose_jitter: float = 0.0
+    backbone_learning_rate: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,6 +79,7 @@ class RegistrationConfig:
         check_float("momentum", self.momentum, 0.0, 1.0, high_open=True)
         check_float("val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         check_float("pose_jitter", self.pose_jitter, 0.0, 180.0)
+        check_float("backbone_learning_rate", self.backbone_learning_rate, 0.0, 10.0)
         check_seed("seed", self.seed)
 
 
@@ -187,13 +195,22 @@ def train_registration(
 ) -> tuple[RegistrationNet, list[dict[str, float]]]:
     """Train a registration network for `extractor` on `pool` on `device` (default: the CPU;
     images move there a batch at a time); returns it on the CPU (eval mode, the best
-    validation epoch's weights) and the loss history."""
+    validation epoch's weights) and the loss history. With `backbone_learning_rate` > 0 the
+    extractor is tuned in place (left frozen again, at its best epoch's weights)."""
     device = device or torch.device("cpu")
     torch.manual_seed(config.seed)
     net = RegistrationNet(extractor.strides, extractor.channels).to(device)
     extractor.to(device)
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimiser = torch.optim.SGD(params, lr=config.learning_rate, momentum=config.momentum)
+    groups = [{"params": list(net.parameters()), "scale": 1.0}]
+    tune = config.backbone_learning_rate > 0
+    if tune:  # stages past the last tap get no gradient, so SGD leaves them as they were
+        extractor.requires_grad_(True)
+        scale = config.backbone_learning_rate / config.learning_rate
+        groups.append({"params": list(extractor.parameters()), "scale": scale})
+    optimiser = torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum)
+    # What the best epoch's weights are kept of: the backbone too when it trains (its
+    # batch-norm layers stay in eval mode whatever train() is called on; see FeatureExtractor).
+    trained = nn.ModuleDict({"registration": net, "backbone": extractor}) if tune else net
     generator = torch.Generator().manual_seed(config.seed)
     # Fixed validation episodes: the same queries, supports and jitter every epoch.
     val_generator = torch.Generator().manual_seed(config.seed + 1)
@@ -205,7 +222,7 @@ def train_registration(
     def run_epoch(epoch: int) -> float:
         lr = 0.5 * config.learning_rate * (1 + math.cos(math.pi * epoch / config.max_epochs))
         for group in optimiser.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["scale"]
         order = torch.randperm(len(pool), generator=generator)
         total = 0.0
         for step in range(config.steps_per_epoch):
@@ -228,9 +245,9 @@ def train_registration(
 
     rule = StopRule(config.max_epochs, config.patience, config.max_minutes)
     try:
-        history = train_epochs(net, run_epoch, validate, rule, progress, "train registration")
+        history = train_epochs(trained, run_epoch, validate, rule, progress, "train registration")
     finally:
-        extractor.to("cpu")
+        extractor.to("cpu").requires_grad_(False)
     return net.cpu().requires_grad_(False), history
 
 
@@ -278,4 +295,9 @@ def build_registration(
         "image_size": image_size,
         "training": record,
     }
-    return save_registration(net, out, info, protect=list(sources)), record
+    files = {}
+    if config.backbone_learning_rate > 0:  # the tuned backbone: a weights file of its own
+        files[BACKBONE_FILE] = save_safetensors(extractor.weights_state())
+        info["weights_sha256"] = hashlib.sha256(files[BACKBONE_FILE]).hexdigest()
+        info["backbone_weights"] = BACKBONE_FILE
+    return save_registration(net, out, info, list(sources), files), record
