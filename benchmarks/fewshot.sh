@@ -4,7 +4,8 @@
 # RegAD, its ablation and PaDiM; pass 3: 100 channels; pass 4: DifferNet, K = 8, one draw;
 # pass 5: PaDiM with Ledoit-Wolf shrinkage; pass 6: RegAD with a registration trained on
 # images turned by up to 20 degrees (`regad train --pose-jitter 20`), on magnetic_tile and
-# elpv_poly (where RegAD trails PatchCore the most at K = 8).
+# elpv_poly (where RegAD trails PatchCore the most at K = 8); pass 7: RegAD with the backbone
+# trained too (`regad train --backbone-lr`, the paper's way), on the same two sets.
 # Passes 1-3 take about 2.5 hours on 2 cores; pass 4 about an hour more (DifferNet's maps need a
 # backward pass per image).
 # Resumable: finished rows in the JSONL are skipped, trained registrations are reused.
@@ -42,6 +43,15 @@ for c in magnetic_tile elpv_poly; do
   .venv/bin/python benchmarks/fewshot.py $DATA --categories $c "${COMMON[@]}" \
     --out benchmarks/results/fewshot_jitter.jsonl --shots 8 --draws 3 --methods regad@j20
 done
+# Pass 7: the backbone trained with the transformers (about 55 minutes: three registrations of
+# 15-17 minutes each, at 4x the frozen backbone's time per epoch).
+for c in magnetic_tile elpv_poly; do
+  .venv/bin/python benchmarks/fewshot.py $DATA --categories $c "${COMMON[@]}" \
+    --out benchmarks/results/fewshot_backbone.jsonl --shots 8 --draws 3 --methods regad@b0.001
+done
+.venv/bin/python benchmarks/fewshot.py $DATA --categories magnetic_tile "${COMMON[@]}" \
+  --out benchmarks/results/fewshot_backbone.jsonl --shots 8 --draws 3 --methods regad@b0.0001
+.venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_backbone.jsonl
 .venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_jitter.jsonl
 .venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_lw.jsonl
 .venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_differnet.jsonl

@@ -129,6 +129,7 @@ def test_globs_select_images(model_dir, brick_root, tmp_path, monkeypatch, capsy
         (["fit", "{tmp}/imgs", "--out", "{tmp}/m"], "imgs/bad.png: unreadable or corrupt"),
         (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--coreset-ratio", "0.1"], "coreset_ratio"),
         (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--param", "nonsense"], "expected KEY=VALUE"),
+        (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--sigma", "-1"], "sigma"),
     ],
 )
 def test_user_mistakes_give_one_error_line(args, message, tmp_path, monkeypatch, capsys):
@@ -188,6 +189,8 @@ def test_method_options_reach_the_model(brick_root, tmp_path, monkeypatch, capsy
         "hnsw",
         "--param",
         "embed_dim=64",
+        "--sigma",
+        0,
         "--image-size",
         64,
         "--out",
@@ -196,6 +199,7 @@ def test_method_options_reach_the_model(brick_root, tmp_path, monkeypatch, capsy
     )
     assert code == 0, err
     config = json.loads((model / "config.json").read_text())
+    assert config["detector"]["sigma"] == 0
     params = config["detector"]["method_params"]
     assert params["coreset_ratio"] == 0.05 and params["index"] == "hnsw"
     assert params["embed_dim"] == 64

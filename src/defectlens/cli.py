@@ -167,6 +167,15 @@ def cli(debug: bool) -> None:
     help="Target false-alarm rate on normal images for the decision threshold, in [0, 1).",
 )
 @click.option(
+    "--sigma",
+    type=float,
+    default=4.0,
+    show_default=True,
+    help="Gaussian smoothing of the anomaly map, in pixels of the --image-size grid (0: "
+    "none). It steadies maps and scores on textures; for defects only a few pixels wide "
+    "(thin scratches, broken traces) try 0 (BENCHMARKS.md: PaDiM on printed circuit boards).",
+)
+@click.option(
     "--n-channels",
     type=int,
     default=None,
@@ -269,6 +278,7 @@ def fit(
     val,
     val_fraction,
     target_far,
+    sigma,
     n_channels,
     shrinkage,
     coreset_ratio,
@@ -343,6 +353,7 @@ def fit(
         batch_size=batch_size,
         val_fraction=val_fraction,
         target_far=target_far,
+        sigma=sigma,
         seed=seed,
         method_params=method_params,
         shots=shots,
@@ -832,20 +843,31 @@ def regad() -> None:
     help="Rotate training images by up to this many degrees, for parts that turn on the line "
     "when the pool's do not (on parts that do not turn it lowered accuracy: BENCHMARKS.md).",
 )
+@click.option(
+    "--backbone-lr",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Also train the backbone, at this SGD rate (the paper's way; 0 keeps it frozen). "
+    "The tuned backbone is saved in OUT as backbone.safetensors; fits then pass it with "
+    "--weights.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option("Where to train: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N.")
 @quiet_option
 def regad_train(
     pool, out, exclude, backbone, weights, image_size, shots, batch_size, steps, epochs,
-    patience, max_minutes, lr, pose_jitter, seed, device, quiet,
+    patience, max_minutes, lr, pose_jitter, backbone_lr, seed, device, quiet,
 ) -> None:  # fmt: skip
     """Train a registration network on the normal images of the POOL categories.
 
     Each POOL entry is one category: an MVTec-layout root (its train/good is read) or a folder
     of normal images. Each category holds out 10 % of its images; the loss on those picks the
-    epoch (never a test set). The backbone stays frozen; only the spatial transformers and the
-    head train. Interrupting saves nothing.
+    epoch (never a test set). By default the backbone stays frozen and only the spatial
+    transformers and the head train; --backbone-lr trains the backbone too. Interrupting saves
+    nothing.
     """
+    from defectlens.components.registration import BACKBONE_FILE
     from defectlens.training.registration import RegistrationConfig, build_registration
 
     config = RegistrationConfig(
@@ -857,6 +879,7 @@ def regad_train(
         max_minutes=max_minutes,
         learning_rate=lr,
         pose_jitter=pose_jitter,
+        backbone_learning_rate=backbone_lr,
         seed=seed,
     )
     try:
@@ -872,6 +895,8 @@ def regad_train(
         f"in {record['seconds']:.0f} s, best validation loss {best['val_loss']:.4f} "
         f"(epoch {best['epoch'] + 1})"
     )
+    if backbone_lr > 0:
+        echo(f"fit with: --registration {path} --weights {path / BACKBONE_FILE}")
 
 
 @cli.command()
