@@ -88,7 +88,8 @@ weights_option = click.option(
     "--weights",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Local backbone weights file (torchvision .pth for resnet18 / wide_resnet50_2).",
+    help="Local backbone weights file: a torchvision .pth for resnet18 / wide_resnet50_2, or "
+    "a .safetensors state dict (e.g. a backbone tuned by `regad train --backbone-lr`).",
 )
 max_pixels_option = click.option(
     "--max-pixels",

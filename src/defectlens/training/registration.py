@@ -295,7 +295,7 @@ def build_registration(
         "image_size": image_size,
         "training": record,
     }
-    files = {}
+    files: dict[str, bytes] = {}
     if config.backbone_learning_rate > 0:  # the tuned backbone: a weights file of its own
         files[BACKBONE_FILE] = save_safetensors(extractor.weights_state())
         info["weights_sha256"] = hashlib.sha256(files[BACKBONE_FILE]).hexdigest()
