@@ -147,7 +147,8 @@ class FeatureExtractor(nn.Module):
     def weights_state(self) -> dict[str, torch.Tensor]:
         """The backbone's tensors under its weights file's keys: saved as safetensors, they are
         a file `--weights` reads (how a fine-tuned backbone travels)."""
-        own = getattr(self.net, "weights_state", None)
+        own = getattr(self.net, "weights_state", None)  # a net whose file keys differ says so
+        # .contiguous(): the convolutions are kept channels-last, which safetensors cannot write
         return {k: v.contiguous() for k, v in (own() if own else self.net.state_dict()).items()}
 
     def train(self, mode: bool = True) -> FeatureExtractor:
