@@ -22,6 +22,9 @@ draw). Methods (`--methods`):
   as reg-CATEGORY-jD; with "@bL" (regad only, e.g. regad@b0.001): the registration trained
   with its backbone at learning rate L (`regad train --backbone-lr L`), cached as
   reg-CATEGORY-bL, and fitted on that tuned backbone.
+- regpatchcore: PatchCore's memory bank and scoring on RegAD's registered features (the
+  stride 8 and 16 stages, returned to the image frame by the registration regad uses): does
+  registration help a nearest-neighbour scorer? A benchmark-only variant, defined here.
 One JSON line per (category, method, K, draw) is appended to --out; finished rows are skipped
 on a rerun, so the run can be resumed. `--summary` prints the Markdown tables from --out.
 """
@@ -40,12 +43,38 @@ import numpy as np
 import torch
 
 from defectlens import Detector
-from defectlens.components.registration import BACKBONE_FILE
+from defectlens.components.registration import BACKBONE_FILE, load_registration
 from defectlens.data.dataset import find_normal_images
 from defectlens.evaluation import evaluate
+from defectlens.methods import PatchCore
 
 N_VAL = 20
 FEW_SHOT = ("regad", "regad_identity", "regad_default", "padim", "patchcore", "spade", "differnet")
+REGISTERED = ("regad", "regpatchcore")  # the methods that read a trained registration
+
+
+class RegisteredPatchCore(PatchCore):
+    """PatchCore on RegAD's registered features: the extractor taps strides 4, 8 and 16 (the
+    registration's stages), and the patch features are built from the 8 and 16 ones returned
+    to the image frame, as PatchCore builds them from the plain taps. Eager torch only; not
+    saved or exported (benchmark-only)."""
+
+    name = "regpatchcore"
+    augments_support = True
+
+    def __init__(self, registration: str, **params) -> None:
+        super().__init__(strides=(4, 8, 16), **params)
+        self.registration = registration
+        self.net = None  # loaded on first use
+
+    def embed(self, extractor, images: torch.Tensor) -> torch.Tensor:
+        if self.net is None:
+            self.net = load_registration(self.registration)[0].eval()
+        with torch.no_grad():
+            maps = dict(
+                zip(self.strides, self.net.image_frame_features(extractor, images), strict=True)
+            )
+        return self.patch_features([maps[8], maps[16]])
 
 
 def registration_options(name: str) -> tuple[float, float]:
@@ -65,6 +94,7 @@ def registration_for(
 
     jitter, backbone_lr = options
     suffix = (f"-j{jitter:g}" if jitter else "") + (f"-b{backbone_lr:g}" if backbone_lr else "")
+    suffix += f"-s{args.reg_seed}" if args.reg_seed else ""
     path = folder / f"reg-{category.name}{suffix}"
     if not (path / "config.json").is_file():
         config = RegistrationConfig(
@@ -72,6 +102,7 @@ def registration_for(
             max_minutes=args.reg_minutes,
             pose_jitter=jitter,
             backbone_learning_rate=backbone_lr,
+            seed=args.reg_seed,
         )
         pool = [d for d in data if d != category]
         build_registration(pool, path, image_size=args.image_size, config=config, progress=True)
@@ -82,7 +113,11 @@ def detector_for(name: str, k: int | None, draw: int, registration: Path | None,
     # A name may end in "@cN": the same method keeping N random channels (n_channels=N).
     name, _, variant = name.partition("@")
     # regad_default passes none: the registration shipped with defectlens
-    registrations = {"regad": str(registration), "regad_identity": "identity"}
+    registrations = {
+        "regad": str(registration),
+        "regpatchcore": str(registration),
+        "regad_identity": "identity",
+    }
     params = {"registration": registrations[name]} if name in registrations else {}
     for option in filter(None, variant.split("@")):
         if option == "lw":  # Ledoit-Wolf shrinkage of the covariance (PaDiM's `shrinkage`)
@@ -126,7 +161,7 @@ def run(args) -> None:
         registrations = {
             o: registration_for(category, data, folder, args, o)
             for o in {
-                registration_options(m) for m in args.methods if m.partition("@")[0] == "regad"
+                registration_options(m) for m in args.methods if m.partition("@")[0] in REGISTERED
             }
         }
         jobs = [(m, k, d) for k in args.shots for d in range(args.draws) for m in args.methods]
@@ -234,6 +269,9 @@ def main() -> None:
     parser.add_argument("--registrations", default="/tmp/defectlens-fewshot-registrations")
     parser.add_argument("--reg-epochs", type=int, default=10)
     parser.add_argument("--reg-minutes", type=float, default=8.0)
+    parser.add_argument(
+        "--reg-seed", type=int, default=0, help="registration training seed (cached as -sN)"
+    )
     parser.add_argument("--summary", action="store_true", help="only print the tables")
     args = parser.parse_args()
     if args.summary:
