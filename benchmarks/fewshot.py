@@ -43,7 +43,11 @@ import numpy as np
 import torch
 
 from defectlens import Detector
-from defectlens.components.registration import BACKBONE_FILE, load_registration
+from defectlens.components.registration import (
+    BACKBONE_FILE,
+    check_registration_fits,
+    load_registration,
+)
 from defectlens.data.dataset import find_normal_images
 from defectlens.evaluation import evaluate
 from defectlens.methods import PatchCore
@@ -69,7 +73,9 @@ class RegisteredPatchCore(PatchCore):
 
     def embed(self, extractor, images: torch.Tensor) -> torch.Tensor:
         if self.net is None:
-            self.net = load_registration(self.registration)[0].eval()
+            net, config = load_registration(self.registration)
+            check_registration_fits(config, extractor, self.registration)
+            self.net = net.eval()
         with torch.no_grad():
             maps = dict(
                 zip(self.strides, self.net.image_frame_features(extractor, images), strict=True)
@@ -126,7 +132,7 @@ def detector_for(name: str, k: int | None, draw: int, registration: Path | None,
             continue
         else:
             params["n_channels"] = int(option.removeprefix("c"))
-    tuned = registration / BACKBONE_FILE if registration and name == "regad" else None
+    tuned = registration / BACKBONE_FILE if registration and name in REGISTERED else None
     return Detector(
         method={"padim_full": "padim"}.get(name, name.split("_")[0]),
         weights=str(tuned) if tuned and tuned.is_file() else None,
