@@ -17,11 +17,12 @@ draw). Methods (`--methods`):
 - any of these with "@cN" appended (e.g. regad@c100): the same, keeping N random channels of
   the concatenated stages (PaDiM's `n_channels`) instead of all of them; with "@lw" (e.g.
   padim@lw, regad@c100@lw): the covariances shrunk by Ledoit-Wolf (`shrinkage`) instead of
-  only the fixed epsilon; with "@jD" (regad only, e.g. regad@j20): the registration trained
-  with its training images turned by up to D degrees (`regad train --pose-jitter D`), cached
-  as reg-CATEGORY-jD; with "@bL" (regad only, e.g. regad@b0.001): the registration trained
-  with its backbone at learning rate L (`regad train --backbone-lr L`), cached as
-  reg-CATEGORY-bL, and fitted on that tuned backbone.
+  only the fixed epsilon; with "@jD" (regad and regpatchcore, e.g. regad@j20): the
+  registration trained with its training images turned by up to D degrees (`regad train
+  --pose-jitter D`), cached as reg-CATEGORY-jD; with "@bL" (regad and regpatchcore, e.g.
+  regad@b0.001): the registration trained with its backbone at learning rate L (`regad train
+  --backbone-lr L`), cached as reg-CATEGORY-bL, and fitted on that tuned backbone;
+  `--reg-seed N` (not 0) trains with that seed, cached with "-sN" appended.
 - regpatchcore: PatchCore's memory bank and scoring on RegAD's registered features (the
   stride 8 and 16 stages, returned to the image frame by the registration regad uses): does
   registration help a nearest-neighbour scorer? A benchmark-only variant, defined here.
