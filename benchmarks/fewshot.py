@@ -15,7 +15,9 @@ draw). Methods (`--methods`):
 - padim_full: PaDiM on every train/good image except the validation ones, no augmentation,
   once per category (the reference the gap is measured to),
 - any of these with "@cN" appended (e.g. regad@c100): the same, keeping N random channels of
-  the concatenated stages (PaDiM's `n_channels`) instead of all of them; with "@lw" (e.g.
+  the concatenated stages (PaDiM's `n_channels`) instead of all of them. Without it the
+  regad family keeps all 176, as every row before 2026-12-07 was measured; RegAD's own default
+  since then is 100 channels, which is regad@c100 / regad_default@c100 here. With "@lw" (e.g.
   padim@lw, regad@c100@lw): the covariances shrunk by Ledoit-Wolf (`shrinkage`) instead of
   only the fixed epsilon; with "@jD" (regad and regpatchcore, e.g. regad@j20): the
   registration trained with its training images turned by up to D degrees (`regad train
@@ -126,6 +128,8 @@ def detector_for(name: str, k: int | None, draw: int, registration: Path | None,
         "regad_identity": "identity",
     }
     params = {"registration": registrations[name]} if name in registrations else {}
+    if name.startswith("regad"):
+        params["n_channels"] = None  # all channels unless "@cN" (see the module docstring)
     for option in filter(None, variant.split("@")):
         if option == "lw":  # Ledoit-Wolf shrinkage of the covariance (PaDiM's `shrinkage`)
             params["shrinkage"] = "ledoit_wolf"

@@ -66,6 +66,13 @@ done
 .venv/bin/python benchmarks/fewshot.py $DATA --categories kolektorsdd --registrations "$FRESH" \
   --reg-epochs 10 --reg-minutes 25 --reg-seed 1 --out benchmarks/results/fewshot_rerun_seed1.jsonl \
   --shots 8 --draws 3 --methods regad
+# Pass 9: 100 channels (RegAD's default since 2026-12-07) against all 176, on the same retrained
+# registrations and on the shipped one (fast: no training).
+for c in kolektorsdd magnetic_tile elpv_poly deeppcb; do
+  .venv/bin/python benchmarks/fewshot.py $DATA --categories $c --registrations "$FRESH" \
+    --reg-epochs 10 --reg-minutes 25 --out benchmarks/results/fewshot_rerun.jsonl --shots 8 \
+    --draws 3 --methods regad@c100 regad_default regad_default@c100
+done
 .venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_backbone.jsonl
 .venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_rerun.jsonl
 .venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_jitter.jsonl
@@ -76,3 +83,9 @@ done
 .venv/bin/python benchmarks/fewshot_speed.py $DATA/magnetic_tile --registration "$REG/reg-magnetic_tile"
 .venv/bin/python benchmarks/fewshot_speed.py $DATA/magnetic_tile --registration "$REG/reg-magnetic_tile" \
   --n-channels 100
+# The same with the shipped registration, both channel counts (the 2026-12-07 default change):
+SHIPPED=src/defectlens/weights/registration-efficientnet_lite0-256
+for n in "--n-channels 100" ""; do
+  # shellcheck disable=SC2086
+  .venv/bin/python benchmarks/fewshot_speed.py $DATA/magnetic_tile --registration "$SHIPPED" $n
+done

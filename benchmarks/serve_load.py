@@ -2,13 +2,15 @@
 model (issue 12). One JSON line per client count.
 
     python benchmarks/serve_load.py MODEL_DIR IMAGE_FOLDER [--requests 2000] [--clients 1 4 16]
+        [--per-request N]
 
 - predict img/s: `defectlens predict MODEL IMAGES --no-images --out ...`: the wall time of
   the command (start-up and model loading included), and the rate it prints for its own
   scoring loop; and the same loop in this process after loading (`iter_predict` over the
   files, three passes after a warm-up: decode, resize, score, full-size maps).
 - service: a real `defectlens serve MODEL` on loopback; N client threads with keep-alive
-  connections send single-image requests (multipart PNG) until `--requests` are done; every
+  connections send requests of `--per-request` images (default 1; multipart PNG) until
+  `--requests` are done; every
   response's score is checked against the in-process prediction (to 1e-5: batch size changes
   float32 summation order). Reported: status counts, wrong scores, p50/p90/p99 latency,
   throughput, the server's resident memory before and after the run (after a warm-up), the
@@ -44,6 +46,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--serve-arg", action="append", default=[], help="passed to serve")
     parser.add_argument(
+        "--per-request",
+        type=int,
+        default=1,
+        metavar="N",
+        help="images per request (the service takes at most 32); throughput counts images",
+    )
+    parser.add_argument(
         "--soak",
         type=int,
         default=0,
@@ -59,6 +68,8 @@ def main() -> None:
         help="with --soak: start no round after M minutes (0: run every round)",
     )
     args = parser.parse_args()
+    if not 1 <= args.per_request <= 32:
+        parser.error("--per-request must be between 1 and 32 (the service's limit)")
     if args.soak_minutes and not args.soak:
         parser.error("--soak-minutes limits a --soak run; give --soak ROUNDS too")
     paths = list_images(Path(args.images))
@@ -91,7 +102,9 @@ def main() -> None:
         run_load(url, model, images, expected, clients=4, requests=100)  # warm-up
         for clients in args.clients:
             before, batches = rss_mb(process.pid), batch_counters(url, model)
-            result = run_load(url, model, images, expected, clients, args.requests)
+            result = run_load(
+                url, model, images, expected, clients, args.requests, per_request=args.per_request
+            )
             after = rss_mb(process.pid)
             after_batches = batch_counters(url, model)
             row = {

@@ -97,10 +97,12 @@ def run_load(
     clients: int = 4,
     requests: int = 2000,
     rel: float = 1e-5,
+    per_request: int = 1,
 ) -> dict:
-    """`requests` single-image predict calls from `clients` threads with keep-alive
-    connections, cycling through `images`; every answer is checked against `expected`
-    (score by file name, to `rel`: a batch's size changes float32 summation order)."""
+    """`requests` predict calls of `per_request` images each, from `clients` threads with
+    keep-alive connections, cycling through `images`; every answer is checked against
+    `expected` (score by file name, to `rel`: a batch's size changes float32 summation
+    order). Latencies are per request; `images_per_s` counts images."""
     lock = threading.Lock()
     next_index = [0]
     latencies: list[float] = []
@@ -115,22 +117,26 @@ def run_load(
                     next_index[0] += 1
                 if i >= requests:
                     return
-                name, data = images[i % len(images)]
+                sent = [images[(i * per_request + j) % len(images)] for j in range(per_request)]
                 start = time.perf_counter()
                 response = session.post(
-                    f"/v1/models/{model}/predict", files=[("images", (name, data, "image/png"))]
+                    f"/v1/models/{model}/predict",
+                    files=[("images", (name, data, "image/png")) for name, data in sent],
                 )
                 elapsed = time.perf_counter() - start
-                problem = None
+                problems = []
                 if response.status_code == 200:
-                    score = response.json()["results"][0]["score"]
-                    if abs(score - expected[name]) > rel * max(abs(expected[name]), 1e-12):
-                        problem = f"{name}: score {score} != {expected[name]}"
+                    results = response.json()["results"]
+                    if len(results) != len(sent):
+                        problems.append(f"{len(results)} results for {len(sent)} images")
+                    for (name, _), result in zip(sent, results, strict=False):
+                        score = result["score"]
+                        if abs(score - expected[name]) > rel * max(abs(expected[name]), 1e-12):
+                            problems.append(f"{name}: score {score} != {expected[name]}")
                 with lock:
                     latencies.append(elapsed)
                     statuses[response.status_code] += 1
-                    if problem:
-                        wrong.append(problem)
+                    wrong.extend(problems)
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -142,12 +148,13 @@ def run_load(
     ms = np.array(latencies) * 1000
     return {
         "requests": requests,
+        "per_request": per_request,
         "clients": clients,
         "statuses": dict(statuses),
         "wrong": wrong[:5],
         "n_wrong": len(wrong),
         "wall_s": wall,
-        "images_per_s": requests / wall,
+        "images_per_s": requests * per_request / wall,
         "p50_ms": float(np.percentile(ms, 50)),
         "p90_ms": float(np.percentile(ms, 90)),
         "p99_ms": float(np.percentile(ms, 99)),

@@ -206,10 +206,15 @@ def test_a_registration_for_another_size_or_backbone_is_refused_at_fit(registrat
 def test_identity_regad_is_padim_on_the_augmented_support(brick_root):
     kwargs = {"image_size": IMAGE_SIZE, "shots": 3, "shot_seed": 4, "batch_size": 8}
     regad = Detector(method="regad", method_params={"registration": "identity"}, **kwargs)
-    padim = Detector(method="padim", augment_support=True, **kwargs)
+    padim = Detector(
+        method="padim", augment_support=True, method_params={"n_channels": 100}, **kwargs
+    )
     regad.use_backend("torch").fit(brick_root)
     padim.use_backend("torch").fit(brick_root)
     assert regad.fit_images_ == padim.fit_images_
+    # RegAD's default keeps 100 of the 176 channels, the same ones PaDiM draws with its seed
+    assert regad.model_.channel_index.numel() == 100
+    assert torch.equal(regad.model_.channel_index, padim.model_.channel_index)
     assert torch.allclose(regad.model_.mean, padim.model_.mean, atol=1e-4)
     paths = [s.path for s in find_test_samples(brick_root)][:6]
     for a, b in zip(regad.predict(paths), padim.predict(paths), strict=True):

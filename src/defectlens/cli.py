@@ -180,7 +180,8 @@ def cli(debug: bool) -> None:
     "--n-channels",
     type=int,
     default=None,
-    help="padim: random channel subset size (default: all channels).",
+    help="padim, regad: random channel subset size (default: all channels for padim, 100 "
+    "for regad; --param n_channels=null keeps all).",
 )
 @click.option(
     "--shrinkage",

@@ -83,7 +83,8 @@ class Padim(AnomalyMethod):
         total = sum(channels)
         if self.n_channels is not None and self.n_channels > total:
             raise ParameterError(
-                f"n_channels is {self.n_channels} but the backbone's taps give {total} channels"
+                f"n_channels is {self.n_channels} but the backbone's taps give {total} channels: "
+                "pass a smaller n_channels, or n_channels=null to keep them all"
             )
 
     def _choose_channels(self, total: int) -> torch.Tensor:
