@@ -11,6 +11,12 @@ for its scoring loop, and whether results.csv equals the local run's row for row
 scheduler's own cost per task: 500 trivial tasks on a 1-worker LocalCluster, submitted at
 once and gathered. With --fit: `defectlens fit DATA --dask local:2` against the local fit
 (wall time, and the largest relative difference of every saved tensor).
+
+With --external N, the workers are not started by defectlens but as on a real cluster: a
+`dask scheduler` and `dask worker ADDRESS --nworkers N --nthreads 1` (Dask's own command
+line, so Dask's defaults apply, such as one numerical thread per worker), on loopback; the
+runs then use `--dask tcp://127.0.0.1:PORT`. This exercises the address path and the worker
+preparation that a cluster started by anyone gets; it is not several machines.
 """
 
 from __future__ import annotations
@@ -18,10 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +67,37 @@ def scheduler_overhead(tasks: int = 500) -> dict:
         client.gather(client.map(noop, range(tasks), pure=False))
         seconds = time.perf_counter() - started
     return {"what": "scheduler overhead", "tasks": tasks, "ms_per_task": 1000 * seconds / tasks}
+
+
+@contextmanager
+def external_cluster(workers: int) -> Iterator[str]:
+    """A scheduler and `workers` worker processes started by Dask's command line, as an
+    operator would start them; stopped on exit."""
+    from dask.distributed import Client
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    dask = [str(Path(sys.executable).with_name("dask"))]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    scheduler = subprocess.Popen(
+        [*dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        **quiet,
+    )
+    worker = subprocess.Popen(
+        [*dask, "worker", address, "--nworkers", str(workers), "--nthreads", "1",
+         "--no-dashboard"],
+        **quiet,
+    )  # fmt: skip
+    try:
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(workers, timeout=60)
+        yield address
+    finally:
+        for process in (worker, scheduler):
+            process.terminate()
+            process.wait(timeout=30)
 
 
 def max_relative_difference(a: Path, b: Path) -> dict[str, float]:
@@ -103,42 +143,57 @@ def main() -> None:
     parser.add_argument("data", type=Path)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--fit", action="store_true")
+    parser.add_argument(
+        "--external",
+        type=int,
+        metavar="N",
+        help="also run against a cluster of N worker processes started by Dask's command line",
+    )
     args = parser.parse_args()
     name = args.data.name
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        seconds, _ = run(["fit", str(args.data), "--out", str(tmp / "model"), "-q"])
+        model = tmp / "model"
+        seconds, _ = run(["fit", str(args.data), "--out", str(model), "-q"])
         print(json.dumps({"what": "fit padim", "data": name, "where": "local", "s": seconds}))
-        if args.fit:
-            for n in args.workers:
-                target = tmp / f"model-dask{n}"
-                seconds, _ = run(
-                    ["fit", str(args.data), "--out", str(target), "--dask", f"local:{n}", "-q"]
-                )
-                diff = max_relative_difference(target, tmp / "model")
-                line = {"what": "fit padim", "data": name, "where": f"local:{n}", "s": seconds}
-                print(json.dumps({**line, "max_relative_difference": diff}), flush=True)
         test = [str(args.data / "test"), str(args.data / "train")]  # speed only: every image
         local = tmp / "local"
-        model = str(tmp / "model")
-        seconds, output = run(["predict", model, *test, "--no-images", "--out", str(local)])
-        rows = (local / "results.csv").read_text()
-        n_rows = rows.count("\n") - 1
-        line = {"what": "predict", "data": name, "where": "local", "images": n_rows}
+        seconds, output = run(["predict", str(model), *test, "--no-images", "--out", str(local)])
+        line = {"what": "predict", "data": name, "where": "local"}
         print(json.dumps({**line, "wall_s": seconds, "img_per_s": rate(output)}), flush=True)
         for n in args.workers:
-            out = tmp / f"dask{n}"
-            seconds, output = run(
-                ["predict", model, *test, "--no-images", "--out", str(out),
-                 "--dask", f"local:{n}"]
-            )  # fmt: skip
-            same = _same_rows(out / "results.csv", local / "results.csv")
-            line = {"what": "predict", "data": name, "where": f"local:{n}", "images": n_rows}
-            print(
-                json.dumps({**line, "wall_s": seconds, "img_per_s": rate(output), "same": same}),
-                flush=True,
-            )
+            measure(args, tmp / f"local{n}", f"local:{n}", f"local:{n}", model, local)
+        if args.external:  # started only now, so that its idle processes stay out of the rest
+            with external_cluster(args.external) as address:
+                label = f"dask worker --nworkers {args.external}"
+                measure(args, tmp / "external", address, label, model, local)
     print(json.dumps(scheduler_overhead()), flush=True)
+
+
+def measure(
+    args: argparse.Namespace, tmp: Path, address: str, label: str, model: Path, local: Path
+) -> None:
+    """With --fit, a fit on `address` against the local `model`; then scoring every image on
+    it against the `local` run's results."""
+    name = args.data.name
+    tmp.mkdir()
+    if args.fit:
+        target = tmp / "model"
+        seconds, _ = run(["fit", str(args.data), "--out", str(target), "--dask", address, "-q"])
+        diff = max_relative_difference(target, model)
+        line = {"what": "fit padim", "data": name, "where": label, "s": seconds}
+        print(json.dumps({**line, "max_relative_difference": diff}), flush=True)
+    test = [str(args.data / "test"), str(args.data / "train")]
+    out = tmp / "predict"
+    seconds, output = run(
+        ["predict", str(model), *test, "--no-images", "--out", str(out), "--dask", address]
+    )
+    same = _same_rows(out / "results.csv", local / "results.csv")
+    line = {"what": "predict", "data": name, "where": label, "images": same["of"]}
+    print(
+        json.dumps({**line, "wall_s": seconds, "img_per_s": rate(output), "same": same}),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
