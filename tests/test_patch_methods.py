@@ -6,6 +6,8 @@ exactly and exports with parity."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -134,6 +136,28 @@ def test_students_with_the_backbone_as_teacher_on_one_scale(brick_root, tmp_path
     paths = [s.path for s in find_test_samples(brick_root)][:3]
     loaded = load(detector.save(tmp_path / "m"))
     assert [p.score for p in detector.predict(paths)] == [p.score for p in loaded.predict(paths)]
+
+
+def test_students_training_shares_one_deadline(brick_root, monkeypatch):
+    """The students get what reading the maps and distilling the teacher left of
+    teacher_minutes + max_minutes, so a slow teacher phase cannot push the fit past it."""
+    import defectlens.methods.students as module
+
+    clock = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    given = []
+    regress = Students._regress
+
+    def timed_regress(self, nets, train, val, minutes, progress, desc):
+        given.append(minutes)
+        history = regress(self, nets, train, val, minutes, progress, desc)
+        clock[0] += 300.0  # each phase "took" 5 minutes
+        return history
+
+    monkeypatch.setattr(Students, "_regress", timed_regress)
+    params = {**TINY_STUDENTS, "max_epochs": 1, "max_minutes": 6, "teacher_minutes": 4}
+    Detector(method="students", image_size=64, method_params=params).fit(brick_root, device="cpu")
+    assert given == pytest.approx([4.0, 5.0])  # the teacher its 4; the students 10 - 5
 
 
 @pytest.mark.parametrize(
@@ -290,7 +314,8 @@ def test_a_decoder_with_skips_reads_them_and_one_without_keeps_its_names():
 
 
 def test_segaided_fits_beats_chance_round_trips_and_exports(brick_root, tmp_path):
-    params = {"input_size": 64, "max_epochs": 25, "patience": 25, "widths": [8, 16, 32]}
+    params = {"space": "pixels", "input_size": 64, "max_epochs": 25, "patience": 25}
+    params["widths"] = [8, 16, 32]
     detector = Detector(method="segaided", image_size=64, batch_size=8, method_params=params).fit(
         brick_root, device="cpu"
     )
@@ -301,6 +326,33 @@ def test_segaided_fits_beats_chance_round_trips_and_exports(brick_root, tmp_path
     assert_round_trip_and_export(detector, brick_root, tmp_path)
     with pytest.raises(ParameterError, match="at least 2 widths"):
         Detector(method="segaided", method_params={"widths": [8]})
+    with pytest.raises(ParameterError, match="structure_clusters"):
+        Detector(method="segaided", method_params={"structure_clusters": 1})
+    # A model saved before segaided had `space` and `structure_clusters` loads as pixels.
+    config_path = tmp_path / "m" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["detector"]["method_params"]["space"]
+    del config["detector"]["method_params"]["structure_clusters"]
+    config_path.write_text(json.dumps(config))
+    old = load(tmp_path / "m")
+    assert old.model_.space == "pixels"
+    paths = [s.path for s in find_test_samples(brick_root)][:3]
+    assert [p.score for p in old.predict(paths)] == [p.score for p in detector.predict(paths)]
+
+
+def test_segaided_on_features_segments_them_fits_round_trips_and_exports(brick_root, tmp_path):
+    params = {"max_epochs": 15, "patience": 15, "structure_clusters": 4}  # features: the default
+    detector = Detector(method="segaided", image_size=64, batch_size=8, method_params=params).fit(
+        brick_root, device="cpu"
+    )
+    model = detector.model_
+    assert model.structure_centres.shape == (4, model.feature_mean.numel())
+    assert float(model.structure_temperature) > 0
+    history = model.history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    metrics = evaluate(detector, brick_root).metrics
+    assert metrics["image_auroc"] > 0.65 and metrics["pixel_auroc"] > 0.8, metrics
+    assert_round_trip_and_export(detector, brick_root, tmp_path)
 
 
 def test_a_patch_coverage_finish_checks_its_spec_at_load():

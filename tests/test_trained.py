@@ -142,6 +142,22 @@ def test_the_time_budget_stops_training(monkeypatch):
     assert history[-1]["stopped"] == "time budget" and len(history) < 5
 
 
+def test_no_epoch_is_started_that_would_end_past_the_budget(monkeypatch):
+    import defectlens.training.loop as loop
+
+    clock = [0.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
+
+    def run_epoch(epoch: int) -> float:
+        clock[0] += 50.0  # each epoch takes 50 s; the budget is 120 s
+        return 1.0 / (epoch + 1)
+
+    history = train_epochs(_Line(), run_epoch, None, StopRule(100, 100, 2.0))
+    # a third epoch would have ended at 150 s: the budget is a ceiling
+    assert len(history) == 2 and history[-1]["stopped"] == "time budget"
+    assert clock[0] <= 120.0
+
+
 def test_a_nan_loss_keeps_the_last_good_weights():
     module = _Line()
     data = torch.ones(8, 1)

@@ -53,6 +53,8 @@ _TOP_KEYS = {
 # Detector parameters added after format version 2 was fixed, with the value that reproduces
 # the older models' behaviour.
 _ADDED_DETECTOR_KEYS = {"shots": None, "shot_seed": 0, "augment_support": False}
+# Method parameters added after models were saved, with the value those models were fitted with.
+_ADDED_METHOD_PARAMS = {"segaided": {"space": "pixels", "structure_clusters": 8}}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -172,6 +174,8 @@ def load_detector(path: str | Path, weights: str | None = None, backend: str | N
     params = dict(config["detector"])
     for key, default in _ADDED_DETECTOR_KEYS.items():  # models saved before they existed
         params.setdefault(key, default)
+    added = _ADDED_METHOD_PARAMS.get(str(params.get("method")), {})
+    params["method_params"] = {**added, **params["method_params"]}
     _check_keys(config_path, "detector.", params, set(Detector.param_names()))
     if weights is not None:
         params["weights"] = weights

@@ -19,6 +19,15 @@ reconstruction can be trained to have the right structure: loss = L1(x, x') +
 `structure_weight` x L1(S(x), S(x')) (0.5, the weight the authors' README gives their
 structure term).
 
+On backbone features (`space="features"`, the standardised stride-8/16 maps every trained
+method can reconstruct) edges mean nothing, and the issue's other label-free choice applies:
+an unsupervised segmentation of the features. Seeded k-means on the training images' feature
+vectors gives `structure_clusters` (8) centres; a position's structure is its soft membership
+of each cluster (softmax of minus the squared distances over their mean distance to the
+nearest centre). It is differentiable too, so the same loss trains the reconstruction to land
+in the input's clusters, and a part made of the wrong "material" changes it where a grain of
+texture does not. Structure difference: half the L1 distance between memberships, in [0, 1].
+
 Changed for a 2-core CPU and this code base: 128 px colour input in [-1, 1] with a tanh output;
 four stride-2 stages of 32-64-128-256 channels per encoder (the paper: a U-Net down path of
 64-512 on 224 px); the decoder is `components.autoencoder.ConvDecoder` with the structure
@@ -35,10 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlens.components.autoencoder import ConvDecoder, ConvEncoder
+from defectlens.components.clustering import assignment_temperature, kmeans, soft_assignment
 from defectlens.errors import ModelFileError, ParameterError
 from defectlens.methods.trained import TrainedImageMethod
-from defectlens.params import check_choice, check_float
+from defectlens.params import check_choice, check_float, check_int
 
+_CLUSTER_BUFFERS = ("structure_centres", "structure_temperature")
 _SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
 
@@ -52,33 +63,44 @@ def edge_structure(x: torch.Tensor) -> torch.Tensor:
 
 
 class _PNet(nn.Module):
-    def __init__(self, widths: tuple[int, ...]) -> None:
+    """Texture encoder of the input, structure encoder of its structure map, and a decoder
+    from both codes with the structure's finer stages as skips."""
+
+    def __init__(
+        self, channels: int, structure_channels: int, widths: tuple[int, ...], output: str
+    ) -> None:
         super().__init__()
-        self.image_encoder = ConvEncoder(3, widths)
-        self.structure_encoder = ConvEncoder(1, widths)
+        self.image_encoder = ConvEncoder(channels, widths)
+        self.structure_encoder = ConvEncoder(structure_channels, widths)
         skips = widths[-2::-1][: len(widths) - 1]  # the structure's finer stages, coarse first
         self.decoder = ConvDecoder(
-            2 * widths[-1], (*widths[-2::-1], widths[0]), 3, skip_channels=skips
+            2 * widths[-1],
+            (*widths[-2::-1], widths[0]),
+            channels,
+            output=output,
+            skip_channels=skips,
         )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(reconstruction, the input's structure map)."""
-        structure = edge_structure(x)
+    def forward(self, x: torch.Tensor, structure: torch.Tensor) -> torch.Tensor:
+        """The reconstruction of `x` from it and its structure map."""
         stages = self.structure_encoder.stage_outputs(structure)
         code = torch.cat([self.image_encoder(x), stages[-1]], dim=1)
-        return self.decoder(code, stages[-2::-1]), structure
+        return self.decoder(code, stages[-2::-1])
 
 
 class SegAided(TrainedImageMethod):
     name = "segaided"
     fitted_buffers = ("difference_stats",)
     PIXEL_WIDTHS = (32, 64, 128, 256)
+    FEATURE_WIDTHS = (192, 256)  # 152 x 32 x 32 backbone maps -> a 256 x 8 x 8 code
 
     def __init__(
         self,
+        space: str = "features",
         input_size: int = 128,
         widths: tuple[int, ...] | None = None,
         structure_weight: float = 0.5,
+        structure_clusters: int = 8,
         image_score: str = "mean",
         learning_rate: float = 1e-3,
         batch_size: int = 16,
@@ -89,7 +111,7 @@ class SegAided(TrainedImageMethod):
     ) -> None:
         super().__init__()
         self._init_training(
-            "pixels",
+            space,
             input_size,
             widths,
             learning_rate,
@@ -102,16 +124,47 @@ class SegAided(TrainedImageMethod):
         if len(self.layer_widths) < 2:
             raise ParameterError("segaided needs at least 2 widths (skip connections)")
         self.structure_weight = check_float("structure_weight", structure_weight, 0.0, 1e3)
+        self.structure_clusters = check_int("structure_clusters", structure_clusters, 2, 256)
         self.image_score = check_choice("image_score", image_score, ("mean", "map_max"))
+        if self.space == "features":
+            self.fitted_buffers = (*self.fitted_buffers, *_CLUSTER_BUFFERS)
+            for name in _CLUSTER_BUFFERS:
+                self.register_buffer(name, None)
 
     def build(self) -> nn.Module:
-        return _PNet(self.layer_widths)
+        structure_channels = 1 if self.space == "pixels" else self.structure_clusters
+        return _PNet(self.in_channels, structure_channels, self.layer_widths, self.output)
+
+    def structure(self, x: torch.Tensor) -> torch.Tensor:
+        """The structure map of prepared inputs: edges of pixels (B, 1, s, s), or each
+        feature position's soft membership of the training features' clusters (B, k, h, w)."""
+        if self.space == "pixels":
+            return edge_structure(x)
+        return soft_assignment(x, self.structure_centres, self.structure_temperature)
+
+    def before_training(self, train: torch.Tensor) -> None:
+        """Features: cluster the training images' standardised feature vectors (seeded)."""
+        if self.space == "pixels":
+            return
+        vectors = train.permute(0, 2, 3, 1).reshape(-1, train.shape[1])
+        if len(vectors) < self.structure_clusters:
+            raise ParameterError(
+                f"segaided needs at least structure_clusters={self.structure_clusters} "
+                f"feature positions to cluster, the training images give {len(vectors)}"
+            )
+        centres = kmeans(vectors, self.structure_clusters, seed=self.seed)
+        self.structure_centres = centres
+        self.structure_temperature = assignment_temperature(vectors, centres).clamp_min(1e-6)
 
     def _differences(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-pixel image and structure differences (B, s, s) of a batch."""
-        reconstruction, structure = self.net(x)
+        """Per-position input and structure differences (B, s, s) of a batch. The structure
+        difference is the L1 distance between memberships, halved for clusters so that both
+        kinds of map are in [0, 1]."""
+        structure = self.structure(x)
+        reconstruction = self.net(x, structure)
         image = (reconstruction - x).abs().mean(dim=1)
-        return image, (edge_structure(reconstruction) - structure).abs()[:, 0]
+        change = (self.structure(reconstruction) - structure).abs()
+        return image, change[:, 0] if self.space == "pixels" else change.sum(dim=1) / 2
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         image, structure = self._differences(x)
@@ -134,7 +187,16 @@ class SegAided(TrainedImageMethod):
         return maps, maps.mean(dim=(1, 2)) if self.image_score == "mean" else None
 
     def check_geometry(self, image_size: int, taps: dict[int, int]) -> None:
+        super().check_geometry(image_size, taps)
         if self.difference_stats.shape != (2, 2) or not bool(
             (self.difference_stats[:, 1] > 0).all()
         ):
             raise ModelFileError("segaided difference statistics must be (2, 2), spreads > 0")
+        if self.space == "features":
+            channels = self.feature_mean.numel()
+            if self.structure_centres.shape != (self.structure_clusters, channels):
+                raise ModelFileError(
+                    f"segaided structure_centres must be ({self.structure_clusters}, {channels})"
+                )
+            if self.structure_temperature.shape != () or float(self.structure_temperature) <= 0:
+                raise ModelFileError("segaided structure_temperature must be one positive value")

@@ -16,7 +16,9 @@ receptive field stand in for the ResNet: efficientnet_lite0's stride-4 map sees 
 paper's 17 px scale) and its stride-8 map 67 px (the 65 px scale).
 - "distilled" (default): as in the paper, a teacher network of the students' architecture is
   first trained (`teacher_minutes`) to regress those maps (standardised) on the training
-  images, and the students regress the teacher. Students of the teacher's own architecture
+  images, and the students regress the teacher. The whole training then ends within
+  `teacher_minutes` + `max_minutes` of the fit's start: the students get what reading the
+  maps and distilling left. Students of the teacher's own architecture
   can match it closely on normal patches, which keeps the normal error small.
 - "backbone": the students regress the backbone's maps directly (no distillation; the
   backbone then runs at scoring time too).
@@ -41,6 +43,7 @@ on the regression loss of the whole normal validation images.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -67,6 +70,12 @@ def student_layers(patch_size: int, width: int, channels: int) -> list[tuple]:
     if patch_size == 17:
         return [*stages, ("conv", 2, 2 * width), ("conv", 1, channels)]
     return [*stages, ("conv", 5, width), ("pool",), ("conv", 4, 2 * width), ("conv", 1, channels)]
+
+
+def _minutes_until(deadline: float) -> float:
+    """Minutes left before a `time.monotonic()` deadline; a phase whose time is gone still
+    gets its one epoch (the training loop always runs the first)."""
+    return max((deadline - time.monotonic()) / 60.0, 1e-6)
 
 
 def error_and_variance(outputs: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -204,6 +213,11 @@ class Students(TrainedImageMethod):
         progress: bool = False,
         val_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
     ) -> None:
+        # One deadline for the whole training: what reading the maps and distilling the
+        # teacher took comes out of the students' share, so a fit on a large set stays
+        # within teacher_minutes + max_minutes (it ran 1-2 minutes past it before).
+        budget = self.max_minutes + (self.teacher_minutes if self.teacher == "distilled" else 0)
+        deadline = time.monotonic() + 60.0 * budget
         train_pixels, train_maps = _images_and_maps(extractor, batches)
         val_pixels, val_maps = (None, None)
         if val_batches is not None:
@@ -222,7 +236,7 @@ class Students(TrainedImageMethod):
                 teachers,
                 (train_pixels, *self._standardise(train_maps)),
                 _maybe(val_pixels, lambda v: (v, *self._standardise(val_maps))),
-                self.teacher_minutes,
+                min(self.teacher_minutes, _minutes_until(deadline)),
                 progress,
                 "distil teacher",
             )
@@ -235,8 +249,9 @@ class Students(TrainedImageMethod):
         train = (train_pixels, *self._standardise(train_maps))
         val = _maybe(val_pixels, lambda v: (v, *self._standardise(val_maps)))
         history += self._regress(
-            self.net["students"], train, val, self.max_minutes, progress, f"train {self.name}"
-        )
+            self.net["students"], train, val, _minutes_until(deadline), progress,
+            f"train {self.name}",
+        )  # fmt: skip
         self.history = history
         self.net.requires_grad_(False).eval()
         with torch.no_grad():

@@ -16,8 +16,9 @@ A subclass names itself, builds its network (`build`), says what one batch's tra
 (`loss`) and how a batch is scored (`score`: raw maps at `input_size` and image scores). A
 method whose network reads more than the image (Uninformed Students: the teacher's maps too)
 overrides `inputs`, which then returns a tuple, and `score` receives its parts. It may
-keep extra fitted tensors as buffers (`fitted_buffers`) and compute them after training
-(`after_training`, e.g. statistics of the validation images).
+keep extra fitted tensors as buffers (`fitted_buffers`) and compute them before training
+(`before_training`, e.g. clusters of the training features) or after it (`after_training`,
+e.g. statistics of the validation images).
 """
 
 from __future__ import annotations
@@ -140,6 +141,10 @@ class TrainedImageMethod(AnomalyMethod):
     def after_backward(self) -> None:
         """Runs between each training step's backward pass and its update; optional."""
 
+    def before_training(self, train: torch.Tensor) -> None:
+        """Compute fitted buffers the network is built or trained on, from the prepared
+        training inputs; optional."""
+
     def after_training(self, train: torch.Tensor, val: torch.Tensor | None) -> None:
         """Compute fitted buffers that need the trained network; optional."""
 
@@ -224,6 +229,8 @@ class TrainedImageMethod(AnomalyMethod):
             self.fit_standardisation(train)
             train = self.standardise(train)
             val = None if val is None else self.standardise(val)
+        with torch.no_grad():
+            self.before_training(train)
         self.net = self.new_network()
         self.history = self.train_network(train, val, progress)
         self.net.requires_grad_(False).eval()

@@ -44,8 +44,13 @@ def resolve_device(name: str | None) -> torch.device:
 
 @dataclass(frozen=True)
 class StopRule:
-    """At most `max_epochs` epochs and `max_minutes` of wall-clock time (checked after each
-    epoch); stop after `patience` epochs without the monitored loss improving by `min_delta`."""
+    """At most `max_epochs` epochs and `max_minutes` of wall-clock time; stop after `patience`
+    epochs without the monitored loss improving by `min_delta`.
+
+    The time budget is a ceiling, not a floor: after each epoch, the next one is started only
+    if, at the pace of the epoch just run (validation included), it would end within the
+    budget. Checking only that the budget was not yet spent let the last epoch run past it,
+    by up to one epoch: 50 s for Uninformed Students on 400 board images on 2 cores."""
 
     max_epochs: int
     patience: int
@@ -82,6 +87,7 @@ def train_epochs(
     bar = tqdm(range(rule.max_epochs), desc=desc, disable=not progress, unit="epoch")
     try:
         for epoch in bar:
+            epoch_start = time.monotonic()
             module.train()
             record: dict[str, Any] = {"epoch": epoch, "train_loss": float(run_epoch(epoch))}
             module.eval()
@@ -104,7 +110,8 @@ def train_epochs(
             if stale >= rule.patience:
                 stopped = "patience"
                 break
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now + (now - epoch_start) > deadline:  # the next epoch would end past it
                 stopped = "time budget"
                 break
     finally:
