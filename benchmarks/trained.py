@@ -52,7 +52,8 @@ def summary(path: str) -> None:
     print("|---" * 12 + "|")
     for line in Path(path).read_text().splitlines():
         r = json.loads(line)
-        space = "–" if r["method"] in SPACELESS else r["params"].get("space", "pixels")
+        space = r.get("space") or r["params"].get("space", "pixels")  # "space": since 2026-12-07
+        space = "–" if r["method"] in SPACELESS else space
         budget = f"{r['params'].get('max_minutes', 10):g} min"
         # other non-default parameters go with the scoring rule, e.g. Students' teacher
         others = {k: v for k, v in r["params"].items() if k not in ("space", "max_minutes")}
@@ -93,6 +94,7 @@ def main() -> None:
         "dataset": Path(args.data).name,
         "method": args.method,
         "params": params,
+        "space": getattr(detector.model_, "space", None),  # the input space it ran in
         "n_train": len(images),
         "fit_s": round(fit_s, 1),
         "epochs": len(epochs),

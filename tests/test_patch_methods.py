@@ -15,7 +15,7 @@ import torch
 from defectlens import Detector, load
 from defectlens.components.patchnet import PatchNet
 from defectlens.data import find_test_samples
-from defectlens.errors import DefectLensError, ParameterError
+from defectlens.errors import DefectLensError, ModelFileError, ParameterError
 from defectlens.evaluation import evaluate
 from defectlens.methods.students import Students, student_layers
 
@@ -353,6 +353,13 @@ def test_segaided_on_features_segments_them_fits_round_trips_and_exports(brick_r
     metrics = evaluate(detector, brick_root).metrics
     assert metrics["image_auroc"] > 0.65 and metrics["pixel_auroc"] > 0.8, metrics
     assert_round_trip_and_export(detector, brick_root, tmp_path)
+    # A config edited to another cluster count: the error says which weight does not fit.
+    config_path = tmp_path / "m" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["detector"]["method_params"]["structure_clusters"] = 5
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelFileError, match=r"size mismatch for structure_encoder\."):
+        load(tmp_path / "m")
 
 
 def test_a_patch_coverage_finish_checks_its_spec_at_load():

@@ -270,8 +270,10 @@ class TrainedImageMethod(AnomalyMethod):
         try:
             net.load_state_dict(weights, strict=True)
         except RuntimeError as exc:
-            first = str(exc).splitlines()[0][:200]
-            raise ModelFileError(f"{self.name} network weights do not match: {first}") from None
+            # torch's first line only names the class; the second says which weight and how
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            detail = (lines[1] if len(lines) > 1 else lines[0] if lines else "")[:240]
+            raise ModelFileError(f"{self.name} network weights do not match: {detail}") from None
         for name, tensor in weights.items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise ModelFileError(f"{self.name} weight {name!r} holds NaN or infinite values")
