@@ -36,6 +36,35 @@ def rate(fn, batch: torch.Tensor, repeats: int = 3) -> float:
     return repeats * batch.shape[0] / (time.perf_counter() - start)
 
 
+def score_variants(data: str, model: Path, method: str, variants: dict, scorer) -> None:
+    """One fitted model (fitted at `model` with `method`'s defaults if it is not a model yet),
+    its test split evaluated once per variant with its score replaced by `scorer(method,
+    *variant)` (None: as fitted), no refit. Prints one JSON line per variant: image / pixel
+    AUROC and AUPRO. What the *_terms.py studies share."""
+    torch.set_num_threads(2)
+    if not (model / "config.json").is_file():
+        start = time.perf_counter()
+        Detector(method=method).fit(find_normal_images(data), progress=True).save(model)
+        print(json.dumps({"fit_s": round(time.perf_counter() - start, 1)}), flush=True)
+    for label, variant in variants.items():
+        detector = Detector.load(model)
+        if variant is not None:
+            detector.model_.score = scorer(detector.model_, *variant)
+        metrics = evaluate(detector, data, report=False).metrics
+        row = {"dataset": Path(data).name, "variant": label}
+        row.update({k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")})
+        print(json.dumps(row), flush=True)
+
+
+def terms_main(doc: str, method: str, variants: dict, scorer) -> None:
+    """The command line of a *_terms.py study: DATA --model DIR, then `score_variants`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("data")
+    parser.add_argument("--model", required=True)
+    args = parser.parse_args()
+    score_variants(args.data, Path(args.model), method, variants, scorer)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data")

@@ -10,17 +10,15 @@ One JSON line per variant: image / pixel AUROC and AUPRO on the whole test split
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
+import sys
 from pathlib import Path
 
 import torch
 
-from defectlens import Detector
-from defectlens.data.dataset import find_normal_images
-from defectlens.evaluation import evaluate
 from defectlens.methods.students import mean_of_scales
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import terms_main
 
 # label -> (scales kept (None: all), error weight, variance weight)
 VARIANTS = {
@@ -45,26 +43,5 @@ def scorer(method, scales, error_weight, variance_weight):
     return score
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data")
-    parser.add_argument("--model", required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    model = Path(args.model)
-    if not (model / "config.json").is_file():
-        start = time.perf_counter()
-        Detector(method="students").fit(find_normal_images(args.data), progress=True).save(model)
-        print(json.dumps({"fit_s": round(time.perf_counter() - start, 1)}), flush=True)
-    for label, variant in VARIANTS.items():
-        detector = Detector.load(model)
-        if variant is not None:
-            detector.model_.score = scorer(detector.model_, *variant)
-        metrics = evaluate(detector, args.data, report=False).metrics
-        row = {"dataset": Path(args.data).name, "variant": label}
-        row.update({k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")})
-        print(json.dumps(row), flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    terms_main(__doc__, "students", VARIANTS, scorer)

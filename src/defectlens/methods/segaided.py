@@ -156,7 +156,7 @@ class SegAided(TrainedImageMethod):
         self.structure_centres = centres
         self.structure_temperature = assignment_temperature(vectors, centres).clamp_min(1e-6)
 
-    def _differences(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def differences(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position input and structure differences (B, s, s) of a batch. The structure
         difference is the L1 distance between memberships, halved for clusters so that both
         kinds of map are in [0, 1]."""
@@ -167,13 +167,13 @@ class SegAided(TrainedImageMethod):
         return image, change[:, 0] if self.space == "pixels" else change.sum(dim=1) / 2
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
-        image, structure = self._differences(x)
+        image, structure = self.differences(x)
         return image.mean() + self.structure_weight * structure.mean()
 
     def after_training(self, train: torch.Tensor, val: torch.Tensor | None) -> None:
         """Mean and spread of both differences over the validation images' pixels."""
         data = val if val is not None else train
-        parts = [self._differences(data[i : i + 32]) for i in range(0, len(data), 32)]
+        parts = [self.differences(data[i : i + 32]) for i in range(0, len(data), 32)]
         rows = []
         for k in range(2):
             values = torch.cat([p[k].flatten() for p in parts])
@@ -181,7 +181,7 @@ class SegAided(TrainedImageMethod):
         self.difference_stats = torch.stack(rows)
 
     def score(self, *x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        image, structure = self._differences(x[0])
+        image, structure = self.differences(x[0])
         (i_mean, i_std), (s_mean, s_std) = self.difference_stats
         maps = (image - i_mean) / i_std + (structure - s_mean) / s_std
         return maps, maps.mean(dim=(1, 2)) if self.image_score == "mean" else None
