@@ -348,6 +348,9 @@ def test_segaided_on_features_segments_them_fits_round_trips_and_exports(brick_r
     model = detector.model_
     assert model.structure_centres.shape == (4, model.feature_mean.numel())
     assert float(model.structure_temperature) > 0
+    # The clusters follow the input's device and dtype (training moves only the network).
+    grid = torch.randn(1, model.feature_mean.numel(), 4, 4, dtype=torch.float64)
+    assert model.structure(grid).dtype == torch.float64
     history = model.history
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     metrics = evaluate(detector, brick_root).metrics

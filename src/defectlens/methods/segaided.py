@@ -140,7 +140,9 @@ class SegAided(TrainedImageMethod):
         feature position's soft membership of the training features' clusters (B, k, h, w)."""
         if self.space == "pixels":
             return edge_structure(x)
-        return soft_assignment(x, self.structure_centres, self.structure_temperature)
+        # The clusters follow the input: training moves only the network to its device.
+        centres, temperature = self.structure_centres.to(x), self.structure_temperature.to(x)
+        return soft_assignment(x, centres, temperature)
 
     def before_training(self, train: torch.Tensor) -> None:
         """Features: cluster the training images' standardised feature vectors (seeded)."""
