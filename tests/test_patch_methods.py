@@ -255,7 +255,8 @@ def patchsvdd(brick_root):
 
 def test_patchsvdd_fits_beats_chance_round_trips_and_exports(patchsvdd, brick_root, tmp_path):
     model = patchsvdd.model_
-    assert all("val_loss" in r for r in model.history)
+    # by default each epoch is judged by the synthetic check: 1 - a mean AUROC
+    assert all(0.0 <= r["val_loss"] <= 1.0 for r in model.history)
     # 64 px images: 9 x 9 small patches and one large patch per training image, all kept
     n_train = len(patchsvdd.fit_images_)
     assert model.bank_small.shape == (81 * n_train, 64)
@@ -263,6 +264,60 @@ def test_patchsvdd_fits_beats_chance_round_trips_and_exports(patchsvdd, brick_ro
     metrics = evaluate(patchsvdd, brick_root).metrics
     assert metrics["image_auroc"] > 0.65 and metrics["pixel_auroc"] > 0.7, metrics
     assert_round_trip_and_export(patchsvdd, brick_root, tmp_path)
+    # A model saved before `select_by` existed had its epoch chosen by the loss.
+    config_path = tmp_path / "m" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["detector"]["method_params"]["select_by"]
+    config_path.write_text(json.dumps(config))
+    assert load(tmp_path / "m").model_.select_by == "loss"
+
+
+def test_synthetic_check_rewards_maps_that_find_the_pasted_defects():
+    from defectlens.training.synthetic_check import SyntheticCheck
+
+    images = torch.full((4, 3, 64, 64), 0.5)
+    check = SyntheticCheck(images, seed=0)
+    assert check.images.shape == (8, 3, 64, 64) and check.labels.tolist() == [0] * 4 + [1] * 4
+    assert torch.equal(check.images[:4], images) and not check.masks[:4].any()
+    assert bool(check.masks[4:].flatten(1).any(dim=1).all())  # every copy has a defect
+    masks = check.masks.float()
+    assert check.measure(masks) == 1.0
+    assert check.measure(torch.nn.functional.avg_pool2d(masks[:, None], 4)[:, 0]) > 0.95
+    assert check.measure(torch.zeros(8, 16, 16)) == 0.5
+    # low on the defects: images tie (each map's maximum is 0), every pixel is misranked
+    assert check.measure(-masks) == 0.25
+    assert torch.equal(SyntheticCheck(images, seed=0).images, check.images)  # seeded
+
+
+def test_patchsvdd_keeps_the_epoch_that_best_finds_synthetic_defects(brick_root, monkeypatch):
+    from defectlens.methods.patchsvdd import PatchSVDD
+
+    errors, states = iter([0.4, 0.1, 0.3]), []
+
+    def judged(self):
+        states.append({k: v.clone() for k, v in self.net.state_dict().items()})
+        return next(errors)
+
+    monkeypatch.setattr(PatchSVDD, "_synthetic_error", judged)
+    params = {"max_epochs": 3, "patience": 3, "coreset_ratio": 1.0}
+    model = (
+        Detector(method="patchsvdd", image_size=64, method_params=params)
+        .fit(brick_root, device="cpu")
+        .model_
+    )
+    assert [r["val_loss"] for r in model.history] == [0.4, 0.1, 0.3]
+    kept = model.net.state_dict()
+    assert all(torch.equal(kept[k], states[1][k]) for k in kept)  # the second epoch's
+    # the authors' rule: the position loss (about 2 ln 8 at chance), not the check
+    params["select_by"] = "loss"
+    model = (
+        Detector(method="patchsvdd", image_size=64, method_params=params)
+        .fit(brick_root, device="cpu")
+        .model_
+    )
+    assert len(states) == 3 and all(r["val_loss"] > 3.0 for r in model.history)
+    with pytest.raises(ParameterError, match="select_by"):
+        Detector(method="patchsvdd", method_params={"select_by": "auroc"})
 
 
 def test_patchsvdd_draws_pairs_from_each_image_pairs_per_image_times_an_epoch(

@@ -54,7 +54,10 @@ _TOP_KEYS = {
 # the older models' behaviour.
 _ADDED_DETECTOR_KEYS = {"shots": None, "shot_seed": 0, "augment_support": False}
 # Method parameters added after models were saved, with the value those models were fitted with.
-_ADDED_METHOD_PARAMS = {"segaided": {"space": "pixels", "structure_clusters": 8}}
+_ADDED_METHOD_PARAMS = {
+    "segaided": {"space": "pixels", "structure_clusters": 8},
+    "patchsvdd": {"select_by": "loss"},  # its epoch was chosen by the loss before 2026-12-07
+}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 

@@ -132,6 +132,12 @@ class TrainedImageMethod(AnomalyMethod):
         """The loss early stopping watches on the held-out normal images (default: `loss`)."""
         return self.loss(x)
 
+    def validation_measure(self) -> Callable[[], float] | None:
+        """A measure of the whole validation set that early stopping watches instead of
+        `validation_loss`, lower is better (Patch SVDD's synthetic-defect check); None: the
+        loss."""
+        return None
+
     def score(self, *x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw maps (B, s, s) and image scores (B,) of prepared inputs (`prepare`'s tensor, or
         its tensors when it gives several), higher = anomalous; None for the scores: the
@@ -252,6 +258,7 @@ class TrainedImageMethod(AnomalyMethod):
             self.device,
             val_loss=self.validation_loss,
             after_backward=self.after_backward,
+            validate=self.validation_measure(),
         )
 
     @property

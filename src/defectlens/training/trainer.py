@@ -96,12 +96,14 @@ def fit_minibatches(
     val_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     parameters: Iterable[nn.Parameter] | None = None,
     after_backward: Callable[[], None] | None = None,
+    validate: Callable[[], float] | None = None,
 ) -> list[dict[str, Any]]:
     """Train `module`'s parameters (or `parameters`) to lower `loss` over `train`, choosing the
-    epoch by `val_loss` (default `loss`) over `val`; the module ends on the CPU in eval mode
-    with the best epoch's weights. `after_backward()` runs between each step's backward pass
-    and its update (GradCon reads the gradients there). Returns the per-epoch history (see
-    `train_epochs`)."""
+    epoch by `val_loss` (default `loss`) over `val`, or by `validate()` when given: a measure
+    of the whole validation set, lower is better, that is not a mean over minibatches (Patch
+    SVDD's synthetic-defect check); the module ends on the CPU in eval mode with the best
+    epoch's weights. `after_backward()` runs between each step's backward pass and its update
+    (GradCon reads the gradients there). Returns the per-epoch history (see `train_epochs`)."""
     where = resolve_device(device) if not isinstance(device, torch.device) else device
     module.to(where)
     trainable = [p for p in (parameters or module.parameters()) if p.requires_grad]
@@ -125,12 +127,12 @@ def fit_minibatches(
             schedule.step()
         return total / train.shape[0]
 
-    def validate() -> float:
+    def mean_validation_loss() -> float:
         return mean_loss(val_loss or loss, val, config.batch_size, where)
 
+    if validate is None and val is not None:
+        validate = mean_validation_loss
     try:
-        return train_epochs(
-            module, run_epoch, None if val is None else validate, config.rule, progress, desc
-        )
+        return train_epochs(module, run_epoch, validate, config.rule, progress, desc)
     finally:
         module.cpu()
