@@ -257,6 +257,7 @@ def test_patchsvdd_fits_beats_chance_round_trips_and_exports(patchsvdd, brick_ro
     model = patchsvdd.model_
     # by default each epoch is judged by the synthetic check: 1 - a mean AUROC
     assert all(0.0 <= r["val_loss"] <= 1.0 for r in model.history)
+    assert all(r["synthetic_auroc"] == 1.0 - r["val_loss"] for r in model.history)
     # 64 px images: 9 x 9 small patches and one large patch per training image, all kept
     n_train = len(patchsvdd.fit_images_)
     assert model.bank_small.shape == (81 * n_train, 64)
@@ -318,6 +319,16 @@ def test_patchsvdd_keeps_the_epoch_that_best_finds_synthetic_defects(brick_root,
     assert len(states) == 3 and all(r["val_loss"] > 3.0 for r in model.history)
     with pytest.raises(ParameterError, match="select_by"):
         Detector(method="patchsvdd", method_params={"select_by": "auroc"})
+
+
+def test_patchsvdd_fit_says_what_chose_the_epoch(brick_root, tmp_path, monkeypatch, capsys):
+    from tests.conftest import run_cli
+
+    args = ["fit", brick_root, "--method", "patchsvdd", "--image-size", "64", "-q"]
+    args += ["--param", "max_epochs=2", "--param", "coreset_ratio=0.1", "--out", tmp_path / "m"]
+    code, stdout, stderr = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, stderr
+    assert "synthetic-defect AUROC" in stdout and "validation loss" not in stdout
 
 
 def test_patchsvdd_draws_pairs_from_each_image_pairs_per_image_times_an_epoch(

@@ -381,9 +381,12 @@ def fit(
     kept = [r for r in epochs if r.get("best")]
     if kept:  # a method that trained a network: how it went
         loss = kept[-1].get("val_loss", kept[-1]["train_loss"])
+        measure = f"validation loss {loss:.4g}"
+        if "synthetic_auroc" in kept[-1]:  # chosen by synthetic defects (Patch SVDD)
+            measure = f"synthetic-defect AUROC {kept[-1]['synthetic_auroc']:.3f} on validation"
         echo(
             f"trained {len(epochs)} epoch(s), stopped by {epochs[-1].get('stopped')}; kept epoch "
-            f"{kept[-1]['epoch'] + 1} (validation loss {loss:.4g})"
+            f"{kept[-1]['epoch'] + 1} ({measure})"
         )
     if shots is not None:
         echo(f"fitted on {shots} image(s): " + ", ".join(detector.fit_images_))

@@ -239,6 +239,10 @@ class PatchSVDD(TrainedImageMethod):
                 None if val is None else torch.arange(len(val)),
                 progress,
             )
+            if "check" in self._data:  # say what val_loss was: 1 - the check's AUROC
+                for record in self.history:
+                    if record.get("val_loss") is not None:
+                        record["synthetic_auroc"] = 1.0 - record["val_loss"]
         finally:
             del self._data, self._generator
             self.__dict__.pop("_check", None)
