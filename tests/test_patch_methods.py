@@ -238,16 +238,9 @@ def test_position_pairs_are_labelled_by_where_the_second_patch_lies():
 
 @pytest.fixture(scope="module")
 def patchsvdd(brick_root):
-    # 20 steps: too few for the position classifiers to learn anything (on real data they
-    # start after a few hundred), so the SVDD' term at the authors' code default weight is
-    # what shapes the embeddings here
-    params = {
-        "max_epochs": 20,
-        "patience": 20,
-        "batch_size": 32,
-        "coreset_ratio": 1.0,
-        "svdd_weight": 1.0,
-    }
+    # the defaults, 20 steps: with the He-initialised encoder enough to beat chance on these
+    # generated textures (with PyTorch's default initialisation it took svdd_weight=1)
+    params = {"max_epochs": 20, "patience": 20, "batch_size": 32, "coreset_ratio": 1.0}
     return Detector(method="patchsvdd", image_size=64, batch_size=8, method_params=params).fit(
         brick_root, device="cpu"
     )
@@ -255,9 +248,8 @@ def patchsvdd(brick_root):
 
 def test_patchsvdd_fits_beats_chance_round_trips_and_exports(patchsvdd, brick_root, tmp_path):
     model = patchsvdd.model_
-    # by default each epoch is judged by the synthetic check: 1 - a mean AUROC
-    assert all(0.0 <= r["val_loss"] <= 1.0 for r in model.history)
-    assert all(r["synthetic_auroc"] == 1.0 - r["val_loss"] for r in model.history)
+    # by default each epoch is judged by the position + SVDD' loss on validation pairs
+    assert all(r["val_loss"] > 3.0 and "synthetic_auroc" not in r for r in model.history)
     # 64 px images: 9 x 9 small patches and one large patch per training image, all kept
     n_train = len(patchsvdd.fit_images_)
     assert model.bank_small.shape == (81 * n_train, 64)
@@ -300,13 +292,14 @@ def test_patchsvdd_keeps_the_epoch_that_best_finds_synthetic_defects(brick_root,
         return next(errors)
 
     monkeypatch.setattr(PatchSVDD, "_synthetic_error", judged)
-    params = {"max_epochs": 3, "patience": 3, "coreset_ratio": 1.0}
+    params = {"max_epochs": 3, "patience": 3, "coreset_ratio": 1.0, "select_by": "synthetic"}
     model = (
         Detector(method="patchsvdd", image_size=64, method_params=params)
         .fit(brick_root, device="cpu")
         .model_
     )
     assert [r["val_loss"] for r in model.history] == [0.4, 0.1, 0.3]
+    assert [r["synthetic_auroc"] for r in model.history] == [0.6, 0.9, 0.7]
     kept = model.net.state_dict()
     assert all(torch.equal(kept[k], states[1][k]) for k in kept)  # the second epoch's
     # the authors' rule: the position loss (about 2 ln 8 at chance), not the check
@@ -326,6 +319,11 @@ def test_patchsvdd_fit_says_what_chose_the_epoch(brick_root, tmp_path, monkeypat
 
     args = ["fit", brick_root, "--method", "patchsvdd", "--image-size", "64", "-q"]
     args += ["--param", "max_epochs=2", "--param", "coreset_ratio=0.1", "--out", tmp_path / "m"]
+    code, stdout, stderr = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, stderr
+    assert "validation loss" in stdout and "synthetic" not in stdout
+    args[-1] = tmp_path / "s"
+    args += ["--param", "select_by=synthetic"]
     code, stdout, stderr = run_cli(monkeypatch, capsys, *args)
     assert code == 0, stderr
     assert "synthetic-defect AUROC" in stdout and "validation loss" not in stdout
