@@ -77,7 +77,19 @@ def test_resnet_rejects_mismatched_or_corrupt_weights(tmp_path):
     del state["fc.weight"]
     bad = tmp_path / "bad.pth"
     torch.save(state, bad)
-    with pytest.raises(WeightsError, match="does not match"):
+    with pytest.raises(WeightsError, match="does not match") as caught:
+        build_extractor("resnet18", [8], image_size=64, weights=str(bad))
+    assert "1 missing (e.g. fc.weight)" in str(caught.value)
+    # an efficientnet file for a resnet: a short line naming a few keys, not hundreds
+    lite = build_extractor("efficientnet_lite0", [8], image_size=64).weights_state()
+    other = tmp_path / "other.pth"
+    torch.save(lite, other)
+    with pytest.raises(WeightsError, match="does not match") as caught:
+        build_extractor("resnet18", [8], image_size=64, weights=str(other))
+    assert len(str(caught.value)) < 600 and "weights file for resnet18" in str(caught.value)
+    same_names = {k: v[..., :1] if v.ndim == 4 else v for k, v in state.items()}
+    torch.save({**same_names, "fc.weight": torch.zeros(1000, 512)}, bad)
+    with pytest.raises(WeightsError, match=r"does not match.*size mismatch"):
         build_extractor("resnet18", [8], image_size=64, weights=str(bad))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a torch file")

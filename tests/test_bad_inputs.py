@@ -92,12 +92,12 @@ FIT_CASES = [
     # parameters that used to give a silent wrong answer or a traceback
     (["--out", "m", "--n-channels", "0"], ["n_channels must be at least 1"]),
     (["--out", "m", "--n-channels", "-5"], ["n_channels must be at least 1"]),
-    (["--out", "m", "--image-size", "0"], ["image_size must be at least 32"]),
+    (["--out", "m", "--image-size", "0"], ["'--image-size': 0 is not in the range 32<=x"]),
     (["--out", "m", "--image-size", "100"], ["multiple of 32"]),
-    (["--out", "m", "--image-size", "65536"], ["image_size must be at most 2048"]),
+    (["--out", "m", "--image-size", "65536"], ["'--image-size': 65536 is not in the range"]),
     (["--out", "m", "--image-size", "abc"], ["'abc' is not a valid integer"]),
-    (["--out", "m", "--batch-size", "0"], ["batch_size must be at least 1"]),
-    (["--out", "m", "--batch-size", "-3"], ["batch_size must be at least 1"]),
+    (["--out", "m", "--batch-size", "0"], ["'--batch-size': 0 is not in the range x>=1"]),
+    (["--out", "m", "--batch-size", "-3"], ["'--batch-size': -3 is not in the range x>=1"]),
     (["--out", "m", "--val-fraction", "1.5"], ["val_fraction must be < 1.0"]),
     (["--out", "m", "--val-fraction", "nan"], ["val_fraction must be a finite number"]),
     (["--out", "m", "--target-far", "-0.1"], ["target_far must be >= 0.0"]),
@@ -511,7 +511,7 @@ def test_internal_errors_exit_3_with_one_line_and_debug_shows_the_traceback(
     assert code == 3
     assert err.strip() == (
         "defectlens: internal error: RuntimeError: something we did not foresee "
-        "(a bug: rerun with --debug for the traceback and please report it)"
+        "(a bug: rerun as `defectlens --debug COMMAND ...` for the traceback and please report it)"
     )
     code, _, err = run_cli(monkeypatch, capsys, "--debug", *args)
     assert code == 3 and "Traceback" in err

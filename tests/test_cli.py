@@ -5,7 +5,7 @@ import pytest
 
 from defectlens.data import find_test_samples
 
-from .conftest import read_csv
+from .conftest import read_csv, snapshot
 from .conftest import run_cli as run
 
 
@@ -65,6 +65,41 @@ def test_fit_evaluate_predict_end_to_end(brick_root, tmp_path, monkeypatch, caps
     assert len(rows) == 3 and all(r["error"] == "" for r in rows)
     assert len(list((pred / "overlays").glob("*.png"))) == 3
     assert len(list((pred / "masks").glob("*.png"))) == 3
+
+
+def test_evaluate_keeps_an_earlier_evaluation_unless_told_and_then_leaves_nothing_stale(
+    model_dir, brick_root, tmp_path, monkeypatch, capsys
+):
+    results = tmp_path / "e"
+    args = ["evaluate", model_dir, brick_root, "--out", results, "--no-report", "-q"]
+    assert run(monkeypatch, capsys, *args, "--save-maps")[0] == 0
+    before = snapshot(results)
+    assert any(k.startswith("maps/") for k in before)
+    code, _, err = run(monkeypatch, capsys, *args)
+    assert code != 0 and "earlier evaluation" in err and "--overwrite" in err
+    assert snapshot(results) == before  # nothing of it touched
+    assert run(monkeypatch, capsys, *args, "--overwrite")[0] == 0
+    # the first run's maps are not left beside the second run's metrics
+    assert not (results / "maps").exists() and (results / "metrics.json").is_file()
+
+
+def test_results_never_go_into_a_model_folder_and_a_failed_run_leaves_no_folder(
+    model_dir, brick_root, tmp_path, monkeypatch, capsys
+):
+    before = snapshot(model_dir)
+    image = find_test_samples(brick_root)[0].path
+    for args in (
+        ["evaluate", model_dir, brick_root, "--out", model_dir],
+        ["predict", model_dir, image, "--out", model_dir],
+    ):
+        code, _, err = run(monkeypatch, capsys, *args, "-q")
+        assert code != 0 and "is a model folder" in err, err
+    assert snapshot(model_dir) == before
+    # a missing model: the results folder the run would have made is not left behind
+    new = tmp_path / "new"
+    for command, data in (("evaluate", brick_root), ("predict", image)):
+        code, _, err = run(monkeypatch, capsys, command, tmp_path / "nomodel", data, "--out", new)
+        assert code != 0 and "no such model directory" in err and not new.exists()
 
 
 def test_predict_skips_corrupt_images_and_reports_them(
@@ -127,7 +162,29 @@ def test_globs_select_images(model_dir, brick_root, tmp_path, monkeypatch, capsy
         ),
         (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--backbone", "resnet18"], "--weights PATH"),
         (["fit", "{tmp}/imgs", "--out", "{tmp}/m"], "imgs/bad.png: unreadable or corrupt"),
-        (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--coreset-ratio", "0.1"], "coreset_ratio"),
+        (
+            ["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--coreset-ratio", "0.1"],
+            "--coreset-ratio is not a padim option (it is for patchcore, patchsvdd)",
+        ),
+        (
+            ["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--param", "k=1", "--param", "k=2"],
+            "--param k is given twice, as 1 and 2",
+        ),
+        (
+            [
+                "fit",
+                "{tmp}/imgs",
+                "--out",
+                "{tmp}/m",
+                "--n-channels",
+                "5",
+                "--param",
+                "n_channels=6",
+            ],
+            "--n-channels 5 and --param n_channels=6 disagree",
+        ),
+        (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--image-size", "0"], "32<=x<=2048"),
+        (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--val-fraction", "0.99"], "leaves none"),
         (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--param", "nonsense"], "expected KEY=VALUE"),
         (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--sigma", "-1"], "sigma"),
     ],

@@ -66,6 +66,10 @@ def test_dataset_discovery(tmp_path):
     defective = [s for s in samples if s.label == 1]
     assert {s.defect for s in defective} == set(DEFECTS)
     assert all(s.mask is not None and s.mask.name == f"{s.path.stem}_mask.png" for s in defective)
+    # given test/ or one of its folders instead of the root: the root is named
+    for wrong in (root / "test", root / "test" / "good"):
+        with pytest.raises(DataError, match=f"the dataset root is probably {root}$"):
+            find_test_samples(wrong)
 
 
 def test_dataset_errors(tmp_path):

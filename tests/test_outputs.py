@@ -24,6 +24,8 @@ from defectlens.outputs import (
     is_model_folder,
     leftovers,
     prepare_results_dir,
+    read_folder_config,
+    results_dir,
 )
 from defectlens.results import ResultsTable, one_line, safe_text
 
@@ -103,6 +105,25 @@ def test_model_target_rules(tmp_path, monkeypatch):
         check_model_target("fake")
 
 
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_old_model(
+    fitted, tmp_path, monkeypatch
+):
+    from safetensors import SafetensorError
+
+    import defectlens.io
+
+    path = fitted.save(tmp_path / "m")
+    before = snapshot(path)
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device")
+
+    monkeypatch.setattr(defectlens.io, "save_file", full)
+    with pytest.raises(OutputError, match=r"m: saving the model failed .*No space left"):
+        fitted.save(path)
+    assert snapshot(path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 def test_results_folder_marker_rules(tmp_path):
     out = prepare_results_dir(tmp_path / "r", ["results.csv"], "predict")
     (out / "results.csv").write_text("ours\n")
@@ -116,6 +137,38 @@ def test_results_folder_marker_rules(tmp_path):
     with pytest.raises(OutputError, match="did not write"):
         prepare_results_dir(tmp_path / "user2", ["results.csv"], "predict")
     assert (tmp_path / "user2" / "results.csv").read_text() == "theirs"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "said"),
+    [
+        ("defectlens-export", "is a deployment export"),
+        ("defectlens-registration", "is a RegAD registration model"),
+    ],
+)
+def test_a_folder_of_another_kind_is_named_and_never_takes_results(tmp_path, fmt, said):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"format": fmt}))
+    with pytest.raises(ModelFileError, match=f"f: {said}.*, not a defectlens model$"):
+        read_folder_config(folder, "model", "defectlens-model")
+    with pytest.raises(OutputError, match="folder of their own"):
+        prepare_results_dir(folder, ["results.csv"], "predict")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
+
+
+def test_a_results_folder_made_for_a_failed_run_is_removed_an_earlier_one_kept(tmp_path):
+    with pytest.raises(KeyError), results_dir(tmp_path / "new", ["a.csv"], "predict"):
+        raise KeyError("failed before writing")
+    assert not (tmp_path / "new").exists()
+    kept = prepare_results_dir(tmp_path / "old", ["a.csv"], "predict")
+    with pytest.raises(KeyError), results_dir(kept, ["a.csv"], "predict"):
+        raise KeyError("failed before writing")
+    assert kept.is_dir()  # it was there before this run
+    with pytest.raises(KeyError), results_dir(tmp_path / "w", ["a.csv"], "predict") as out:
+        (out / "a.csv").write_text("a row\n")
+        raise KeyError("failed after writing")
+    assert (tmp_path / "w" / "a.csv").read_text() == "a row\n"  # results are never removed
 
 
 def test_results_table_resume_drops_errors_and_torn_rows(tmp_path):
@@ -215,6 +268,10 @@ def test_resume_refuses_rows_of_another_model_and_a_concurrent_run(
     finally:
         table.close()
     assert run_cli(monkeypatch, capsys, "predict", model_dir, *args, "--resume")[0] == 0
+    # resumed without --no-images, "0 to go" would write no pictures: refused instead
+    code, _, err = run_cli(monkeypatch, capsys, "predict", model_dir, *args[:-2], "--resume")
+    assert code == 2 and "started with --no-images; resume it the same way" in err
+    assert not (out / "overlays").exists()
 
 
 # -- config loading: any edit is either harmless or a one-line ModelFileError -----------------

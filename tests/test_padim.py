@@ -18,6 +18,20 @@ def test_padim_detects_synthetic_defects(fitted, brick_root):
     assert m["aupro"] > 0.5
 
 
+def test_a_missing_mask_is_named_not_silently_dropping_pixel_metrics(fitted, brick_root, tmp_path):
+    import shutil
+
+    from defectlens.errors import DefectLensWarning
+
+    root = tmp_path / "brick"
+    shutil.copytree(brick_root, root)
+    mask = next(iter(sorted((root / "ground_truth").rglob("*_mask.png"))))
+    mask.unlink()
+    with pytest.warns(DefectLensWarning, match=f"no mask, e.g. test/.*{mask.name[:-9]}"):
+        metrics = evaluate(fitted, root).metrics
+    assert "pixel_auroc" not in metrics or metrics["pixel_auroc"] != metrics["pixel_auroc"]
+
+
 def test_maps_and_masks_have_the_original_resolution(fitted, brick_root):
     sample = find_test_samples(brick_root)[-1]
     image = read_image(sample.path)[:100, :90]  # an odd size, not the model's

@@ -265,6 +265,34 @@ def test_patchsvdd_fits_beats_chance_round_trips_and_exports(patchsvdd, brick_ro
     assert load(tmp_path / "m").model_.select_by == "loss"
 
 
+def test_patchsvdd_banks_rebuild_at_another_ratio_without_retraining(patchsvdd):
+    from defectlens.data.loader import iter_batches
+
+    model = patchsvdd.model_
+    full_small, full_large = model.bank_small, model.bank_large
+    weights = {k: v.clone() for k, v in model.net.state_dict().items()}
+    images = next(iter_batches(patchsvdd.fit_images_, 64, 64)).images
+    assert len(images) == len(patchsvdd.fit_images_)
+    full_maps = patchsvdd.score_batch(images[:2])[0]
+    try:
+        model.coreset_ratio = 0.1
+        model.build_banks(model.inputs(torch.from_numpy(images), None))
+        # the coreset's share of the same embeddings: rows of the full banks
+        assert len(model.bank_small) == int(np.ceil(0.1 * len(full_small)))
+        assert len(model.bank_large) == int(np.ceil(0.1 * len(full_large)))
+        exact = "donot_use_mm_for_euclid_dist"
+        nearest = torch.cdist(model.bank_small, full_small, compute_mode=exact).min(dim=1)
+        assert nearest.values.max() < 1e-6
+        assert all(torch.equal(weights[k], v) for k, v in model.net.state_dict().items())
+        # a bank that is a subset scores every patch at least as far from normal
+        assert (patchsvdd.score_batch(images[:2])[0] >= full_maps - 1e-6).all()
+    finally:
+        model.coreset_ratio = 1.0
+        model.build_banks(model.inputs(torch.from_numpy(images), None))
+    assert model.bank_small.shape == full_small.shape
+    np.testing.assert_allclose(patchsvdd.score_batch(images[:2])[0], full_maps, atol=1e-6)
+
+
 def test_synthetic_check_rewards_maps_that_find_the_pasted_defects():
     from defectlens.training.synthetic_check import SyntheticCheck
 

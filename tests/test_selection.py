@@ -118,6 +118,14 @@ def test_select_refuses_unknown_names_before_any_work(tile_root, tmp_path, monke
         monkeypatch, capsys, "select", tile_root, "--out", tmp_path / "m", "--defects", "dent"
     )
     assert code == 2 and "unknown defect kind 'dent'" in err
+    # a backbone without weights here: the fix, not a --weights that select does not have
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-hub"))
+    code, _, err = run_cli(
+        monkeypatch, capsys, "select", tile_root, "--out", tmp_path / "m", "--backbones",
+        "resnet18",
+    )  # fmt: skip
+    assert code == 2 and "no weights for resnet18" in err and "select has no --weights" in err
+    assert "pass --weights" not in err
     assert not (tmp_path / "m.selection").exists()
 
 

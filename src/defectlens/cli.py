@@ -41,7 +41,7 @@ Typical use:
   defectlens demo                        # everything on built-in synthetic data
 \b
 Exit status: 0 ok, 1 some inputs skipped (listed with their error), 2 user error,
-3 internal error (rerun with --debug for the traceback), 130 interrupted.
+3 internal error (rerun as `defectlens --debug COMMAND ...` for the traceback), 130 interrupted.
 """
 
 _STATE = {"debug": False}
@@ -62,7 +62,10 @@ def backbone_option(help_text: str):
 
 
 def image_size_option(help_text: str):
-    return click.option("--image-size", type=int, default=256, show_default=True, help=help_text)
+    return click.option(
+        "--image-size", type=click.IntRange(32, 2048), default=256, show_default=True,
+        help=help_text,
+    )  # fmt: skip
 
 
 def dask_option(help_text: str):
@@ -132,8 +135,9 @@ def cli(debug: bool) -> None:
     default="padim",
     show_default=True,
     help="Anomaly-detection method: padim, patchcore, spade (backbone features, fitted in "
-    "seconds), regad (few-shot), or one that trains a network: differnet, memae, mnad, "
-    "gradcon, ognet, students, patchsvdd, segaided (minutes; see the README's method table).",
+    "seconds), regad (few-shot), ensemble (several of them, --param members=...), or one that "
+    "trains a network: differnet, memae, mnad, gradcon, ognet, students, patchsvdd, segaided, "
+    "nbs (minutes; see the README's method table).",
 )
 @backbone_option("Pretrained backbone; see `defectlens backbones`.")
 @weights_option
@@ -158,7 +162,8 @@ def cli(debug: bool) -> None:
     type=float,
     default=0.1,
     show_default=True,
-    help="Share of training images held out to set the threshold, in [0, 1).",
+    help="Share of training images held out to set the threshold, in [0, 1); at least one "
+    "image is held out (0 holds out one).",
 )
 @click.option(
     "--target-far",
@@ -193,7 +198,8 @@ def cli(debug: bool) -> None:
     "--coreset-ratio",
     type=float,
     default=None,
-    help="patchcore: share of training patches kept in the memory bank, in (0, 1] (default 0.1).",
+    help="patchcore, patchsvdd: share of training patches kept in the memory bank, in (0, 1] "
+    "(default 0.1 for patchcore, 0.01 for patchsvdd).",
 )
 @click.option(
     "--index",
@@ -257,15 +263,23 @@ def cli(debug: bool) -> None:
     help="regad: registration model folder from `defectlens regad train` (default: the one "
     "shipped with defectlens; 'identity' for none).",
 )
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Images read and run through the backbone at once (memory, not results). A method "
+    "that trains a network has its own training batch size: --param batch_size=N.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice.")
 @dask_option(
     "Fit PaDiM on a Dask cluster (tcp://HOST:PORT, or local[:N]): workers embed shares of "
     "the images (paths they see) and their sums are added; the model equals a local fit."
 )
 @device_option(
-    "Where a method that trains a network (differnet, memae, mnad, gradcon, ognet) "
-    "trains: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N."
+    "Where a method that trains a network (differnet, memae, mnad, gradcon, ognet, "
+    "students, patchsvdd, segaided, nbs) trains: auto (CUDA when present, else the CPU), "
+    "cpu, cuda or cuda:N."
 )
 @backend_option
 @max_pixels_option
@@ -342,8 +356,24 @@ def fit(
         "members": None if members is None else [m.strip() for m in members.split(",")],
     }
     method_params = {k: v for k, v in named.items() if v is not None}
-    method_params.update(_parse_params(params))
     from defectlens.methods import METHODS
+
+    for key, value in _parse_params(params).items():
+        if key in method_params and method_params[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise DefectLensError(
+                f"{flag} {method_params[key]!r} and --param {key}={value!r} disagree; give one"
+            )
+        method_params[key] = value
+    if method in METHODS:  # a named option the method does not take: say which do
+        takes = METHODS[method].param_names()
+        for key in named:
+            if key in method_params and key not in takes:
+                users = [n for n, m in sorted(METHODS.items()) if key in m.param_names()]
+                raise DefectLensError(
+                    f"--{key.replace('_', '-')} is not a {method} option (it is for "
+                    f"{', '.join(users)})"
+                )
 
     if method in METHODS and "seed" in METHODS[method].param_names():
         method_params.setdefault("seed", seed)  # random channels, coresets, initial weights
@@ -391,6 +421,12 @@ def fit(
     if shots is not None:
         echo(f"fitted on {shots} image(s): " + ", ".join(detector.fit_images_))
     echo(f"saved {path} (threshold {t.image:.4g} from {t.n_validation} normal images)")
+    if t.n_validation < FEW_VALIDATION_IMAGES:
+        _warn(
+            f"a threshold from {t.n_validation} normal image(s) is rough: it is near their "
+            "highest score, and real false alarms may be far from --target-far; hold out more "
+            "(--val-fraction) or pass --val DIR with more normal images"
+        )
 
 
 def _parse_params(items: tuple[str, ...]) -> dict:
@@ -399,11 +435,15 @@ def _parse_params(items: tuple[str, ...]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise DefectLensError(f"--param {item!r}: expected KEY=VALUE")
-        try:
-            parsed[key] = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
-            parsed[key] = value  # a bare word, e.g. --param index=hnsw
+        with contextlib.suppress(json.JSONDecodeError, RecursionError):
+            value = json.loads(value)  # else a bare word, e.g. --param index=hnsw
+        if key in parsed and parsed[key] != value:
+            raise DefectLensError(f"--param {key} is given twice, as {parsed[key]!r} and {value!r}")
+        parsed[key] = value
     return parsed
+
+
+FEW_VALIDATION_IMAGES = 10  # fewer validation images than this: the fit warns
 
 
 # -- evaluate -------------------------------------------------------------------------------------
@@ -413,45 +453,59 @@ def _parse_params(items: tuple[str, ...]) -> dict:
 @click.option("--out", "out", required=True, type=click.Path(), help="Folder for the results.")
 @click.option("--save-maps", is_flag=True, help="Also write maps/<path>.npy (float32 raw maps).")
 @click.option("--no-report", is_flag=True, help="Skip report.html.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an earlier evaluation in --out (its metrics, scores, report and maps).",
+)
 @weights_option
 @backend_option
 @max_pixels_option
 @quiet_option
-def evaluate(model, data, out, save_maps, no_report, weights, backend, max_pixels, quiet) -> None:
+def evaluate(
+    model, data, out, save_maps, no_report, overwrite, weights, backend, max_pixels, quiet
+) -> None:
     """Score the test images of DATA (MVTec layout) and write metrics, scores and a report.
 
     Unreadable images or masks are listed in scores.csv and metrics.json with their error and
     left out of the metrics (exit status 1). scores.csv is written as images are scored.
+    A folder holding an earlier evaluation is replaced only with --overwrite.
     """
     from defectlens.evaluation import PRODUCES
     from defectlens.evaluation import evaluate as run_evaluation
-    from defectlens.outputs import prepare_results_dir
+    from defectlens.outputs import results_dir
 
     _apply_max_pixels(max_pixels)
-    out_dir = prepare_results_dir(out, PRODUCES, "evaluate")
-    numpy_blas_single_threaded()  # see defectlens.blas: OpenBLAS's idle threads spin
-    detector = load_model(model, weights=weights, backend=backend)
+    with results_dir(out, PRODUCES, "evaluate") as out_dir:
+        earlier = [name for name in PRODUCES if (out_dir / name).exists()]
+        if earlier and not overwrite:
+            raise DefectLensError(
+                f"{out_dir}: holds an earlier evaluation ({', '.join(earlier)}); pass "
+                "--overwrite to replace it, or choose another --out"
+            )
+        numpy_blas_single_threaded()  # see defectlens.blas: OpenBLAS's idle threads spin
+        detector = load_model(model, weights=weights, backend=backend)
 
-    def on_skip(path: str, error: str) -> None:
-        _warn(f"skipped {path}: {error}")
+        def on_skip(path: str, error: str) -> None:
+            _warn(f"skipped {path}: {error}")
 
-    try:
-        result = run_evaluation(
-            detector,
-            data,
-            out_dir,
-            save_maps=save_maps,
-            report=not no_report,
-            progress=not quiet,
-            on_skip=on_skip,
-        )
-    except KeyboardInterrupt:
-        echo(
-            f"interrupted: scores so far are in {out_dir / 'scores.csv'}; "
-            "metrics were not computed",
-            err=True,
-        )
-        raise
+        try:
+            result = run_evaluation(
+                detector,
+                data,
+                out_dir,
+                save_maps=save_maps,
+                report=not no_report,
+                progress=not quiet,
+                on_skip=on_skip,
+            )
+        except KeyboardInterrupt:
+            echo(
+                f"interrupted: scores so far are in {out_dir / 'scores.csv'}; "
+                "metrics were not computed",
+                err=True,
+            )
+            raise
     _print_metrics(result.metrics)
     echo(
         f"wrote {out_dir / 'metrics.json'}, {out_dir / 'scores.csv'}"
@@ -549,7 +603,7 @@ def predict(
         raise DefectLensError("--backend does not apply to --dask: workers use their default")
     _apply_max_pixels(max_pixels)
     from defectlens.data.inputs import expand_inputs
-    from defectlens.outputs import is_results_folder, prepare_results_dir
+    from defectlens.outputs import is_results_folder, results_dir
     from defectlens.results import ResultsTable
     from defectlens.scoring import RESULT_COLUMNS
 
@@ -561,8 +615,8 @@ def predict(
             client = stack.enter_context(connect(dask_address))
         out_dir = None
         if out is not None:
-            out_dir = prepare_results_dir(
-                out, ["results.csv", "overlays", "masks"], "predict", inputs
+            out_dir = stack.enter_context(
+                results_dir(out, ["results.csv", "overlays", "masks"], "predict", inputs)
             )
             if (out_dir / "results.csv").exists() and not (resume or overwrite):
                 raise DefectLensError(
@@ -576,7 +630,7 @@ def predict(
             numpy_blas_single_threaded()  # see defectlens.blas: OpenBLAS's idle threads spin
             detector = load_model(model, weights=weights, backend=backend)
         if out_dir is not None and detector is not None:
-            _check_same_model(out_dir, model, detector, resume)
+            _check_same_run(out_dir, model, detector, resume, pictures=not no_images)
         table = None
         if out_dir is not None:
             table = ResultsTable(
@@ -682,8 +736,10 @@ def export(model, out, fmt, int8, calibration, weights, quiet) -> None:
         )
 
 
-def _check_same_model(out_dir: Path, model: str, loaded, resume: bool) -> None:
-    """--resume must continue with the model that wrote the earlier rows, never mix two."""
+def _check_same_run(out_dir: Path, model: str, loaded, resume: bool, pictures: bool) -> None:
+    """--resume must continue with the model that wrote the earlier rows, never mix two, and
+    with the same pictures choice (a run resumed without --no-images would write no pictures
+    for its done rows, so "done" must mean the same thing)."""
     from defectlens.outputs import read_results_marker, write_results_marker
     from defectlens.runtime.deployed import ExportedModel
 
@@ -699,7 +755,14 @@ def _check_same_model(out_dir: Path, model: str, loaded, resume: bool) -> None:
             f"{out_dir}: its results.csv was written by another model ({marker.get('model')}); "
             "resume with that model, or use --overwrite or another --out to start again"
         )
-    write_results_marker(out_dir, {**marker, "model": str(model), "model_sha256": identity})
+    if resume and marker.get("pictures") not in (None, pictures):
+        was = "with" if pictures else "without"
+        raise DefectLensError(
+            f"{out_dir}: the earlier run was started {was} --no-images; resume it the same way, "
+            "or use --overwrite or another --out to start again"
+        )
+    info = {"model": str(model), "model_sha256": identity, "pictures": pictures}
+    write_results_marker(out_dir, {**marker, **info})
 
 
 def _picture_path(source: str, base: Path) -> Path:
@@ -826,9 +889,20 @@ def regad() -> None:
 @weights_option
 @image_size_option("Image size the registration is for; fits must use the same one.")
 @click.option("--shots", type=int, default=2, show_default=True, help="Supports per query image.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Queries per step.")
-@click.option("--steps", type=int, default=50, show_default=True, help="Steps per epoch.")
-@click.option("--epochs", type=int, default=20, show_default=True, help="At most this many.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Queries per step.",
+)
+@click.option(
+    "--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Steps per epoch."
+)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), default=20, show_default=True,
+    help="At most this many.",
+)  # fmt: skip
 @click.option(
     "--patience",
     type=int,
@@ -839,7 +913,13 @@ def regad() -> None:
 @click.option(
     "--max-minutes", type=float, default=30.0, show_default=True, help="Wall-clock budget."
 )
-@click.option("--lr", type=float, default=0.01, show_default=True, help="Initial SGD rate.")
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.01,
+    show_default=True,
+    help="Initial SGD rate.",
+)
 @click.option(
     "--pose-jitter",
     type=float,
@@ -947,8 +1027,20 @@ def regad_train(
     "smudge (drawn), cutpaste, scar, blob, stain (the image's own texture), or the groups "
     "`drawn`, `self`, `all`.",
 )
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Images read and run through the backbone at once (memory, not results).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the held-out split, the synthetic defects and the fits.",
+)
 @device_option("Where a method that trains a network trains (auto, cpu, cuda, cuda:N).")
 @quiet_option
 def select(
@@ -967,10 +1059,11 @@ def select(
     import numpy as np
     from tqdm.auto import tqdm
 
+    from defectlens.backbones import get_spec
     from defectlens.data.dataset import find_normal_images
     from defectlens.data.synthetic import defect_kinds
     from defectlens.methods import get_method
-    from defectlens.outputs import check_model_target, prepare_results_dir
+    from defectlens.outputs import check_model_target, results_dir
     from defectlens.report.html import write_selection_report
     from defectlens.selection import TIE_AUROC, Candidate, near_ties, split_for_selection
     from defectlens.selection import select as run_selection
@@ -1003,27 +1096,39 @@ def select(
                 candidate = Candidate(method, backbone, size, params)
                 candidate.detector(batch_size, seed)  # an unknown name or size: said now
                 candidates.append(candidate)
+    for backbone in backbone_list:  # select finds weights only where `backbones` lists them
+        status = get_spec(backbone).weights_status()
+        if not status.startswith("available"):
+            reason = status.removeprefix("missing: ")
+            for option in (" (or pass --weights PATH)", " or pass --weights PATH"):
+                reason = reason.replace(option, "")
+            raise DefectLensError(
+                f"--backbones {backbone}: {reason} (select has no --weights: it uses the "
+                "weights `defectlens backbones` finds)"
+            )
     check_model_target(out, [data])
     split_for_selection(find_normal_images(data), seed)  # too few images: said before writing
-    report_dir = prepare_results_dir(
-        report or f"{out}.selection", ["selection.csv", "selection.html"], "select", [data]
-    )
-    bar = tqdm(total=len(candidates), desc="select", disable=quiet, unit="config")
-    try:
-        ranked = run_selection(
-            data,
-            candidates,
-            budget_s=None if budget_minutes is None else 60 * budget_minutes,
-            batch_size=batch_size,
-            seed=seed,
-            device=device,
-            on_outcome=lambda outcome: bar.update(1),
-            defects=kinds,
-        )
-    finally:
-        bar.close()
-    rows = [{"rank": i + 1, **o.row()} for i, o in enumerate(ranked)]
-    _write_csv(report_dir / "selection.csv", rows)
+    report_name = report or f"{out}.selection"
+    # interrupted before the table is written: no folder holding only our marker is left
+    with results_dir(report_name, ["selection.csv", "selection.html"], "select", [data]) as (
+        report_dir
+    ):
+        bar = tqdm(total=len(candidates), desc="select", disable=quiet, unit="config")
+        try:
+            ranked = run_selection(
+                data,
+                candidates,
+                budget_s=None if budget_minutes is None else 60 * budget_minutes,
+                batch_size=batch_size,
+                seed=seed,
+                device=device,
+                on_outcome=lambda outcome: bar.update(1),
+                defects=kinds,
+            )
+        finally:
+            bar.close()
+        rows = [{"rank": i + 1, **o.row()} for i, o in enumerate(ranked)]
+        _write_csv(report_dir / "selection.csv", rows)
     winner = ranked[0]
     if not np.isfinite(winner.image_auroc):
         raise DefectLensError(f"no candidate could be fitted: {winner.error}")
@@ -1144,7 +1249,8 @@ def _check_port_free(host: str, port: int) -> None:
     default=50_000_000,
     show_default=True,
     help="Largest image (width x height from its header); larger ones get 413 before any "
-    "pixel is decoded (decompression bombs).",
+    "pixel is decoded (decompression bombs). Lower than the other commands' 67108864: a "
+    "service reads images from the network.",
 )
 @click.option(
     "--max-images",
@@ -1279,9 +1385,24 @@ def serve(
 
 
 @cli.command()
-@click.option("--out", "out", default="demo-output", show_default=True, type=click.Path())
-@click.option("--method", default="padim", show_default=True)
-@click.option("--image-size", type=int, default=256, show_default=True)
+@click.option(
+    "--out",
+    "out",
+    default="demo-output",
+    show_default=True,
+    type=click.Path(),
+    help="Folder for the generated data, the models and their reports.",
+)
+@click.option(
+    "--method", default="padim", show_default=True, help="Method to fit (see `fit --help`)."
+)
+@click.option(
+    "--image-size",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Images are resized to N x N (a multiple of 32).",
+)
 @click.option(
     "--textures",
     default="brick,gravel,grass",
@@ -1402,7 +1523,7 @@ def _internal_error(exc: BaseException) -> None:
     first = str(exc).splitlines()[0] if str(exc) else ""
     echo(
         f"defectlens: internal error: {type(exc).__name__}: {first[:300]} "
-        "(a bug: rerun with --debug for the traceback and please report it)",
+        "(a bug: rerun as `defectlens --debug COMMAND ...` for the traceback and please report it)",
         err=True,
     )
     sys.exit(EXIT_INTERNAL)

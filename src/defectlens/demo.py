@@ -27,6 +27,7 @@ def run_demo(
     unknown = [t for t in textures if t not in TEXTURES]
     if unknown:
         raise DefectLensError(f"unknown texture(s) {unknown}; choose from {', '.join(TEXTURES)}")
+    Detector(method=method, image_size=image_size)  # a bad method or size: said before writing
     prepare_results_dir(out, ["data", "summary.json", *textures], "demo")
     summary = {}
     for texture in textures:

@@ -215,6 +215,11 @@ class Detector(Predictor):
                 f"got {len(images)}; add images or pass validation images explicitly"
             )
         n_val = max(1, round(len(images) * self.val_fraction))
+        if n_val >= len(images):
+            raise DataError(
+                f"val_fraction {self.val_fraction:g} holds out all {len(images)} normal images "
+                "and leaves none to fit on; lower it (--val-fraction) or pass validation images"
+            )
         order = np.random.default_rng(self.seed).permutation(len(images))
         val = sorted(order[:n_val].tolist())
         fit = sorted(order[n_val:].tolist())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,8 @@ import numpy as np
 from defectlens import metrics
 from defectlens.data.dataset import Sample, find_test_samples
 from defectlens.data.images import read_mask
-from defectlens.errors import DataError
-from defectlens.outputs import prepare_results_dir, write_text_atomic
+from defectlens.errors import DataError, DefectLensWarning
+from defectlens.outputs import clear_results, prepare_results_dir, write_text_atomic
 from defectlens.prediction import Prediction, Predictor
 from defectlens.results import ResultsTable, safe_text
 
@@ -86,12 +87,22 @@ def evaluate(
     samples = find_test_samples(root)
     out_dir = None if out is None else prepare_results_dir(out, PRODUCES, "evaluate")
     if out_dir is not None:
-        # An earlier run's summary (ours: the folder carries our marker) must not sit beside
-        # this run's scores if this one is interrupted.
-        for name in ("metrics.json", "report.html"):
-            (out_dir / name).unlink(missing_ok=True)
+        # Nothing of an earlier run (ours: the folder carries our marker) may sit beside this
+        # run's: not its summary if this one is interrupted, not another model's maps.
+        clear_results(out_dir, PRODUCES)
     by_path = {str(s.path): s for s in samples}
-    with_masks = all(s.mask is not None for s in samples if s.label == 1)
+    defective = [s for s in samples if s.label == 1]
+    with_masks = all(s.mask is not None for s in defective)
+    unmasked = [s for s in defective if s.mask is None]
+    if unmasked and len(unmasked) < len(defective):  # some masks, not all: say which
+        warnings.warn(
+            f"{len(unmasked)} of {len(defective)} defective test image(s) have no mask, e.g. "
+            f"{_relative(unmasked[0].path, root)} (expected ground_truth/{unmasked[0].defect}/"
+            f"{safe_text(unmasked[0].path.stem)}_mask.png); pixel metrics need every mask and "
+            "are left out",
+            DefectLensWarning,
+            stacklevel=2,
+        )
     pixel = metrics.PixelMetrics(fpr_limit=0.3) if with_masks and detector.has_maps else None
     table = None if out_dir is None else ResultsTable(out_dir / "scores.csv", SCORE_COLUMNS)
     scored: list[Sample] = []

@@ -18,7 +18,8 @@ The rules, the same for every command:
   model is missing because of one.
 - A results folder (evaluate, predict) gets a marker file when we first write into it; files we
   produce are overwritten only in a folder carrying our marker, so a user's own `results.csv`
-  is never replaced.
+  is never replaced. A model, export or registration folder never takes results, and a results
+  folder created for a run that fails before writing anything is removed (`results_dir`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from defectlens.errors import DefectLensWarning, ModelFileError, OutputError
 
 MODEL_FORMAT = "defectlens-model"
@@ -47,6 +50,12 @@ EXPORT_FORMAT = "defectlens-export"
 REGISTRATION_FORMAT = "defectlens-registration"
 RESULTS_MARKER = ".defectlens-results.json"
 RESULTS_FORMAT = "defectlens-results"
+_FORMAT_NAMES = {
+    MODEL_FORMAT: "a defectlens model (from `fit`)",
+    EXPORT_FORMAT: "a deployment export (from `export`: predict and serve take it as it is)",
+    REGISTRATION_FORMAT: "a RegAD registration model (from `regad train`: give it to "
+    "`fit --method regad --registration DIR`)",
+}
 _TMP_TAG = "defectlens-tmp"
 _OLD_TAG = "defectlens-old"
 
@@ -77,6 +86,9 @@ def read_folder_config(path: Path, what: str, fmt: str) -> tuple[Path, dict]:
     except (ValueError, RecursionError) as exc:  # JSON and UTF-8 decoding errors
         raise ModelFileError(f"{config_path}: corrupt JSON ({str(exc)[:120]})") from None
     if not isinstance(config, dict) or config.get("format") != fmt:
+        found = _FORMAT_NAMES.get(config.get("format")) if isinstance(config, dict) else None
+        if found is not None:  # one of ours, of another kind: say which, and what it is for
+            raise ModelFileError(f"{path}: is {found}, not a defectlens {what}")
         raise ModelFileError(f"{config_path}: not a defectlens {what} config")
     return config_path, config
 
@@ -356,6 +368,9 @@ def assembling(path: Path, what: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
             raise OutputError(f"{path}: {what} failed ({exc.strerror or exc})") from None
+        if isinstance(exc, SafetensorError):  # its writer's I/O errors, e.g. a full disk
+            reason = (str(exc).strip().splitlines() or ["error"])[0][:200]
+            raise OutputError(f"{path}: {what} failed ({reason})") from None
         raise
 
 
@@ -402,6 +417,11 @@ def prepare_results_dir(
     for item in protect:
         if path.exists() and path.resolve() == Path(item).resolve():
             raise OutputError(f"{path}: is an input folder; give a separate folder for results")
+    kind = _saved_kind(path)
+    if kind is not None:
+        raise OutputError(
+            f"{path}: is {kind} folder; results go in a folder of their own (choose another --out)"
+        )
     previous = read_results_marker(path)
     if path.is_dir() and not is_results_folder(path):
         taken = [n for n in produces if (path / n).exists() or (path / n).is_symlink()]
@@ -418,6 +438,49 @@ def prepare_results_dir(
             raise OutputError(f"{path}: cannot create it ({_describe_os_error(exc)})") from None
     write_results_marker(path, {**previous, "command": command})
     return path
+
+
+def _saved_kind(path: Path) -> str | None:
+    """'a model' / 'an export' / 'a registration model' if `path` holds the config.json of one
+    (even beside other files), else None: results must never be mixed into such a folder."""
+    for fmt, kind in (
+        (MODEL_FORMAT, "a model"),
+        (EXPORT_FORMAT, "an export"),
+        (REGISTRATION_FORMAT, "a registration model"),
+    ):
+        if _read_config(path / MODEL_CONFIG, fmt) is not None:
+            return kind
+    return None
+
+
+@contextmanager
+def results_dir(
+    path: str | Path, produces: Iterable[str], command: str, protect: Iterable[str | Path] = ()
+) -> Iterator[Path]:
+    """`prepare_results_dir`, undone if the body fails before writing anything: a folder this
+    call created and that still holds only our marker is removed, so a failed run (a missing
+    model, no inputs) leaves no folder that looks like results and blocks the corrected rerun."""
+    created = not Path(path).exists()
+    out_dir = prepare_results_dir(path, produces, command, protect)
+    try:
+        yield out_dir
+    except BaseException:
+        if created and _entries(out_dir) == {RESULTS_MARKER}:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def clear_results(path: Path, produces: Iterable[str]) -> None:
+    """Remove an earlier run's outputs (`produces`: files or folders) from a results folder of
+    ours, so that none of them is left beside the new run's (e.g. another model's maps)."""
+    if not is_results_folder(path):
+        return
+    for name in produces:
+        item = path / name
+        if item.is_symlink() or item.is_file():
+            item.unlink()
+        elif item.is_dir():
+            shutil.rmtree(item)
 
 
 def read_results_marker(path: Path) -> dict:

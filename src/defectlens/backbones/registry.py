@@ -80,17 +80,35 @@ def load_state_dict_strict(net: nn.Module, path: Path, backbone: str) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for a bad file
-        raise WeightsError(f"{path}: cannot read weights for {backbone}: {exc}") from None
+        detail = f"{type(exc).__name__}: {str(exc)[:160]}".strip()
+        raise WeightsError(
+            f"{path}: cannot read weights for {backbone}: not a readable PyTorch (.pth) or "
+            f"safetensors file ({detail})"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: not a state dict of tensors (found {type(state).__name__})")
+    own = getattr(net, "weights_state", None)  # a net whose file keys differ says so
+    expected = set(own() if own else net.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:  # name a few: a wrong file misses hundreds
+        parts = [
+            f"{len(found)} {what} (e.g. {', '.join(map(str, found[:3]))})"
+            for found, what in ((missing, "missing"), (unexpected, "unexpected"))
+            if found
+        ]
+        raise WeightsError(
+            f"{path}: does not match the {backbone} architecture: of its {len(expected)} "
+            f"tensors, {' and '.join(parts)}; is it a weights file for {backbone}?"
+        )
     try:
         net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0:3]
+    except RuntimeError as exc:  # same names, other shapes
+        first = " ".join(str(exc).splitlines()[0:3])[:300]
         raise WeightsError(
-            f"{path}: does not match the {backbone} architecture ({' '.join(first)})"
+            f"{path}: does not match the {backbone} architecture ({first})"
         ) from None
 
 

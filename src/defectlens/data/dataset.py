@@ -75,7 +75,12 @@ def find_test_samples(root: str | Path) -> list[Sample]:
     root = Path(root)
     test = root / "test"
     if not test.is_dir():
-        raise DataError(f"{root}: no test/ folder (expected test/good and test/<defect>)")
+        hint = ""
+        for above in (root.parent, root.parent.parent):  # given test/ or test/<defect> itself
+            if above != root and (above / "test").is_dir() and root.is_relative_to(above):
+                hint = f"; the dataset root is probably {above}"
+                break
+        raise DataError(f"{root}: no test/ folder (expected test/good and test/<defect>){hint}")
     samples = list(_test_images(root))
     if not samples:
         raise DataError(f"{test}: no images found in its sub-folders")

@@ -247,8 +247,13 @@ class PatchSVDD(TrainedImageMethod):
             del self._data, self._generator
             self.__dict__.pop("_check", None)
         self.net.requires_grad_(False).eval()
-        with torch.no_grad():
-            small, large = self._embeddings(train, progress)
+        self.build_banks(train, progress)
+
+    def build_banks(self, x: torch.Tensor, progress: bool = False) -> None:
+        """Both scales' memory banks from prepared training images (`inputs`): a greedy
+        coreset of `coreset_ratio` of their test-stride patch embeddings. Public so that a
+        trained encoder's banks can be rebuilt at another ratio without retraining it."""
+        small, large = self.patch_embeddings(x, progress)
         sampler = GreedyCoresetSampler(self.coreset_ratio, None, self.seed)
         banks = []
         for size, vectors in ((SMALL, small), (LARGE, large)):
@@ -292,7 +297,7 @@ class PatchSVDD(TrainedImageMethod):
         """1 - the synthetic check's mean AUROC for the network as it is now: the check's
         images scored against a bank of `CHECK_BANK_SIZE` patches of `CHECK_BANK_IMAGES`
         training images (a subsample: this runs after every epoch)."""
-        small, large = self._embeddings(self._data["bank"])
+        small, large = self.patch_embeddings(self._data["bank"])
         generator = torch.Generator().manual_seed(self.seed)
         keep = torch.randperm(len(small), generator=generator)[:CHECK_BANK_SIZE]
         indexes = _indexes("exact", small[keep], large)
@@ -305,7 +310,7 @@ class PatchSVDD(TrainedImageMethod):
         return 1.0 - self._check.measure(maps)
 
     # -- scoring -----------------------------------------------------------------------------
-    def _embeddings(
+    def patch_embeddings(
         self, x: torch.Tensor, progress: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every test-stride patch embedding of these prepared images, both scales: (N, dim),
