@@ -67,6 +67,20 @@ def test_fit_evaluate_predict_end_to_end(brick_root, tmp_path, monkeypatch, caps
     assert len(list((pred / "masks").glob("*.png"))) == 3
 
 
+def test_fit_warns_of_a_rough_threshold_and_of_an_option_shots_ignores(
+    brick_root, tmp_path, monkeypatch, capsys
+):
+    args = ["fit", brick_root, "--image-size", 64, "--out", tmp_path / "m", "-q"]
+    code, _, err = run(monkeypatch, capsys, *args)  # 30 images: 3 validate
+    assert code == 0 and "threshold from 3 normal image(s) is rough" in err
+    assert "hold out more (--val-fraction)" in err
+    code, _, err = run(monkeypatch, capsys, *args, "--shots", 2, "--val-fraction", 0.5)
+    assert code == 0 and "--val-fraction 0.5 does not apply with --shots" in err
+    assert "threshold from" not in err  # the 28 images not drawn validate
+    code, _, err = run(monkeypatch, capsys, *args, "--val-fraction", 0.5)
+    assert code == 0 and err == ""  # 15 validation images
+
+
 def test_evaluate_keeps_an_earlier_evaluation_unless_told_and_then_leaves_nothing_stale(
     model_dir, brick_root, tmp_path, monkeypatch, capsys
 ):

@@ -61,6 +61,10 @@ def backbone_option(help_text: str):
     )
 
 
+DEFAULT_VAL_FRACTION = 0.1
+FEW_VALIDATION_IMAGES = 10  # fewer validation images than this: the fit warns
+
+
 def image_size_option(help_text: str):
     return click.option(
         "--image-size", type=click.IntRange(32, 2048), default=256, show_default=True,
@@ -160,7 +164,7 @@ def cli(debug: bool) -> None:
 @click.option(
     "--val-fraction",
     type=float,
-    default=0.1,
+    default=DEFAULT_VAL_FRACTION,
     show_default=True,
     help="Share of training images held out to set the threshold, in [0, 1); at least one "
     "image is held out (0 holds out one).",
@@ -329,6 +333,11 @@ def fit(
     from defectlens.outputs import check_model_target
 
     _apply_max_pixels(max_pixels)
+    if shots is not None and val_fraction != DEFAULT_VAL_FRACTION:
+        _warn(
+            f"--val-fraction {val_fraction:g} does not apply with --shots: every normal image "
+            "not drawn for the fit validates (or give --val DIR)"
+        )
     protect = [data] + ([val] if val else []) + ([anomalies] if anomalies else [])
     if anomalies and Path(anomalies).resolve() == Path(data).resolve():
         _warn(
@@ -424,8 +433,9 @@ def fit(
     if t.n_validation < FEW_VALIDATION_IMAGES:
         _warn(
             f"a threshold from {t.n_validation} normal image(s) is rough: it is near their "
-            "highest score, and real false alarms may be far from --target-far; hold out more "
-            "(--val-fraction) or pass --val DIR with more normal images"
+            "highest score, and real false alarms may be far from --target-far; "
+            + ("add normal images" if shots is not None else "hold out more (--val-fraction)")
+            + " or pass --val DIR with more normal images"
         )
 
 
@@ -441,9 +451,6 @@ def _parse_params(items: tuple[str, ...]) -> dict:
             raise DefectLensError(f"--param {key} is given twice, as {parsed[key]!r} and {value!r}")
         parsed[key] = value
     return parsed
-
-
-FEW_VALIDATION_IMAGES = 10  # fewer validation images than this: the fit warns
 
 
 # -- evaluate -------------------------------------------------------------------------------------
