@@ -84,6 +84,21 @@ def test_health_readiness_and_the_model_card(client, fitted):
     assert asset.status_code == 200 and asset.headers["content-type"].startswith("text/javascript")
 
 
+def test_a_card_shows_only_metrics_made_with_this_models_threshold(fitted, brick_root, tmp_path):
+    from defectlens.evaluation import evaluate
+    from defectlens.serve.app import card_metrics
+
+    evaluate(fitted, brick_root, tmp_path / "e")
+    text = (tmp_path / "e" / "metrics.json").read_text()
+    assert card_metrics(text, fitted)["image_auroc"] > 0.5
+    other = json.loads(text)
+    other["threshold"]["image"] += 1.0  # an evaluation of another model
+    with pytest.raises(ValueError, match="another model"):
+        card_metrics(json.dumps(other), fitted)
+    with pytest.raises(ValueError, match="not a JSON object"):
+        card_metrics("[1, 2]", fitted)
+
+
 def test_scores_equal_the_command_lines(
     client, model_dir, good_path, bad_path, monkeypatch, capsys
 ):

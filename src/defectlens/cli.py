@@ -1326,13 +1326,14 @@ def serve(
 
     Each MODEL_DIR is a saved model or an exported folder; its folder name is its name in
     the API (POST /v1/models/NAME/predict). A metrics.json placed in a model folder (from
-    `defectlens evaluate`) is shown on its model card. Ctrl-C or SIGTERM stops accepting
+    `defectlens evaluate`) is shown on its model card if it was made with that model's
+    threshold. Ctrl-C or SIGTERM stops accepting
     requests and finishes the ones in flight.
     """
     import uvicorn
 
     from defectlens.allocator import limit_arenas
-    from defectlens.serve.app import MODEL_NAME, ServeSettings, create_app
+    from defectlens.serve.app import MODEL_NAME, ServeSettings, card_metrics, create_app
 
     limit_arenas()  # before loading starts the engines' threads: memory levels off under load
     numpy_blas_single_threaded()  # single images: 25 instead of 35 ms (defectlens.blas)
@@ -1359,12 +1360,13 @@ def serve(
         if predictor.thresholds_ is None:
             raise DefectLensError(f"{folder}: the model has no thresholds")
         loaded[name] = predictor
-        card_metrics = Path(folder) / "metrics.json"
-        if card_metrics.is_file():
+        metrics_file = Path(folder) / "metrics.json"
+        if metrics_file.is_file():
             try:
-                metrics[name] = json.loads(card_metrics.read_text(encoding="utf-8"))
+                text = metrics_file.read_text(encoding="utf-8")
+                metrics[name] = card_metrics(text, predictor)
             except (OSError, ValueError) as exc:
-                _warn(f"{card_metrics}: not shown on the model card ({exc})")
+                _warn(f"{metrics_file}: not shown on the model card ({exc})")
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         _warn(f"serving on {host} without --api-key-file: anyone who reaches it can use it")
     settings = ServeSettings(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import json
 import logging
 import re
 import secrets
@@ -112,6 +113,25 @@ class _ResultStore:
         if entry is None or time.monotonic() - entry[0] > self.ttl_s:
             return None
         return entry[1]
+
+
+def card_metrics(text: str, predictor: Predictor) -> dict:
+    """An evaluation's metrics.json (its text) for `predictor`'s card, or ValueError saying why
+    not: a card must not show another model's metrics. evaluate records the threshold it
+    scored with, so a file whose threshold is not this model's came from another model (or
+    from this one before it was refitted or recalibrated)."""
+    metrics = json.loads(text)
+    if not isinstance(metrics, dict):
+        raise ValueError("not a JSON object")
+    recorded = metrics.get("threshold")
+    image = recorded.get("image") if isinstance(recorded, dict) else None
+    ours = predictor.thresholds_.image if predictor.thresholds_ is not None else None
+    if image is not None and image != ours:
+        raise ValueError(
+            f"it was made with threshold {image:.6g}, this model's is {ours:.6g}: an evaluation "
+            "of another model, or of this one before it was refitted; evaluate it again"
+        )
+    return metrics
 
 
 def model_card(name: str, predictor: Predictor, metrics: dict | None) -> dict[str, Any]:
