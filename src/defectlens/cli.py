@@ -72,6 +72,13 @@ def image_size_option(help_text: str):
     )  # fmt: skip
 
 
+def batch_size_option(help_text: str, default: int = 32):
+    return click.option(
+        "--batch-size", type=click.IntRange(min=1), default=default, show_default=True,
+        help=help_text,
+    )  # fmt: skip
+
+
 def dask_option(help_text: str):
     return click.option(
         "--dask", "dask_address", default=None, metavar="ADDRESS|local[:N]", help=help_text
@@ -267,13 +274,9 @@ def cli(debug: bool) -> None:
     help="regad: registration model folder from `defectlens regad train` (default: the one "
     "shipped with defectlens; 'identity' for none).",
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Images read and run through the backbone at once (memory, not results). A method "
-    "that trains a network has its own training batch size: --param batch_size=N.",
+@batch_size_option(
+    "Images read and run through the backbone at once (memory, not results). A method that "
+    "trains a network has its own training batch size: --param batch_size=N."
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice.")
 @dask_option(
@@ -896,13 +899,7 @@ def regad() -> None:
 @weights_option
 @image_size_option("Image size the registration is for; fits must use the same one.")
 @click.option("--shots", type=int, default=2, show_default=True, help="Supports per query image.")
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Queries per step.",
-)
+@batch_size_option("Queries per step.", default=8)
 @click.option(
     "--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Steps per epoch."
 )
@@ -1034,13 +1031,7 @@ def regad_train(
     "smudge (drawn), cutpaste, scar, blob, stain (the image's own texture), or the groups "
     "`drawn`, `self`, `all`.",
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Images read and run through the backbone at once (memory, not results).",
-)
+@batch_size_option("Images read and run through the backbone at once (memory, not results).")
 @click.option(
     "--seed",
     type=int,
