@@ -1356,7 +1356,7 @@ def serve(
             try:
                 text = metrics_file.read_text(encoding="utf-8")
                 metrics[name] = card_metrics(text, predictor)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:
                 _warn(f"{metrics_file}: not shown on the model card ({exc})")
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         _warn(f"serving on {host} without --api-key-file: anyone who reaches it can use it")

@@ -91,8 +91,8 @@ def load_state_dict_strict(net: nn.Module, path: Path, backbone: str) -> None:
         raise WeightsError(f"{path}: not a state dict of tensors (found {type(state).__name__})")
     own = getattr(net, "weights_state", None)  # a net whose file keys differ says so
     expected = set(own() if own else net.state_dict())
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
+    missing = sorted(expected - set(state), key=str)
+    unexpected = sorted(set(state) - expected, key=str)  # a file's keys need not be strings
     if missing or unexpected:  # name a few: a wrong file misses hundreds
         parts = [
             f"{len(found)} {what} (e.g. {', '.join(map(str, found[:3]))})"

@@ -126,6 +126,8 @@ def card_metrics(text: str, predictor: Predictor) -> dict:
     recorded = metrics.get("threshold")
     image = recorded.get("image") if isinstance(recorded, dict) else None
     ours = predictor.thresholds_.image if predictor.thresholds_ is not None else None
+    if image is not None and not isinstance(image, int | float):
+        raise ValueError(f"its threshold is not a number ({image!r})")
     if image is not None and image != ours:
         raise ValueError(
             f"it was made with threshold {image:.6g}, this model's is {ours:.6g}: an evaluation "
