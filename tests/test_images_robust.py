@@ -228,6 +228,7 @@ def test_as_rgb_returns_rgb_uint8_or_raises_data_error(array):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no RuntimeWarning from casts of nan/inf/negatives
+        warnings.simplefilter("ignore", DataWarning)  # ranges read otherwise than meant: said
         try:
             rgb = as_rgb(array)
         except DataError:
@@ -258,10 +259,27 @@ def test_as_rgb_refuses_non_images(bad):
         as_rgb(bad)
 
 
+def test_arrays_read_as_their_files_do_and_odd_ranges_are_said(tmp_path):
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (12, 9, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    assert np.array_equal(as_rgb(rgba), read_image(tmp_path / "a.png"))  # alpha on black, both
+    rgb = rgba[..., :3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the expected readings warn about nothing
+        for fine in (rgb, rgb.astype(np.uint16) * 257, rgb / 255.0):
+            assert np.array_equal(as_rgb(fine), rgb)
+    with pytest.warns(DataWarning, match="dtype int64 holds values of 0..255.*pass it as uint8"):
+        as_rgb(rgb.astype(np.int64))
+    with pytest.warns(DataWarning, match="outside \\[0, 1\\].*divide 8-bit data by 255"):
+        as_rgb(rgb.astype(np.float32))
+
+
 def test_as_rgb_handles_non_finite_and_negative_values():
     floats = np.array([[np.nan, np.inf, -np.inf, 0.25, 0.75]], np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.simplefilter("ignore", DataWarning)  # ranges outside [0, 1]: said, as above
         out = as_rgb(floats)[0, :, 0]
         np.testing.assert_array_equal(out, [0, 191, 64, 64, 191])
         out = as_rgb(np.array([[np.nan, np.inf, -2.0, 2.0, 0.0]]))[0, :, 0]

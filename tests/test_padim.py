@@ -32,6 +32,46 @@ def test_a_missing_mask_is_named_not_silently_dropping_pixel_metrics(fitted, bri
     assert "pixel_auroc" not in metrics or metrics["pixel_auroc"] != metrics["pixel_auroc"]
 
 
+def test_one_path_is_one_image_and_other_objects_are_clear_errors(fitted, brick_root):
+    from PIL import Image
+
+    from defectlens.errors import DataError
+
+    path = find_test_samples(brick_root)[0].path
+    assert len(list(fitted.iter_predict(str(path)))) == 1  # not one per character
+    for wrong, said in ((Image.open(path), "PIL image"), (None, "NoneType"), (b"png", "bytes")):
+        with pytest.raises(DataError, match=said):
+            fitted.predict(wrong)
+    with pytest.raises(DataError, match=r"image 0: .*PIL image"):
+        Detector(image_size=IMAGE_SIZE).fit([Image.open(path)])
+
+
+def test_settings_changed_after_fit_are_said_before_scoring_or_saving(fitted, brick_root, tmp_path):
+    from defectlens.errors import ParameterError
+
+    path = find_test_samples(brick_root)[0].path
+    for name, value, said in (
+        ("image_size", IMAGE_SIZE * 2, "fitted at"),
+        ("batch_size", 0, "batch_size must be at least 1"),
+        ("sigma", -1.0, "sigma must be >= 0"),
+        ("method", "patchcore", "build a new Detector"),
+    ):
+        before = getattr(fitted, name)
+        setattr(fitted, name, value)
+        try:
+            with pytest.raises(ParameterError, match=said):
+                fitted.predict(path)
+        finally:
+            setattr(fitted, name, before)
+    fitted.target_far = 0.5  # a saved model would claim a rate its threshold was not set for
+    try:
+        with pytest.raises(ParameterError, match="calibrate"):
+            fitted.save(tmp_path / "m")
+    finally:
+        fitted.target_far = 0.01
+    assert not (tmp_path / "m").exists()
+
+
 def test_maps_and_masks_have_the_original_resolution(fitted, brick_root):
     sample = find_test_samples(brick_root)[-1]
     image = read_image(sample.path)[:100, :90]  # an odd size, not the model's

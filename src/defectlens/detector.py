@@ -27,7 +27,7 @@ from defectlens.data.loader import ImageInput, iter_batches
 from defectlens.errors import DataError, DataWarning, DefectLensError, ParameterError
 from defectlens.methods import AnomalyMethod, get_method
 from defectlens.params import check_float, check_int, check_seed
-from defectlens.prediction import Predictor
+from defectlens.prediction import Prediction, Predictor, as_image_inputs
 from defectlens.runtime.backends import check_backend_name, default_backend_name, make_backend
 from defectlens.thresholds import Thresholds, from_normal_scores
 from defectlens.training.loop import resolve_device
@@ -40,7 +40,9 @@ def resolve_images(images: str | Path | Sequence[ImageInput]) -> list[ImageInput
     """A folder (or MVTec root) becomes its normal images; a list is taken as it is."""
     if isinstance(images, str | Path):
         return list(find_normal_images(images))
-    return list(images)
+    if isinstance(images, np.ndarray):  # a stack of images (N, H, W[, C])
+        return list(images)
+    return as_image_inputs(images)
 
 
 def check_readable(images: Sequence[ImageInput]) -> None:
@@ -160,6 +162,51 @@ class Detector(Predictor):
         self.backend = default_backend_name()
 
     # -- configuration -------------------------------------------------------------------
+    def check_settings(self) -> None:
+        """Check the settings again as the constructor does, and against what was fitted:
+        attributes may be set after construction, and a model saved with a bad one could not
+        be loaded back (or would claim a target_far its threshold was not set for)."""
+        self.check_unchanged()
+        check_int("batch_size", self.batch_size, 1, 4096)
+        check_float("sigma", self.sigma, 0.0, MAX_SIGMA)
+        check_float("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
+        check_float("target_far", self.target_far, 0.0, 1.0, high_open=True)
+        check_seed("seed", self.seed)
+        check_seed("shot_seed", self.shot_seed)
+        if self.shots is not None:
+            check_int("shots", self.shots, 1, 100_000)
+        t = self.thresholds_
+        if t is not None and t.target_far != self.target_far:
+            raise ParameterError(
+                f"target_far is {self.target_far:g} but the threshold was set for "
+                f"{t.target_far:g}; calibrate() again after changing it"
+            )
+
+    def check_unchanged(self) -> None:
+        """What scoring needs to be as fitted: the method, backbone and image size (each a
+        clear error here, where a changed one would fail deep inside the scoring)."""
+        if self.method != self.model_.name:
+            raise ParameterError(
+                f"method is {self.method!r} but the fitted model is {self.model_.name!r}; "
+                "build a new Detector to change the method"
+            )
+        extractor = self.extractor_
+        if extractor is not None and extractor.spec.name != self.backbone:
+            raise ParameterError(
+                f"backbone is {self.backbone!r} but the model was fitted on "
+                f"{extractor.spec.name!r}; build a new Detector to change it"
+            )
+        if extractor is not None and extractor.image_size != self.image_size:
+            raise ParameterError(
+                f"image_size is {self.image_size!r} but the model was fitted at "
+                f"{extractor.image_size}; build a new Detector to change it"
+            )
+        check_int("image_size", self.image_size, 32, MAX_IMAGE_SIZE)
+        if self.image_size % 32:
+            raise ParameterError(
+                f"image size must be a positive multiple of 32, not {self.image_size}"
+            )
+
     @classmethod
     def param_names(cls) -> list[str]:
         """The constructor's parameters: exactly the keys of `params()` and of a saved config."""
@@ -375,6 +422,17 @@ class Detector(Predictor):
         output = self.model_(self.ensure_extractor(), images)
         scores = None if output.scores is None else output.scores.detach()
         return output.maps.detach().float(), scores
+
+    def iter_predict(
+        self,
+        images: Sequence[ImageInput],
+        progress: bool = False,
+        on_error: Callable[[str, DataError], None] | None = None,
+        desc: str = "score",
+    ) -> Iterator[Prediction]:
+        if self.model_.is_fitted:  # a setting changed since the fit: said now, not mid-batch
+            self.check_unchanged()
+        return super().iter_predict(images, progress, on_error, desc)
 
     def raw_scores(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The raw scorer `Predictor.iter_predict` drives: numpy in, numpy out."""

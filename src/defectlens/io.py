@@ -65,6 +65,7 @@ def save_detector(detector, path: str | Path, protect: tuple[str | Path, ...] = 
     """Write the fitted detector to `path` atomically; never replaces a non-model folder."""
     if not detector.model_.is_fitted or detector.thresholds_ is None:
         raise DefectLensError("nothing to save: the detector is not fitted")
+    detector.check_settings()  # what load would refuse is refused here, before writing
     path = check_model_target(path, protect)
     extractor = detector.ensure_extractor()
     config = {

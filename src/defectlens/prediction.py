@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from defectlens.components.resample import resample
 from defectlens.data.loader import ImageInput, iter_batches
 from defectlens.errors import DataError, ScoringError
+from defectlens.params import check_float, check_int
 from defectlens.thresholds import Thresholds
 
 RawScorer = Callable[[np.ndarray], tuple[np.ndarray | None, np.ndarray | None]]
@@ -166,9 +167,12 @@ class Predictor:
         on_error: Callable[[str, DataError], None] | None = None,
         desc: str = "score",
     ) -> Iterator[Prediction]:
-        """Score images in order, streaming. Unreadable ones go to `on_error` (default: raise)."""
+        """Score images in order, streaming. Unreadable ones go to `on_error` (default: raise).
+        One path or array is one image, as in `predict`."""
+        check_int("batch_size", self.batch_size, 1, 4096)  # may have been set after loading
+        check_float("sigma", self.sigma, 0.0, 1e4)
         return iter_predictions(
-            images,
+            as_image_inputs(images),
             self.raw_scores,
             self.image_size,
             self.batch_size,
@@ -183,6 +187,31 @@ class Predictor:
         self, images: str | Path | ImageInput | Sequence[ImageInput], progress: bool = False
     ) -> list[Prediction]:
         """Score one image (path or array) or many; always returns a list."""
-        if isinstance(images, str | Path | np.ndarray):
-            images = [images]
-        return list(self.iter_predict(list(images), progress=progress))
+        return list(self.iter_predict(as_image_inputs(images), progress=progress))
+
+
+def as_image_inputs(images: Any) -> list[ImageInput]:
+    """One input (a path or an array) or a sequence of them, as a list; anything else (a PIL
+    image, bytes, a tensor, None) is a one-line DataError saying what to pass instead, where it
+    would otherwise fail deep inside (a path string would be walked a character at a time)."""
+    if isinstance(images, str | Path | np.ndarray):
+        return [images]
+    if isinstance(images, bytes | bytearray) or not isinstance(images, Sequence | Iterator):
+        raise DataError(_not_an_input(images))
+    items = list(images)
+    for i, item in enumerate(items):
+        if not isinstance(item, str | Path | np.ndarray):
+            raise DataError(f"image {i}: " + _not_an_input(item))
+    return items
+
+
+def _not_an_input(value: Any) -> str:
+    hint = ""
+    if hasattr(value, "convert") and hasattr(value, "size"):  # a PIL image
+        hint = " (for a PIL image: np.asarray(image.convert('RGB')))"
+    elif type(value).__module__.startswith("torch"):
+        hint = " (for a tensor: its .numpy(), H x W x 3 or H x W)"
+    return (
+        f"{type(value).__name__} is not an image input: give a file path or a numpy array, "
+        f"or a list of them{hint}"
+    )

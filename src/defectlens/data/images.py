@@ -37,6 +37,9 @@ Reading is hardened because the files come from the field, and one bad file must
   probably 1 (or 255) instead of 0, which silently ruins pixel-level metrics.
 * Float data: NaN reads as 0 (black), +-inf as the largest / smallest finite value; data that
   fits [0, 1] is taken as is, anything else is min-max scaled.
+* Arrays (`as_rgb`) are read as files are: RGBA composited on black, integers other than uint8
+  by the 16-bit range. An integer array of another type holding only 0..255, or a float array
+  outside [0, 1], gets a `DataWarning`: it was probably meant as 8-bit data.
 
 Warnings are issued with `warnings.warn(..., DataWarning)` after the file was decoded, naming the
 file; `warnings.warn` is safe to call from a background thread.
@@ -399,16 +402,48 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
         raise DataError(f"input is not an array of pixels ({_short(exc)})") from None
     if array.dtype.kind not in "biuf":
         raise DataError(f"array of dtype {array.dtype} is not an image (need bool, int or float)")
+    alpha = None
     if array.ndim == 3 and array.shape[2] == 4:
-        array = array[..., :3]
+        array, alpha = array[..., :3], array[..., 3]
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3) or 0 in array.shape:
         raise DataError(f"array of shape {array.shape} is not an image (H, W) or (H, W, 3)")
+    _warn_on_ambiguous_range(array)
     array = _to_uint8(array)
+    if alpha is not None:  # composited on black, as an RGBA file is (PIL's rounding)
+        weight = _to_uint8(alpha).astype(np.uint32)[..., None]
+        array = ((array.astype(np.uint32) * weight + 127) // 255).astype(np.uint8)
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
     return array
+
+
+def _warn_on_ambiguous_range(array: np.ndarray) -> None:
+    """Arrays whose value range says they were meant otherwise than they are read: integers
+    other than uint8 are read as 16-bit data (65535 = white), so 0..255 values read as nearly
+    black; floats outside [0, 1] are stretched from their own minimum to maximum, so the same
+    part scores differently with each image's range. Neither is changed: they are said."""
+    if array.dtype.kind in "iu" and array.dtype != np.uint8 and array.size:
+        if 0 < int(array.max()) <= 255:
+            warnings.warn(
+                f"an image array of dtype {array.dtype} holds values of 0..255: integer arrays "
+                "other than uint8 are read as 16-bit data (65535 = white), so it reads as "
+                "nearly black; pass it as uint8",
+                DataWarning,
+                stacklevel=3,
+            )
+    elif array.dtype.kind == "f" and array.size:
+        with np.errstate(all="ignore"):
+            finite = array[np.isfinite(array)]
+        if finite.size and (finite.min() < 0.0 or finite.max() > 1.0):
+            warnings.warn(
+                f"an image array of dtype {array.dtype} has values outside [0, 1]: float arrays "
+                "are read as [0, 1], and one outside it is stretched from its own minimum to "
+                "maximum (each image differently); divide 8-bit data by 255",
+                DataWarning,
+                stacklevel=3,
+            )
 
 
 def _pixels_to_rgb(path: Path, decoded: _Decoded) -> np.ndarray:
