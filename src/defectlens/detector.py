@@ -27,7 +27,7 @@ from defectlens.data.loader import ImageInput, iter_batches
 from defectlens.errors import DataError, DataWarning, DefectLensError, ParameterError
 from defectlens.methods import AnomalyMethod, get_method
 from defectlens.params import check_float, check_int, check_seed
-from defectlens.prediction import Prediction, Predictor, as_image_inputs
+from defectlens.prediction import Predictor, as_image_inputs
 from defectlens.runtime.backends import check_backend_name, default_backend_name, make_backend
 from defectlens.thresholds import Thresholds, from_normal_scores
 from defectlens.training.loop import resolve_device
@@ -423,16 +423,10 @@ class Detector(Predictor):
         scores = None if output.scores is None else output.scores.detach()
         return output.maps.detach().float(), scores
 
-    def iter_predict(
-        self,
-        images: Sequence[ImageInput],
-        progress: bool = False,
-        on_error: Callable[[str, DataError], None] | None = None,
-        desc: str = "score",
-    ) -> Iterator[Prediction]:
+    def check_before_scoring(self) -> None:
+        super().check_before_scoring()
         if self.model_.is_fitted:  # a setting changed since the fit: said now, not mid-batch
             self.check_unchanged()
-        return super().iter_predict(images, progress, on_error, desc)
 
     def raw_scores(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The raw scorer `Predictor.iter_predict` drives: numpy in, numpy out."""

@@ -160,6 +160,12 @@ class Predictor:
         """Whether predictions carry anomaly maps and masks (all torch models do)."""
         return True
 
+    def check_before_scoring(self) -> None:
+        """Settings that may have been set after fitting or loading, checked before a batch
+        is read: a bad one is a one-line ParameterError, not a failure deep in the scoring."""
+        check_int("batch_size", self.batch_size, 1, 4096)
+        check_float("sigma", self.sigma, 0.0, 1e4)
+
     def iter_predict(
         self,
         images: Sequence[ImageInput],
@@ -169,8 +175,7 @@ class Predictor:
     ) -> Iterator[Prediction]:
         """Score images in order, streaming. Unreadable ones go to `on_error` (default: raise).
         One path or array is one image, as in `predict`."""
-        check_int("batch_size", self.batch_size, 1, 4096)  # may have been set after loading
-        check_float("sigma", self.sigma, 0.0, 1e4)
+        self.check_before_scoring()
         return iter_predictions(
             as_image_inputs(images),
             self.raw_scores,
