@@ -39,6 +39,7 @@ def main() -> None:
         config["detector"]["method_params"]["index"] = name
         (model / "config.json").write_text(json.dumps(config, indent=2))
         results = out / "evaluate" / name
+        shutil.rmtree(results, ignore_errors=True)  # a rerun's evaluation replaces the last one
         command = [sys.executable, "-m", "defectlens", "evaluate", str(model), args.data]
         command += ["--out", str(results), "--no-report", "-q"]
         subprocess.run(command, check=True, capture_output=True)

@@ -12,6 +12,7 @@ mkdir -p "$WORK" "$(dirname "$OUT")"
 for d in ${SETS:-deeppcb kolektorsdd magnetic_tile}; do
   for s in 4 0; do
     .venv/bin/defectlens fit "$DATA/$d" --sigma $s --out "$WORK/$d-s$s" -q
+    rm -rf "$WORK/eval-$d-s$s"  # a rerun's evaluation replaces the last one
     .venv/bin/defectlens evaluate "$WORK/$d-s$s" "$DATA/$d" --out "$WORK/eval-$d-s$s" --no-report -q
     .venv/bin/python -c "import json, sys
 m = json.load(open(sys.argv[1]))

@@ -24,6 +24,7 @@ import copy
 import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -110,6 +111,7 @@ def main() -> None:
         result[f"predict_{name}_vs_eager_backbone"] = round(
             result[f"predict_{name}"] / result["backbone_eager_default_layout"], 2
         )
+        shutil.rmtree(out_root / "evaluate" / name, ignore_errors=True)  # a rerun replaces it
         printed = _cli(
             "evaluate", model, args.data, "--out", str(out_root / "evaluate" / name),
             "--no-report", "-q", *options,
