@@ -72,6 +72,32 @@ def test_settings_changed_after_fit_are_said_before_scoring_or_saving(fitted, br
     assert not (tmp_path / "m").exists()
 
 
+def test_detector_follows_scikit_learns_parameter_conventions(brick_root):
+    from sklearn.base import clone
+
+    from defectlens.errors import ParameterError
+
+    asked = {"n_channels": 20}
+    d = Detector(image_size=IMAGE_SIZE, batch_size=8, method_params=asked)
+    assert (
+        repr(d)
+        == f"Detector(image_size={IMAGE_SIZE}, batch_size=8, method_params={asked!r})  # not fitted"
+    )
+    assert d.get_params()["method_params"] is asked  # stored as given: what clone checks
+    copy = clone(d)
+    assert copy.get_params() == d.get_params() and copy.model_.n_channels == 20
+    d.fit(brick_root)
+    assert repr(d).endswith("# fitted") and d.fit_images_
+    with pytest.raises(ParameterError, match="multiple of 32"):
+        d.set_params(image_size=100)
+    assert d.image_size == IMAGE_SIZE and d.thresholds_ is not None  # a bad value changes nothing
+    d.set_params(method="patchcore")  # like a new Detector: unfitted, the method's defaults
+    assert d.method == "patchcore" and d.thresholds_ is None and not hasattr(d, "fit_images_")
+    assert d.model_.coreset_ratio == 0.1 and d.image_size == IMAGE_SIZE
+    with pytest.raises(ParameterError, match="unknown parameter 'bogus'"):
+        d.set_params(bogus=1)
+
+
 def test_maps_and_masks_have_the_original_resolution(fitted, brick_root):
     sample = find_test_samples(brick_root)[-1]
     image = read_image(sample.path)[:100, :90]  # an odd size, not the model's

@@ -135,7 +135,8 @@ class Detector(Predictor):
         self.seed = check_seed("seed", seed)
         if method_params is not None and not isinstance(method_params, dict):
             raise ParameterError(f"method_params must be a mapping, not {method_params!r}")
-        self.method_params = dict(method_params or {})
+        # kept as given (scikit-learn's clone checks that the constructor stores it unchanged)
+        self.method_params = method_params if method_params is not None else {}
         self.shots = None if shots is None else check_int("shots", shots, 1, 100_000)
         self.shot_seed = check_seed("shot_seed", shot_seed)
         if augment_support is None:  # the method's own default: on for RegAD
@@ -228,6 +229,47 @@ class Detector(Predictor):
             "shot_seed": self.shot_seed,
             "augment_support": self.augment_support,
         }
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's arguments as given (scikit-learn's convention, what
+        `sklearn.base.clone` rebuilds from); `params()` adds every default of the method."""
+        return {**self.params(), "method_params": self.method_params}
+
+    def set_params(self, **params: Any) -> Detector:
+        """New settings, checked as the constructor checks them. Like a new Detector, the
+        result is unfitted: a fit depends on every setting. A new `method` without new
+        `method_params` starts from that method's defaults."""
+        unknown = sorted(set(params) - set(self.param_names()))
+        if unknown:
+            raise ParameterError(
+                f"unknown parameter {unknown[0]!r} for Detector; it takes: "
+                + ", ".join(self.param_names())
+            )
+        merged = {**self.get_params(), **params}
+        if params.get("method", self.method) != self.method and "method_params" not in params:
+            merged["method_params"] = None
+        if "method" in params and "augment_support" not in params:
+            merged["augment_support"] = None  # the new method's own default
+        fresh = type(self)(**merged)  # checked on a new object: a bad value changes nothing
+        fresh.backend = self.backend
+        self.__dict__.clear()  # nothing of an earlier fit (fit_images_, ...) stays
+        self.__dict__.update(fresh.__dict__)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {
+            name: p.default for name, p in inspect.signature(type(self).__init__).parameters.items()
+        }
+        defaults["augment_support"] = self.model_.augments_support  # the method's own
+        shown = [
+            f"{name}={value!r}"
+            for name, value in self.params().items()
+            if name != "method_params" and value != defaults[name]
+        ]
+        if self.method_params:  # what was asked for, not every default of the method
+            shown.append(f"method_params={self.method_params!r}")
+        state = "fitted" if self.thresholds_ is not None else "not fitted"
+        return f"Detector({', '.join(shown)})  # {state}"
 
     @property
     def supervision(self) -> str:
