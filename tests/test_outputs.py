@@ -157,6 +157,13 @@ def test_a_folder_of_another_kind_is_named_and_never_takes_results(tmp_path, fmt
     assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
 
 
+@pytest.mark.parametrize("fmt", [["defectlens-export"], {"a": 1}, None, 3.5, "other"])
+def test_a_config_of_no_known_format_is_named_as_such(tmp_path, fmt):
+    (tmp_path / "config.json").write_text(json.dumps({"format": fmt}))
+    with pytest.raises(ModelFileError, match=r"not a defectlens model config$"):
+        read_folder_config(tmp_path, "model", "defectlens-model")
+
+
 def test_a_results_folder_made_for_a_failed_run_is_removed_an_earlier_one_kept(tmp_path):
     with pytest.raises(KeyError), results_dir(tmp_path / "new", ["a.csv"], "predict"):
         raise KeyError("failed before writing")

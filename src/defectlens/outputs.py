@@ -86,7 +86,8 @@ def read_folder_config(path: Path, what: str, fmt: str) -> tuple[Path, dict]:
     except (ValueError, RecursionError) as exc:  # JSON and UTF-8 decoding errors
         raise ModelFileError(f"{config_path}: corrupt JSON ({str(exc)[:120]})") from None
     if not isinstance(config, dict) or config.get("format") != fmt:
-        found = _FORMAT_NAMES.get(config.get("format")) if isinstance(config, dict) else None
+        kind = config.get("format") if isinstance(config, dict) else None
+        found = _FORMAT_NAMES.get(kind) if isinstance(kind, str) else None  # any JSON value
         if found is not None:  # one of ours, of another kind: say which, and what it is for
             raise ModelFileError(f"{path}: is {found}, not a defectlens {what}")
         raise ModelFileError(f"{config_path}: not a defectlens {what} config")
