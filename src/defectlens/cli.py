@@ -434,11 +434,11 @@ def fit(
         echo(f"fitted on {shots} image(s): " + ", ".join(detector.fit_images_))
     echo(f"saved {path} (threshold {t.image:.4g} from {t.n_validation} normal images)")
     if t.n_validation < FEW_VALIDATION_IMAGES:
+        more = "add normal images" if shots is not None else "hold out more (--val-fraction)"
         _warn(
             f"a threshold from {t.n_validation} normal image(s) is rough: it is near their "
-            "highest score, and real false alarms may be far from --target-far; "
-            + ("add normal images" if shots is not None else "hold out more (--val-fraction)")
-            + " or pass --val DIR with more normal images"
+            f"highest score, and real false alarms may be far from --target-far; {more} or "
+            "pass --val DIR with more normal images"
         )
 
 

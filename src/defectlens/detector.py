@@ -27,13 +27,12 @@ from defectlens.data.loader import ImageInput, iter_batches
 from defectlens.errors import DataError, DataWarning, DefectLensError, ParameterError
 from defectlens.methods import AnomalyMethod, get_method
 from defectlens.params import check_float, check_int, check_seed
-from defectlens.prediction import Predictor, as_image_inputs
+from defectlens.prediction import MAX_SIGMA, Predictor, as_image_inputs
 from defectlens.runtime.backends import check_backend_name, default_backend_name, make_backend
 from defectlens.thresholds import Thresholds, from_normal_scores
 from defectlens.training.loop import resolve_device
 
 MAX_IMAGE_SIZE = 2048  # the models' input side; larger would need tens of GB for PaDiM
-MAX_SIGMA = 64.0  # smoothing radius 4 sigma = 256 px of the S x S map at most
 
 
 def resolve_images(images: str | Path | Sequence[ImageInput]) -> list[ImageInput]:
@@ -168,14 +167,7 @@ class Detector(Predictor):
         attributes may be set after construction, and a model saved with a bad one could not
         be loaded back (or would claim a target_far its threshold was not set for)."""
         self.check_unchanged()
-        check_int("batch_size", self.batch_size, 1, 4096)
-        check_float("sigma", self.sigma, 0.0, MAX_SIGMA)
-        check_float("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
-        check_float("target_far", self.target_far, 0.0, 1.0, high_open=True)
-        check_seed("seed", self.seed)
-        check_seed("shot_seed", self.shot_seed)
-        if self.shots is not None:
-            check_int("shots", self.shots, 1, 100_000)
+        type(self)(**self.get_params())  # every setting, checked by the constructor's own code
         t = self.thresholds_
         if t is not None and t.target_far != self.target_far:
             raise ParameterError(
@@ -201,11 +193,6 @@ class Detector(Predictor):
             raise ParameterError(
                 f"image_size is {self.image_size!r} but the model was fitted at "
                 f"{extractor.image_size}; build a new Detector to change it"
-            )
-        check_int("image_size", self.image_size, 32, MAX_IMAGE_SIZE)
-        if self.image_size % 32:
-            raise ParameterError(
-                f"image size must be a positive multiple of 32, not {self.image_size}"
             )
 
     @classmethod

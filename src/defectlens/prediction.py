@@ -128,6 +128,8 @@ def iter_predictions(
         bar.close()
 
 
+MAX_SIGMA = 64.0  # map smoothing: radius 4 sigma = 256 px of the S x S map at most
+
 # What a model learned from, when nothing but normal images (every method but nbs).
 NORMAL_ONLY = "normal images only"
 
@@ -164,7 +166,7 @@ class Predictor:
         """Settings that may have been set after fitting or loading, checked before a batch
         is read: a bad one is a one-line ParameterError, not a failure deep in the scoring."""
         check_int("batch_size", self.batch_size, 1, 4096)
-        check_float("sigma", self.sigma, 0.0, 1e4)
+        check_float("sigma", self.sigma, 0.0, MAX_SIGMA)
 
     def iter_predict(
         self,
@@ -192,7 +194,7 @@ class Predictor:
         self, images: str | Path | ImageInput | Sequence[ImageInput], progress: bool = False
     ) -> list[Prediction]:
         """Score one image (path or array) or many; always returns a list."""
-        return list(self.iter_predict(as_image_inputs(images), progress=progress))
+        return list(self.iter_predict(images, progress=progress))
 
 
 def as_image_inputs(images: Any) -> list[ImageInput]:

@@ -350,8 +350,9 @@ def _int_to_uint8(array: np.ndarray, peak: int) -> np.ndarray:
     return scaled.astype(np.uint8)
 
 
-def _float_to_uint8(array: np.ndarray) -> np.ndarray:
-    """Float data: [0, 1] if it fits, else min-max; NaN reads as 0, +-inf as the finite extremes."""
+def _float_to_uint8(array: np.ndarray, say_range: bool = False) -> np.ndarray:
+    """Float data: [0, 1] if it fits, else min-max; NaN reads as 0, +-inf as the finite extremes.
+    `say_range`: warn when it does not fit (see `as_rgb`)."""
     with np.errstate(all="ignore"):
         data = array.astype(np.float64)  # a copy: changed in place below
         finite = np.isfinite(data)
@@ -365,6 +366,14 @@ def _float_to_uint8(array: np.ndarray) -> np.ndarray:
             np.clip(data, lo, hi, out=data)  # NaN stays NaN, +-inf -> hi / lo
         del finite
         if lo < 0.0 or hi > 1.0:
+            if say_range:
+                warnings.warn(
+                    f"an image array of dtype {array.dtype} has values outside [0, 1]: float "
+                    "arrays are read as [0, 1], and one outside it is stretched from its own "
+                    "minimum to maximum (each image differently); divide 8-bit data by 255",
+                    DataWarning,
+                    stacklevel=4,
+                )
             span = hi - lo
             if not np.isfinite(span):  # e.g. -1e308 .. 1e308: halve everything first
                 data *= 0.5
@@ -379,15 +388,29 @@ def _float_to_uint8(array: np.ndarray) -> np.ndarray:
         return data.astype(np.uint8)
 
 
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    """Scale integer or float pixel data to uint8 without clipping bright 16-bit images."""
+def _to_uint8(array: np.ndarray, say_range: bool = False) -> np.ndarray:
+    """Scale integer or float pixel data to uint8 without clipping bright 16-bit images.
+
+    `say_range` (arrays given by a caller): warn when the value range says the data was meant
+    otherwise than it is read -- integers other than uint8 holding only 0..255 read as nearly
+    black by the 16-bit rule, floats outside [0, 1] are stretched per image. Neither reading is
+    changed, so an array and its file still agree."""
     if array.dtype == np.uint8:
         return array
     if array.dtype == bool:
         return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.integer):
-        return _int_to_uint8(array, int(array.max(initial=0)))
-    return _float_to_uint8(array)
+        peak = int(array.max(initial=0))
+        if say_range and 0 < peak <= 255:
+            warnings.warn(
+                f"an image array of dtype {array.dtype} holds values of 0..255: integer arrays "
+                "other than uint8 are read as 16-bit data (65535 = white), so it reads as "
+                "nearly black; pass it as uint8",
+                DataWarning,
+                stacklevel=3,
+            )
+        return _int_to_uint8(array, peak)
+    return _float_to_uint8(array, say_range)
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
@@ -409,41 +432,13 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3) or 0 in array.shape:
         raise DataError(f"array of shape {array.shape} is not an image (H, W) or (H, W, 3)")
-    _warn_on_ambiguous_range(array)
-    array = _to_uint8(array)
+    array = _to_uint8(array, say_range=True)
     if alpha is not None:  # composited on black, as an RGBA file is (PIL's rounding)
         weight = _to_uint8(alpha).astype(np.uint32)[..., None]
         array = ((array.astype(np.uint32) * weight + 127) // 255).astype(np.uint8)
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
     return array
-
-
-def _warn_on_ambiguous_range(array: np.ndarray) -> None:
-    """Arrays whose value range says they were meant otherwise than they are read: integers
-    other than uint8 are read as 16-bit data (65535 = white), so 0..255 values read as nearly
-    black; floats outside [0, 1] are stretched from their own minimum to maximum, so the same
-    part scores differently with each image's range. Neither is changed: they are said."""
-    if array.dtype.kind in "iu" and array.dtype != np.uint8 and array.size:
-        if 0 < int(array.max()) <= 255:
-            warnings.warn(
-                f"an image array of dtype {array.dtype} holds values of 0..255: integer arrays "
-                "other than uint8 are read as 16-bit data (65535 = white), so it reads as "
-                "nearly black; pass it as uint8",
-                DataWarning,
-                stacklevel=3,
-            )
-    elif array.dtype.kind == "f" and array.size:
-        with np.errstate(all="ignore"):
-            finite = array[np.isfinite(array)]
-        if finite.size and (finite.min() < 0.0 or finite.max() > 1.0):
-            warnings.warn(
-                f"an image array of dtype {array.dtype} has values outside [0, 1]: float arrays "
-                "are read as [0, 1], and one outside it is stretched from its own minimum to "
-                "maximum (each image differently); divide 8-bit data by 255",
-                DataWarning,
-                stacklevel=3,
-            )
 
 
 def _pixels_to_rgb(path: Path, decoded: _Decoded) -> np.ndarray:

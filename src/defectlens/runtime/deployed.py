@@ -26,7 +26,7 @@ from defectlens import __version__
 from defectlens.errors import DefectLensError, ModelFileError
 from defectlens.outputs import EXPORT_FORMAT, MODEL_CONFIG, file_sha256, read_folder_config
 from defectlens.params import check_choice, check_float, check_int
-from defectlens.prediction import NORMAL_ONLY, Predictor
+from defectlens.prediction import MAX_SIGMA, NORMAL_ONLY, Predictor
 from defectlens.runtime.finish import Finish, make_finish
 from defectlens.runtime.sessions import ENGINES, Session, open_session
 from defectlens.thresholds import Thresholds
@@ -138,7 +138,7 @@ class ExportedModel(Predictor):
             if pre["resize"] != "bilinear-antialias" or pre["range"] != [0.0, 1.0]:
                 raise DefectLensError("preprocessing this version does not know")
             self.image_size = check_int("preprocessing.image_size", pre["image_size"], 32, 2048)
-            self.sigma = check_float("sigma", config["sigma"], 0.0, 64.0)
+            self.sigma = check_float("sigma", config["sigma"], 0.0, MAX_SIGMA)
             self.batch_size = check_int("batch_size", config["batch_size"], 1, 4096)
             self.thresholds_: Thresholds | None = Thresholds.from_dict(config["thresholds"])
             source = config["source"]
