@@ -6,7 +6,7 @@ from PIL import Image
 
 from defectlens.backbones import available_backbones, build_extractor, get_spec
 from defectlens.backbones.resnet import BasicBlock, TappedResNet
-from defectlens.errors import WeightsError
+from defectlens.errors import WeightsError, command_line_messages
 
 
 def test_efficientnet_lite0_weights_classify_the_cat():
@@ -50,7 +50,12 @@ def test_extractor_stays_frozen_in_train_mode():
 
 def test_resnet_requires_weights_with_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(WeightsError, match="--weights"):
+    with pytest.raises(WeightsError, match=r"or pass weights=PATH\)$") as info:
+        build_extractor("resnet18", [4, 8], image_size=64)
+    assert (
+        info.value.reason.startswith("no weights for resnet18") and "pass" not in info.value.reason
+    )
+    with command_line_messages(), pytest.raises(WeightsError, match=r"pass --weights PATH\)$"):
         build_extractor("resnet18", [4, 8], image_size=64)
     status = {s.name: s.weights_status() for s in available_backbones()}
     assert status["resnet18"].startswith("missing")

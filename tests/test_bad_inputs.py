@@ -390,6 +390,20 @@ def test_predict_lists_every_input_and_scores_every_good_one(
         assert line.startswith("defectlens: warning:"), line  # one line per warning
 
 
+def test_predict_with_no_scorable_input_is_one_error_whether_found_early_or_late(
+    model_dir, tmp_path, monkeypatch, capsys
+):
+    """All missing (found before the model loads) and all corrupt (found while scoring) end
+    the same way: exit status 2, one error line, and every input's row kept."""
+    (tmp_path / "text.png").write_text("not a picture")
+    for name, inputs in (("missing", ["nowhere.png"]), ("corrupt", [tmp_path / "text.png"])):
+        out = tmp_path / name
+        code, _, err = run_cli(monkeypatch, capsys, "predict", model_dir, *inputs, "--out", out)
+        assert code == 2 and "defectlens: error: nothing could be scored:" in err, err
+        assert "Traceback" not in err and "scored 0 image" not in err
+        assert [r["predicted"] for r in read_csv(out / "results.csv")] == ["error"]
+
+
 def test_predict_names_on_the_command_line(model_dir, brick_root, tmp_path, monkeypatch, capsys):
     """Named explicitly, a broken link or a missing file is a row, not the end of the batch."""
     good = find_test_samples(brick_root)[0].path

@@ -101,6 +101,9 @@ def test_few_shot_options_on_the_command_line(monkeypatch, capsys, brick_root, t
     assert "--shots 500 needs 500 normal images plus at least one for validation" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "n").exists()
+    # the same check from Python names the parameter, not the flag
+    with pytest.raises(DataError, match=r"^shots=500 needs 500 normal images.*; lower shots or"):
+        Detector(image_size=IMAGE_SIZE, shots=500).fit(brick_root)
 
 
 def test_models_saved_before_few_shot_existed_still_load(model_dir, tmp_path):

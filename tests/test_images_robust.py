@@ -314,7 +314,7 @@ def test_tiny_png_claiming_50000_squared_is_refused_fast_without_allocating(
     assert not caught, [str(w.message) for w in caught]
     assert str(info.value) == (
         f"{path}: 50000 x 50000 = 2,500,000,000 pixels is over the limit of 67,108,864 "
-        "(raise it with --max-pixels N or DEFECTLENS_MAX_PIXELS)"
+        "(raise it with defectlens.data.images.set_max_pixels(N) or DEFECTLENS_MAX_PIXELS)"
     )
 
 

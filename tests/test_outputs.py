@@ -279,6 +279,20 @@ def test_resume_refuses_rows_of_another_model_and_a_concurrent_run(
     code, _, err = run_cli(monkeypatch, capsys, "predict", model_dir, *args[:-2], "--resume")
     assert code == 2 and "started with --no-images; resume it the same way" in err
     assert not (out / "overlays").exists()
+    # other inputs would be appended to this run's table as if one run had scored them
+    other_image = brick_root / "test" / "good" / "001.png"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "predict", model_dir, other_image, *args[1:], "--resume"
+    )
+    assert code == 2 and "the earlier run scored other inputs" in err and "000.png" in err
+    assert len(read_csv(out / "results.csv")) == 1
+    # the same file written another way would get a second row (rows are keyed as written)
+    monkeypatch.chdir(image.parent)
+    code, _, err = run_cli(
+        monkeypatch, capsys, "predict", model_dir, image.name, *args[1:], "--resume"
+    )
+    assert code == 2 and "the earlier run scored other inputs" in err
+    assert len(read_csv(out / "results.csv")) == 1
 
 
 # -- config loading: any edit is either harmless or a one-line ModelFileError -----------------

@@ -167,7 +167,7 @@ def test_a_registration_trained_with_its_backbone_saves_and_needs_that_backbone(
     # eager torch: exporting onnxruntime graphs for these weights would take most of a minute
     params = {"registration": str(path)}
     refused = Detector(method="regad", image_size=IMAGE_SIZE, method_params=params, shots=2)
-    with pytest.raises(ModelFileError, match=f"--weights {tuned}"):
+    with pytest.raises(ModelFileError, match=f"weights={tuned}"):
         refused.use_backend("torch").fit(pose_pool[0])
     detector = Detector(
         method="regad", image_size=IMAGE_SIZE, weights=str(tuned), method_params=params, shots=2

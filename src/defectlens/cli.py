@@ -23,7 +23,7 @@ import click
 from defectlens import __version__
 from defectlens.blas import numpy_blas_single_threaded
 from defectlens.data.images import is_url
-from defectlens.errors import DefectLensError, DefectLensWarning
+from defectlens.errors import DefectLensError, DefectLensWarning, command_line_messages
 from defectlens.loading import load_model
 from defectlens.results import one_line, safe_text
 
@@ -640,7 +640,7 @@ def predict(
             numpy_blas_single_threaded()  # see defectlens.blas: OpenBLAS's idle threads spin
             detector = load_model(model, weights=weights, backend=backend)
         if out_dir is not None and detector is not None:
-            _check_same_run(out_dir, model, detector, resume, pictures=not no_images)
+            _check_same_run(out_dir, model, detector, resume, not no_images, inputs)
         table = None
         if out_dir is not None:
             table = ResultsTable(
@@ -746,10 +746,17 @@ def export(model, out, fmt, int8, calibration, weights, quiet) -> None:
         )
 
 
-def _check_same_run(out_dir: Path, model: str, loaded, resume: bool, pictures: bool) -> None:
-    """--resume must continue with the model that wrote the earlier rows, never mix two, and
-    with the same pictures choice (a run resumed without --no-images would write no pictures
-    for its done rows, so "done" must mean the same thing)."""
+def _check_same_run(
+    out_dir: Path, model: str, loaded, resume: bool, pictures: bool, inputs: tuple[str, ...]
+) -> None:
+    """--resume must continue with the model that wrote the earlier rows, never mix two, with
+    the same pictures choice (a run resumed without --no-images would write no pictures for
+    its done rows, so "done" must mean the same thing), and on the same INPUTS: other inputs
+    would be appended to the earlier run's table as if they were one run. The inputs are
+    compared as written and as the files they name (order ignored): rows are keyed by the
+    path as written, so the same file written another way would be scored again, and the
+    same relative path from another folder is another file. A folder that gained images
+    since is still the same run, and its new images are scored."""
     from defectlens.outputs import read_results_marker, write_results_marker
     from defectlens.runtime.deployed import ExportedModel
 
@@ -771,7 +778,18 @@ def _check_same_run(out_dir: Path, model: str, loaded, resume: bool, pictures: b
             f"{out_dir}: the earlier run was started {was} --no-images; resume it the same way, "
             "or use --overwrite or another --out to start again"
         )
-    info = {"model": str(model), "model_sha256": identity, "pictures": pictures}
+    given = sorted(
+        {(s, s if is_url(s) else os.path.abspath(os.path.expanduser(s))) for s in inputs}
+    )
+    if resume and marker.get("inputs") not in (None, [list(pair) for pair in given]):
+        recorded = marker["inputs"] if isinstance(marker["inputs"], list) else ["?"]
+        earlier = [str(pair[0]) if isinstance(pair, list) and pair else "?" for pair in recorded]
+        shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        raise DefectLensError(
+            f"{out_dir}: the earlier run scored other inputs ({shown}); resume it with the "
+            "same INPUTS, or use --overwrite or another --out to start again"
+        )
+    info = {"model": str(model), "model_sha256": identity, "pictures": pictures, "inputs": given}
     write_results_marker(out_dir, {**marker, **info})
 
 
@@ -812,9 +830,7 @@ def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet, sco
     local = [p for p in (i.path for i in items if i.error is None) if not is_url(p)]
     base = Path(os.path.commonpath([os.path.abspath(p.parent) for p in local or [Path("x")]]))
     if detector is None:
-        first = next(iter(errors.values()), "no inputs")
-        more = f" (and {len(errors) - 1} more; see results.csv)" if len(errors) > 1 else ""
-        raise DefectLensError(f"nothing to score: {first}{more}")
+        _nothing_scored(errors)
     if done:
         _warn(f"resuming: {len(done)} image(s) already scored, {len(pending)} to go")
     if not detector.has_maps:
@@ -854,6 +870,8 @@ def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet, sco
         resume = " (rerun the same command with --resume to finish)" if out_dir else ""
         echo(f"interrupted after {scored} of {len(pending)} image(s){where}{resume}", err=True)
         raise
+    if not scored and not done and errors:  # every input failed, found late: as if found early
+        _nothing_scored(errors)
     seconds = time.perf_counter() - start
     echo(
         f"scored {scored} image(s) in {seconds:.1f} s ({scored / max(seconds, 1e-9):.1f} img/s): "
@@ -863,6 +881,15 @@ def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet, sco
         err=as_json,
     )
     return {"scored": scored, "skipped": len(errors)}
+
+
+def _nothing_scored(errors: dict[str, str]) -> None:
+    """No input could be scored (all missing, unreadable or not images): a user error, exit
+    status 2, whether the model was needed to find out or not (each input's row stays in
+    results.csv)."""
+    first = next(iter(errors.values()), "no inputs")
+    more = f" (and {len(errors) - 1} more; see results.csv)" if len(errors) > 1 else ""
+    raise DefectLensError(f"nothing could be scored: {first}{more}")
 
 
 def _save_bytes(data: bytes, path: Path) -> None:
@@ -1095,11 +1122,9 @@ def select(
                 candidate.detector(batch_size, seed)  # an unknown name or size: said now
                 candidates.append(candidate)
     for backbone in backbone_list:  # select finds weights only where `backbones` lists them
-        status = get_spec(backbone).weights_status()
+        status = get_spec(backbone).weights_status(hint=False)
         if not status.startswith("available"):
             reason = status.removeprefix("missing: ")
-            for option in (" (or pass --weights PATH)", " or pass --weights PATH"):
-                reason = reason.replace(option, "")
             raise DefectLensError(
                 f"--backbones {backbone}: {reason} (select has no --weights: it uses the "
                 "weights `defectlens backbones` finds)"
@@ -1460,7 +1485,7 @@ def main() -> None:
     try:
         # click's own main() turns a broken pipe into a silent exit 1 ("some inputs skipped"
         # here) and prints usage errors over several lines: run the command directly instead.
-        with cli.make_context("defectlens", sys.argv[1:]) as context:
+        with command_line_messages(), cli.make_context("defectlens", sys.argv[1:]) as context:
             cli.invoke(context)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -24,7 +24,7 @@ from defectlens.components.resample import resample
 from defectlens.data.dataset import find_normal_images
 from defectlens.data.images import probe_image
 from defectlens.data.loader import ImageInput, iter_batches
-from defectlens.errors import DataError, DataWarning, DefectLensError, ParameterError
+from defectlens.errors import DataError, DataWarning, DefectLensError, ParameterError, option
 from defectlens.methods import AnomalyMethod, get_method
 from defectlens.params import check_float, check_int, check_seed
 from defectlens.prediction import MAX_SIGMA, Predictor, as_image_inputs
@@ -294,7 +294,8 @@ class Detector(Predictor):
         if n_val >= len(images):
             raise DataError(
                 f"val_fraction {self.val_fraction:g} holds out all {len(images)} normal images "
-                "and leaves none to fit on; lower it (--val-fraction) or pass validation images"
+                f"and leaves none to fit on; lower it ({option('--val-fraction')}) or pass "
+                "validation images"
             )
         order = np.random.default_rng(self.seed).permutation(len(images))
         val = sorted(order[:n_val].tolist())
@@ -308,8 +309,9 @@ class Detector(Predictor):
         if len(images) < need:
             rest = " plus at least one for validation" if need_rest else ""
             raise DataError(
-                f"--shots {self.shots} needs {self.shots} normal images{rest}, but only "
-                f"{len(images)} exist; lower --shots or add images"
+                f"{option('--shots', value=str(self.shots))} needs {self.shots} normal "
+                f"images{rest}, but only {len(images)} exist; lower {option('--shots')} or add "
+                "images"
             )
         chosen = np.random.default_rng(self.shot_seed).choice(len(images), self.shots, False)
         keep = set(chosen.tolist())

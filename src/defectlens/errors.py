@@ -5,7 +5,38 @@ raises `DefectLensError` with one line that names the file and the problem. The 
 line and exits with status 2; only genuine bugs are internal errors (status 3, traceback with
 `--debug`). Data that is usable but probably not what the user meant (an inverted mask, 12-bit
 pixels in a 16-bit file, a multi-page TIFF) raises a `DataWarning` naming the file.
+
+Messages that tell the user which setting to change name it the way the user gave it: as a
+command-line flag (`--val-fraction`) when the `defectlens` command is running, as the Python
+parameter (`val_fraction`) otherwise. `option` renders the name; the command turns the flag
+style on for its run (`command_line_messages`).
 """
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+_COMMAND_LINE = [False]  # a list, not a context variable: worker threads see it too
+
+
+def option(flag: str, name: str | None = None, value: str = "") -> str:
+    """A setting as the user gave it: `flag` ("--weights") with " value" on the command line;
+    else `name` (default: the flag as a parameter name, "weights") with "=value"."""
+    if _COMMAND_LINE[0]:
+        return f"{flag} {value}" if value else flag
+    name = name or flag.lstrip("-").replace("-", "_")
+    return f"{name}={value}" if value else name
+
+
+@contextlib.contextmanager
+def command_line_messages() -> Iterator[None]:
+    """Within: messages name command-line flags (the `defectlens` command's run)."""
+    before, _COMMAND_LINE[0] = _COMMAND_LINE[0], True
+    try:
+        yield
+    finally:
+        _COMMAND_LINE[0] = before
 
 
 class DefectLensError(Exception):
@@ -25,7 +56,13 @@ class ModelFileError(DefectLensError):
 
 
 class WeightsError(DefectLensError):
-    """Backbone weights that are not available or do not match the architecture."""
+    """Backbone weights that are not available or do not match the architecture. `reason`
+    is the problem alone, `hint` how to supply weights where the caller can take them (a
+    command without a weights option shows the reason only)."""
+
+    def __init__(self, reason: str, hint: str = "") -> None:
+        super().__init__(f"{reason} ({hint})" if hint else reason)
+        self.reason, self.hint = reason, hint
 
 
 class ScoringError(DataError):

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from defectlens import __version__
 from defectlens.backbones.registry import get_spec
-from defectlens.errors import DefectLensError, ModelFileError
+from defectlens.errors import DefectLensError, ModelFileError, option
 from defectlens.outputs import (
     MODEL_CONFIG,
     MODEL_FORMAT,
@@ -221,7 +221,7 @@ def load_detector(path: str | Path, weights: str | None = None, backend: str | N
         raise ModelFileError(
             f"{path}: fitted with backbone weights {stored['path']} "
             f"(sha256 {stored['sha256'][:12]}…) but {extractor.weights_path} differs; "
-            "pass the original file with --weights"
+            f"pass the original file as {option('--weights')}"
         )
     detector.thresholds_ = thresholds
     detector.model_.history = config.get("training", {}).get("history", [])

@@ -6,7 +6,7 @@ here, once. An exported folder loads without torch.
 
 from __future__ import annotations
 
-from defectlens.errors import DefectLensError
+from defectlens.errors import DefectLensError, option
 from defectlens.prediction import Predictor
 
 
@@ -17,7 +17,8 @@ def load_model(model: str, weights: str | None = None, backend: str | None = Non
     if is_export(model):
         if weights is not None:
             raise DefectLensError(
-                "--weights does not apply to an exported model: its backbone is in its graphs"
+                f"{option('--weights')} does not apply to an exported model: its backbone is in "
+                "its graphs"
             )
         if backend == "torch":
             raise DefectLensError(

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from defectlens.errors import DefectLensWarning, ModelFileError, OutputError
+from defectlens.errors import DefectLensWarning, ModelFileError, OutputError, option
 
 MODEL_FORMAT = "defectlens-model"
 MODEL_CONFIG = "config.json"
@@ -421,7 +421,8 @@ def prepare_results_dir(
     kind = _saved_kind(path)
     if kind is not None:
         raise OutputError(
-            f"{path}: is {kind} folder; results go in a folder of their own (choose another --out)"
+            f"{path}: is {kind} folder; results go in a folder of their own (choose another "
+            f"{option('--out', 'output folder')})"
         )
     previous = read_results_marker(path)
     if path.is_dir() and not is_results_folder(path):

@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from defectlens.errors import OutputError
+from defectlens.errors import OutputError, option
 
 
 def safe_text(text: str) -> str:
@@ -51,7 +51,7 @@ def _exclusive_lock(path: Path):
         handle.close()
         raise OutputError(
             f"{path}: another defectlens run is writing this folder; wait for it or choose "
-            "another --out"
+            f"another {option('--out', 'output folder')}"
         ) from None
     return handle
 

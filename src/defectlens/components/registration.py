@@ -32,7 +32,7 @@ from torch import nn
 from defectlens.backbones import FeatureExtractor
 from defectlens.components.geometry import compose, invert, warp
 from defectlens.components.stn import MODES, SpatialTransformer
-from defectlens.errors import ModelFileError
+from defectlens.errors import ModelFileError, option
 from defectlens.outputs import (
     MODEL_TENSORS,
     REGISTRATION_FORMAT,
@@ -259,7 +259,7 @@ def check_registration_fits(
         if tuned:  # trained with its backbone: that file must be the backbone's weights
             raise ModelFileError(
                 f"{where}: this registration tuned its backbone; fit with "
-                f"--weights {Path(where) / tuned} (that file, unaltered)"
+                f"{option('--weights', value=str(Path(where) / tuned))} (that file, unaltered)"
             )
         problems.append("other backbone weights (sha256 differs)")
     if config["image_size"] != extractor.image_size:
@@ -270,5 +270,5 @@ def check_registration_fits(
         raise ModelFileError(
             f"{where}: this registration model was trained for {'; '.join(problems)}. "
             "Train one for this setup with `defectlens regad train`, or fit with "
-            "--registration identity"
+            f"{option('--registration', value='identity')}"
         )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from defectlens.data.images import IMAGE_SUFFIXES
 from defectlens.data.inputs import walk
-from defectlens.errors import DataError, DataWarning
+from defectlens.errors import DataError, DataWarning, option
 
 
 @dataclass(frozen=True)
@@ -98,11 +98,13 @@ def find_anomalies(root: str | Path) -> list[Sample]:
     image: a defect without a mask cannot teach where defects are."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder (--anomalies wants an MVTec-layout root)")
+        wants = option("--anomalies", "the anomaly data")
+        raise DataError(f"{root}: no such folder ({wants} wants an MVTec-layout root)")
     test = root / "test"
     if not test.is_dir():
         raise DataError(
-            f"{root}: no test/ folder; --anomalies wants test/<defect>/ images with masks in "
+            f"{root}: no test/ folder; {option('--anomalies', 'the anomaly data')} wants "
+            "test/<defect>/ images with masks in "
             "ground_truth/<defect>/<name>_mask.png"
         )
     samples = [s for s in _test_images(root) if s.label == 1]

@@ -60,7 +60,7 @@ from typing import IO
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from defectlens.errors import DataError, DataWarning, ParameterError, PixelLimitError
+from defectlens.errors import DataError, DataWarning, ParameterError, PixelLimitError, option
 
 IMAGE_SUFFIXES = (
     ".png",
@@ -127,12 +127,15 @@ def set_max_pixels(n: int | None) -> None:
     _max_pixels = int(n)
 
 
+_SET_MAX_PIXELS = "defectlens.data.images.set_max_pixels(N)"
+
+
 def _check_pixels(path: Path, width: int, height: int, limit: int) -> None:
     pixels = int(width) * int(height)
     if pixels > limit:
         raise PixelLimitError(
             f"{path}: {width} x {height} = {pixels:,} pixels is over the limit of {limit:,} "
-            f"(raise it with --max-pixels N or {MAX_PIXELS_ENV})"
+            f"(raise it with {option('--max-pixels N', _SET_MAX_PIXELS)} or {MAX_PIXELS_ENV})"
         )
 
 

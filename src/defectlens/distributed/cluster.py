@@ -12,7 +12,7 @@ from typing import Any
 from defectlens.allocator import reuse_freed_memory
 from defectlens.blas import numpy_blas_single_threaded
 from defectlens.components.distances import default_threads
-from defectlens.errors import DefectLensError
+from defectlens.errors import DefectLensError, option
 
 CONNECT_TIMEOUT_S = 5.0  # an unreachable scheduler is an error after this long, not a hang
 WORKER_TIMEOUT_S = 30.0  # a reachable scheduler with no worker: an error after this long
@@ -27,7 +27,8 @@ def local_workers(address: str) -> int | None:
         return None
     n = int(match.group(1)) if match.group(1) else (os.cpu_count() or 1)
     if not 1 <= n <= 256:
-        raise DefectLensError(f"--dask {address}: give between 1 and 256 local workers")
+        given = option("--dask", "address", address)
+        raise DefectLensError(f"{given}: give between 1 and 256 local workers")
     return n
 
 
@@ -36,7 +37,8 @@ def _import_dask() -> Any:
         import dask.distributed
     except ImportError:
         raise DefectLensError(
-            "--dask needs Dask on this machine and on the workers: pip install 'defectlens[dask]'"
+            f"{option('--dask', 'scoring on Dask')} needs Dask on this machine and on the "
+            "workers: pip install 'defectlens[dask]'"
         ) from None
     return dask.distributed
 

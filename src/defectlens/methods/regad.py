@@ -41,7 +41,7 @@ from defectlens.components.registration import (
     net_from_transformer_state,
     transformer_state,
 )
-from defectlens.errors import ModelFileError, ParameterError, WeightsError
+from defectlens.errors import ModelFileError, ParameterError, WeightsError, option
 from defectlens.methods.padim import Padim
 
 IDENTITY = "identity"
@@ -88,7 +88,8 @@ class Regad(Padim):
             raise WeightsError(
                 f"no registration model ships for {extractor.spec.name} at "
                 f"{extractor.image_size} px: train one with `defectlens regad train` and pass "
-                "--registration REG, or pass --registration identity"
+                f"{option('--registration', value='REG')}, or pass "
+                f"{option('--registration', value='identity')}"
             )
         net, config = load_registration(path)
         check_registration_fits(config, extractor, str(path))

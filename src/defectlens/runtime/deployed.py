@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from defectlens import __version__
-from defectlens.errors import DefectLensError, ModelFileError
+from defectlens.errors import DefectLensError, ModelFileError, option
 from defectlens.outputs import EXPORT_FORMAT, MODEL_CONFIG, file_sha256, read_folder_config
 from defectlens.params import check_choice, check_float, check_int
 from defectlens.prediction import MAX_SIGMA, NORMAL_ONLY, Predictor
@@ -166,7 +166,7 @@ class ExportedModel(Predictor):
         if self.engine_format == "openvino" and self.engine != "openvino":
             raise DefectLensError(
                 f"{self.path}: an OpenVINO export runs on openvino only; export with "
-                "--format onnx to run it on onnxruntime"
+                f"{option('--format', value='onnx')} to run it on onnxruntime"
             )
         self.finish: Finish = self._load_finish(config_path)
         graphs = config["graphs"]

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from defectlens import __version__
-from defectlens.errors import DefectLensError, ModelFileError, ParameterError
+from defectlens.errors import DefectLensError, ModelFileError, ParameterError, option
 from defectlens.outputs import (
     EXPORT_FORMAT,
     MODEL_CONFIG,
@@ -240,8 +240,8 @@ def export_detector(
                 raise
             raise DefectLensError(
                 "OpenVINO could not compile the converted graph (nothing was written); export "
-                "with --format onnx instead: an ONNX export runs on OpenVINO too "
-                "(--backend openvino)"
+                f"with {option('--format', value='onnx')} instead: an ONNX export runs on "
+                f"OpenVINO too ({option('--backend', value='openvino')})"
             ) from exc
         difference = parity_check(detector, exported)
         has_maps = exported.has_maps

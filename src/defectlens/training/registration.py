@@ -36,7 +36,7 @@ from defectlens.components.geometry import rotation, warp
 from defectlens.components.registration import BACKBONE_FILE, RegistrationNet
 from defectlens.data.dataset import find_normal_images
 from defectlens.data.loader import iter_batches
-from defectlens.errors import DataError
+from defectlens.errors import DataError, option
 from defectlens.params import check_float, check_int, check_seed
 from defectlens.training.loop import StopRule, resolve_device, train_epochs
 
@@ -122,7 +122,7 @@ def load_pool(
         if len(paths) < need:
             raise DataError(
                 f"{source}: {len(paths)} normal images; registration training with "
-                f"--shots {config.shots} needs at least {need} per category"
+                f"{option('--shots', value=str(config.shots))} needs at least {need} per category"
             )
         listed.append((paths, n_val))
     pool = []
@@ -274,7 +274,8 @@ def build_registration(
     check_model_target(out, list(sources), kind="registration")
     unknown = set(exclude) - {category_name(s) for s in sources}
     if unknown:
-        raise DataError(f"--exclude {sorted(unknown)[0]}: no pool category has that name")
+        name = sorted(unknown)[0]
+        raise DataError(f"{option('--exclude', value=name)}: no pool category has that name")
     kept = [s for s in sources if category_name(s) not in set(exclude)]
     extractor = build_extractor(backbone, (4, 8, 16), image_size, weights)
     pool = load_pool(kept, image_size, config, progress)
