@@ -7,6 +7,7 @@ every score right, and memory not growing."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,11 @@ def test_the_dashboard_scores_an_upload_and_the_slider_moves_the_counts(server, 
             page.keyboard.press("Home")
             expect(page.locator("#flagged-count")).to_have_text("2")
             expect(page.locator("#flip-count")).to_have_text("1")
+            tried = float(page.locator("#slider-value").text_content())
+            command = page.locator("#apply-command")  # how to make the tried one the model's
+            expect(command).to_have_text(re.compile(r"defectlens threshold MODEL_DIR --value \S+"))
+            applied = float(command.text_content().split("--value")[1])
+            assert abs(applied - tried) <= 1e-3 * max(abs(tried), 1.0)
             page.get_by_label("flagged", exact=True).check()
             expect(page.locator("#recent-list tr")).to_have_count(1)
             page.get_by_role("button", name="Back to the model's threshold").click()

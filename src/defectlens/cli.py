@@ -1220,6 +1220,91 @@ def backbones() -> None:
             echo(f"{'':20s} to supply them: {spec.weights_help}")
 
 
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option(
+    "--value",
+    type=float,
+    default=None,
+    help="Set the image threshold to this score by hand (e.g. one tried on the service's "
+    "what-if slider); config.json marks it manual.",
+)
+@click.option(
+    "--pixel",
+    type=float,
+    default=None,
+    help="With --value: the pixel threshold [default: follows --value where the two were "
+    "equal (methods scored by their map's maximum), else unchanged].",
+)
+@click.option(
+    "--calibrate",
+    "normal",
+    type=click.Path(),
+    default=None,
+    help="Set both thresholds again from these normal images (a folder; images the model "
+    "was not fitted on), as fit does.",
+)
+@click.option(
+    "--target-far",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=None,
+    help="With --calibrate: the target false-alarm rate [default: the model's].",
+)
+@weights_option
+@quiet_option
+def threshold(model, value, pixel, normal, target_far, weights, quiet) -> None:
+    """Show a model's thresholds, or change them in place.
+
+    Without options, prints the image and pixel thresholds and the normal validation scores
+    they came from. --value sets the image threshold by hand; --calibrate sets both again from
+    normal images (thresholds never come from defect labels). The model folder is rewritten
+    atomically: an interrupted change leaves the old model. An export keeps the thresholds of
+    the model it was made from: change the model's, then export again.
+    """
+    from defectlens.io import load_detector
+
+    if value is not None and normal is not None:
+        raise DefectLensError("--value and --calibrate exclude each other")
+    if pixel is not None and value is None:
+        raise DefectLensError("--pixel is for --value")
+    if target_far is not None and normal is None:
+        raise DefectLensError("--target-far is for --calibrate (a --value has no target rate)")
+    detector = load_detector(model, weights=weights)
+    before = detector.thresholds_
+    if value is None and normal is None:
+        _print_thresholds(model, before)
+        return
+    if value is not None:
+        detector.set_threshold(value, pixel)
+    else:
+        if target_far is not None:
+            detector.target_far = target_far
+        detector.calibrate(normal, progress=not quiet)
+    after = detector.thresholds_
+    path = detector.save(model, protect=() if normal is None else (normal,))
+    echo(f"saved {path}: image threshold {before.image:.6g} -> {after.image:.6g}")
+    if after.pixel != before.pixel:
+        echo(f"pixel threshold {before.pixel:.6g} -> {after.pixel:.6g}")
+    _print_thresholds(path, after, heading=False)
+    if after.manual and after.image < after.validation_max:
+        _warn(
+            f"{after.image:.6g} is below the highest of the {after.n_validation} normal "
+            f"validation scores ({after.validation_max:.6g}): some good parts will be flagged"
+        )
+
+
+def _print_thresholds(model, t, heading: bool = True) -> None:
+    if heading:
+        echo(f"{model}:")
+    how = "set by hand" if t.manual else f"target_far {t.target_far:g}"
+    echo(f"  image threshold {t.image:.6g} ({how})")
+    echo(f"  pixel threshold {t.pixel:.6g}")
+    echo(
+        f"  normal validation scores: {t.n_validation} image(s), highest {t.validation_max:.6g}, "
+        f"median {t.validation_median:.6g}"
+    )
+
+
 # -- serve ---------------------------------------------------------------------------------------
 def _check_port_free(host: str, port: int) -> None:
     """A taken port or an unknown address is a one-line error before any model is served."""

@@ -169,7 +169,7 @@ class Detector(Predictor):
         self.check_unchanged()
         type(self)(**self.get_params())  # every setting, checked by the constructor's own code
         t = self.thresholds_
-        if t is not None and t.target_far != self.target_far:
+        if t is not None and not t.manual and t.target_far != self.target_far:
             raise ParameterError(
                 f"target_far is {self.target_far:g} but the threshold was set for "
                 f"{t.target_far:g}; calibrate() again after changing it"
@@ -426,6 +426,16 @@ class Detector(Predictor):
             )
         ]
         self.thresholds_ = self._thresholds_from(peaks)
+        return self
+
+    def set_threshold(self, image: float, pixel: float | None = None) -> Detector:
+        """Set the image threshold by hand (a quality engineer's choice, e.g. after trying it
+        on the service's what-if slider); marked `manual` in the saved model. The pixel
+        threshold follows as `Thresholds.set_by_hand` says. `calibrate` returns to thresholds
+        from normal images."""
+        if self.thresholds_ is None:
+            raise ParameterError("fit or calibrate the detector before setting its threshold")
+        self.thresholds_ = self.thresholds_.set_by_hand(image, pixel)
         return self
 
     def _thresholds_from(self, scores_and_peaks: list[tuple[float, float]]) -> Thresholds:

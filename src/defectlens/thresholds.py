@@ -9,16 +9,21 @@ The pixel threshold equals the image threshold. Since the image score is the max
 smoothed map, this makes the two decisions consistent: an image is flagged exactly when its
 predicted mask is non-empty, and a good verdict never comes with a defect outline.
 Test labels are never used.
+
+A quality engineer may still choose a threshold by hand (`Detector.set_threshold`, `defectlens
+threshold --value`), e.g. after trying one on the service's what-if slider; it is then marked
+`manual`, and `target_far` no longer describes it. The validation statistics stay, so the
+choice can be compared with the normal images' highest score.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from defectlens.errors import ParameterError
-from defectlens.params import check_float, check_int
+from defectlens.params import check_bool, check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -29,9 +34,21 @@ class Thresholds:
     n_validation: int
     validation_max: float
     validation_median: float
+    manual: bool = False  # set by hand, not the target_far quantile (optional when read)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def set_by_hand(self, image: float, pixel: float | None = None) -> Thresholds:
+        """These thresholds with the image one set to `image`, marked manual. The pixel
+        threshold is `pixel` if given; else it moves with the image one where the two were
+        equal (methods scored by their map's maximum, so a flagged image keeps its outline),
+        and stays where the method's image score is on its own scale."""
+        image = check_float("image threshold", image)
+        if pixel is None:
+            pixel = image if self.pixel == self.image else self.pixel
+        pixel = check_float("pixel threshold", pixel)
+        return replace(self, image=image, pixel=pixel, manual=True)
 
     @classmethod
     def from_dict(cls, raw: object) -> Thresholds:
@@ -40,7 +57,9 @@ class Thresholds:
         if not isinstance(raw, dict):
             raise ParameterError("thresholds must be an object")
         fields = set(cls.__dataclass_fields__)
-        for problem, keys in (("unknown", set(raw) - fields), ("missing", fields - set(raw))):
+        optional = {"manual"}  # models saved before it existed
+        missing = fields - set(raw) - optional
+        for problem, keys in (("unknown", set(raw) - fields), ("missing", missing)):
             if keys:
                 raise ParameterError(f"{problem} key thresholds.{sorted(keys)[0]!r}")
         values = {
@@ -49,6 +68,7 @@ class Thresholds:
         }
         values["target_far"] = check_float("thresholds.target_far", raw["target_far"], 0.0, 1.0)
         values["n_validation"] = check_int("thresholds.n_validation", raw["n_validation"], 1)
+        values["manual"] = check_bool("thresholds.manual", raw.get("manual", False))
         return cls(**values)
 
 

@@ -54,7 +54,8 @@ function showCard() {
   const items = [
     ["method", c.method], ["backbone", c.backbone], ["kind", c.kind],
     ["image size", `${c.image_size} px`], ["image threshold", format(t.image)],
-    ["target false-alarm rate", t.target_far], ["validation images", c.validation_images],
+    ["target false-alarm rate", t.manual ? "none: threshold set by hand" : t.target_far],
+    ["validation images", c.validation_images],
     ["training images", c.training_images ?? "–"], ["learned from", c.supervision],
     ["drift", c.drift && c.drift.drift !== null ? format(c.drift.drift) : "–"],
   ];
@@ -180,6 +181,7 @@ function updateWhatIf() {
   $("recent-count").textContent = values.length;
   $("flip-count").textContent = flips;
   $("slider-value").textContent = format(state.threshold);
+  $("apply-value").textContent = String(Number(state.threshold.toPrecision(6)));
 }
 
 function setup() {
