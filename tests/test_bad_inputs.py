@@ -99,13 +99,13 @@ FIT_CASES = [
     (["--out", "m", "--batch-size", "0"], ["'--batch-size': 0 is not in the range x>=1"]),
     (["--out", "m", "--batch-size", "-3"], ["'--batch-size': -3 is not in the range x>=1"]),
     (["--out", "m", "--val-fraction", "1.5"], ["val_fraction must be < 1.0"]),
-    (["--out", "m", "--val-fraction", "nan"], ["val_fraction must be a finite number"]),
+    (["--out", "m", "--val-fraction", "nan"], ["'--val-fraction': 'nan' is not a finite number"]),
     (["--out", "m", "--target-far", "-0.1"], ["target_far must be >= 0.0"]),
-    (["--out", "m", "--target-far", "inf"], ["target_far must be a finite number"]),
+    (["--out", "m", "--target-far", "inf"], ["'--target-far': 'inf' is not a finite number"]),
     (["--out", "m", "--seed", "-1"], ["seed must be at least 0"]),
     (["--out", "m", "--method", ""], ["unknown method ''"]),
     (["--out", "m", "--method", "patchcore", "--coreset-ratio", "0"], ["coreset_ratio must be >"]),
-    (["--out", "m", "--method", "patchcore", "--coreset-ratio", "nan"], ["coreset_ratio"]),
+    (["--out", "m", "--method", "patchcore", "--coreset-ratio", "nan"], ["'nan' is not a finite"]),
     (["--out", "m", "--method", "spade", "--k-images", "0"], ["k_images must be at least 1"]),
     (["--out", "m", "--param", "bogus=1"], ["unknown parameter 'bogus'"]),
     (["--out", "m", "--param", 'n_channels="abc"'], ["n_channels must be an integer"]),
@@ -194,10 +194,13 @@ def test_fit_replaces_only_its_own_model_and_keeps_a_folder_holding_more(
     code, _, err = run_cli(monkeypatch, capsys, *FIT, "--out", "m", "--seed", "1")
     assert code == 0, err
     assert (sandbox / "m" / "config.json").read_text() != config  # replaced
-    (sandbox / "m" / "metrics.json").write_text("{}")  # e.g. evaluate --out m
+    (sandbox / "m" / "metrics.json").write_text("{}")  # for serve's model card: kept
+    code, _, err = run_cli(monkeypatch, capsys, *FIT, "--out", "m", "--seed", "2")
+    assert code == 0 and (sandbox / "m" / "metrics.json").read_text() == "{}", err
+    (sandbox / "m" / "notes.txt").write_text("mine")  # anything else: not replaced
     code, _, err = run_cli(monkeypatch, capsys, *FIT, "--out", "m")
-    _ok_error(code, err, "holds metrics.json")
-    assert (sandbox / "m" / "metrics.json").exists()
+    _ok_error(code, err, "holds notes.txt")
+    assert (sandbox / "m" / "notes.txt").exists()
     assert sorted(p.name for p in sandbox.iterdir() if p.name.startswith(".")) == []
 
 

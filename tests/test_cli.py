@@ -274,3 +274,31 @@ def test_method_options_reach_the_model(brick_root, tmp_path, monkeypatch, capsy
     params = config["detector"]["method_params"]
     assert params["coreset_ratio"] == 0.05 and params["index"] == "hnsw"
     assert params["embed_dim"] == 64
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "{model}", "--max-upload-mb", "nan"], "'nan' is not a finite number"),
+        (["serve", "{model}", "--timeout", "1e400"], "'1e400' is not a finite number"),
+        (["serve", "{model}", "--max-wait-ms", "nan"], "'nan' is not a finite number"),
+        (["fit", "{data}", "--target-far", "nan", "--out", "{tmp}/m"], "not a finite number"),
+        (["threshold", "{model}", "--calibrate", "{data}", "--target-far", "nan"], "finite"),
+        (["select", "{data}", "--out", "{tmp}/s", "--budget-minutes", "nan"], "finite"),
+        (["select", "{data}", "--out", "{tmp}/s", "--image-sizes", "32"], "at least 64 px"),
+        (["select", "{data}", "--out", "{tmp}/s", "--report", "{tmp}/s"], "is the --out model"),
+        (["regad", "train", "{data}", "--out", "{tmp}/r", "--image-size", "65"], "multiple of 32"),
+        (["fit", "{data}", "--image-size", "100", "--out", "{tmp}/m"], "not a multiple of 32"),
+        (["demo", "--out", "{tmp}/d", "--textures", ","], "--textures: give at least one"),
+    ],
+)
+def test_option_values_a_command_cannot_use_are_one_line_errors_before_any_work(
+    args, message, model_dir, brick_root, tmp_path, monkeypatch, capsys
+):
+    """nan and inf pass click's own float ranges; these would have failed deep inside (an
+    internal error, a crash after "serving", a silently ignored budget) or after minutes of
+    work (a select at 32 px, a 65 px registration no fit can use)."""
+    filled = [a.format(model=model_dir, data=brick_root, tmp=tmp_path) for a in args]
+    code, _, err = run(monkeypatch, capsys, *filled)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []

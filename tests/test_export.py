@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -371,6 +372,16 @@ def test_calibration_goes_with_int8(monkeypatch, capsys, model_dir, brick_root, 
         monkeypatch, capsys, "export", model_dir, "--out", tmp_path / "x", "--int8"
     )
     assert code == 2 and "--int8 needs --calibration" in err
+    few = tmp_path / "few"
+    few.mkdir()
+    for sample in find_test_samples(brick_root)[:2]:
+        shutil.copy(sample.path, few / f"{sample.defect}-{sample.path.name}")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "export", model_dir, "--out", tmp_path / "x", "--int8",
+        "--calibration", few,
+    )  # fmt: skip
+    assert code == 2 and "2 normal image(s)" in err and "give at least 10" in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_int8_export_refits_sets_its_own_thresholds_and_reports_the_change(

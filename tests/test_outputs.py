@@ -73,6 +73,48 @@ def test_swap_is_atomic_and_the_fallback_keeps_the_old_model_until_the_new_is_in
     assert is_model_folder(path) and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+def test_a_model_that_cannot_be_replaced_is_refused_before_the_swap(fitted, tmp_path, monkeypatch):
+    """A read-only model folder (its files cannot be removed) is refused before anything is
+    written; if the previous copy still cannot be removed after the swap, the save has
+    succeeded and says where that copy is, instead of reporting a failure."""
+    import tempfile
+
+    import defectlens.outputs as outputs
+
+    path = fitted.save(tmp_path / "m")
+    before = snapshot(tmp_path)
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):
+        if Path(dir) == path:  # root ignores chmod 555: the probe is made to fail instead
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", read_only)
+    with pytest.raises(OutputError, match="m: cannot write there"):
+        fitted.save(path)
+    assert snapshot(tmp_path) == before
+    monkeypatch.undo()
+    real_rmtree = shutil.rmtree
+
+    def stuck(target, *args, **kwargs):
+        if ".defectlens-tmp-" in str(target) and not kwargs.get("ignore_errors"):
+            raise PermissionError(13, "Permission denied", str(target))
+        return real_rmtree(target, *args, **kwargs)
+
+    monkeypatch.setattr(outputs.shutil, "rmtree", stuck)
+    other = Detector(image_size=IMAGE_SIZE, batch_size=8, target_far=0.2)
+    other.fit(fitted_root(fitted))
+    with pytest.warns(Warning, match="previous copy could not be removed.*the new one is saved"):
+        other.save(path)
+    assert load(path).target_far == 0.2
+
+
+def fitted_root(detector) -> Path:
+    """The MVTec root `detector` was fitted on (conftest's brick data)."""
+    return Path(detector.fit_images_[0]).parents[2]
+
+
 def test_leftovers_of_a_killed_save_are_reported_then_cleaned(fitted, tmp_path):
     path = fitted.save(tmp_path / "m")
     # A save killed between "old moved aside" and "new renamed in": the model is missing.
@@ -347,3 +389,48 @@ def test_mutated_configs_load_or_fail_with_model_file_error(
         return
     # It loaded: then it must be a valid model that scores like the original would.
     assert detector.thresholds_ is not None
+
+
+def test_a_models_metrics_json_stays_with_it_and_nothing_is_written_inside_it(
+    model_dir, brick_root, tmp_path, monkeypatch, capsys
+):
+    """serve shows a metrics.json kept in a model folder: the folder stays replaceable (a
+    threshold change or a refit keeps the file), and no results, export or model folder is
+    put inside a saved one (which would make it unreplaceable)."""
+    model = tmp_path / "m"
+    shutil.copytree(model_dir, model)
+    (model / "metrics.json").write_text('{"image_auroc": 1.0}')
+    code, _, err = run_cli(monkeypatch, capsys, "threshold", model, "--value", 1000)
+    assert code == 0, err
+    assert (model / "metrics.json").read_text() == '{"image_auroc": 1.0}'
+    assert load(model).thresholds_.image == 1000
+    for command in (
+        ["evaluate", model, brick_root, "--out", model / "ev"],
+        ["predict", model, brick_root / "test" / "good", "--out", model / "pred"],
+        ["export", model, "--out", model / "exp"],
+        ["fit", brick_root, "--image-size", IMAGE_SIZE, "--out", model / "inner"],
+    ):
+        code, _, err = run_cli(monkeypatch, capsys, *command, "-q")
+        assert code == 2 and "is inside a model folder" in err, (command, err)
+    assert sorted(p.name for p in model.iterdir()) == [
+        "config.json",
+        "metrics.json",
+        "model.safetensors",
+    ]
+
+
+def test_resume_refuses_rows_decided_at_another_threshold(
+    model_dir, brick_root, tmp_path, monkeypatch, capsys
+):
+    model, out = tmp_path / "m", tmp_path / "o"
+    shutil.copytree(model_dir, model)
+    args = [brick_root / "test" / "good" / "000.png", "--out", out, "--no-images", "-q"]
+    assert run_cli(monkeypatch, capsys, "predict", model, *args)[0] == 0
+    assert run_cli(monkeypatch, capsys, "threshold", model, "--value", 1e6)[0] == 0
+    code, _, err = run_cli(monkeypatch, capsys, "predict", model, *args, "--resume")
+    assert code == 2 and "thresholds changed since the earlier rows were decided" in err
+    assert "now 1e+06" in err
+    # refitted in place: said as such, not as "another model"
+    Detector(image_size=IMAGE_SIZE, batch_size=8, seed=3).fit(brick_root).save(model)
+    code, _, err = run_cli(monkeypatch, capsys, "predict", model, *args, "--resume")
+    assert code == 2 and "before it was refitted or replaced" in err

@@ -32,13 +32,20 @@ def test_a_missing_mask_is_named_not_silently_dropping_pixel_metrics(fitted, bri
     assert "pixel_auroc" not in metrics or metrics["pixel_auroc"] != metrics["pixel_auroc"]
 
 
-def test_one_path_is_one_image_and_other_objects_are_clear_errors(fitted, brick_root):
+def test_one_path_is_one_image_and_other_objects_are_clear_errors(fitted, brick_root, tmp_path):
     from PIL import Image
 
     from defectlens.errors import DataError
 
     path = find_test_samples(brick_root)[0].path
     assert len(list(fitted.iter_predict(str(path)))) == 1  # not one per character
+    folder = path.parent  # a folder: its images, as `defectlens predict FOLDER` reads them
+    by_folder = fitted.predict(folder)
+    assert [p.source for p in by_folder] == [str(f) for f in sorted(folder.glob("*.png"))]
+    alone = fitted.predict(sorted(folder.glob("*.png"))[0])[0].score
+    assert by_folder[0].score == pytest.approx(alone, rel=1e-5)  # batch sizes differ
+    with pytest.raises(DataError, match="no images in this folder"):
+        fitted.predict(tmp_path)
     for wrong, said in ((Image.open(path), "PIL image"), (None, "NoneType"), (b"png", "bytes")):
         with pytest.raises(DataError, match=said):
             fitted.predict(wrong)

@@ -118,6 +118,12 @@ def test_students_train_beat_chance_round_trip_and_export(students, brick_root, 
     metrics = evaluate(students, brick_root).metrics
     assert metrics["image_auroc"] > 0.65 and metrics["pixel_auroc"] > 0.6, metrics
     assert_round_trip_and_export(students, brick_root, tmp_path)
+    # A model saved before `normalise` existed used the paper's global statistics.
+    config_path = tmp_path / "m" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["detector"]["method_params"].pop("normalise") == "global"
+    config_path.write_text(json.dumps(config))
+    assert load(tmp_path / "m").model_.normalise == "global"
 
 
 def test_students_with_the_backbone_as_teacher_on_one_scale(brick_root, tmp_path):
@@ -136,6 +142,31 @@ def test_students_with_the_backbone_as_teacher_on_one_scale(brick_root, tmp_path
     paths = [s.path for s in find_test_samples(brick_root)][:3]
     loaded = load(detector.save(tmp_path / "m"))
     assert [p.score for p in detector.predict(paths)] == [p.score for p in loaded.predict(paths)]
+
+
+def test_students_normalised_per_position_centre_each_position_on_normal_images(
+    brick_root, tmp_path
+):
+    """normalise="position": on the normal images its statistics came from, every position's
+    map has mean 0 and spread 1 (unless floored), so no position holds every normal image's
+    maximum; saved, loaded and exported like the paper's rule."""
+    from defectlens.data.dataset import find_normal_images
+    from defectlens.data.loader import iter_batches
+
+    params = {**TINY_STUDENTS, "patch_sizes": [65], "students": 2, "max_epochs": 2}
+    params |= {"teacher": "backbone", "normalise": "position"}
+    detector = Detector(method="students", image_size=64, method_params=params)
+    detector.fit(brick_root, device="cpu")
+    stats = detector.model_.position_stats
+    assert stats.shape == (2, 8, 8)  # 64 px at stride 8
+    _, val = detector.split_validation(find_normal_images(brick_root))
+    maps = np.concatenate(
+        [detector.raw_scores(b.images)[0] for b in iter_batches(val, 64, 8)]
+    ).astype(np.float64)
+    np.testing.assert_allclose(maps.mean(axis=0), 0.0, atol=1e-4)
+    unfloored = stats[1].numpy() > 0.1 * float(stats[1].median()) + 1e-6
+    np.testing.assert_allclose(maps.std(axis=0, ddof=1)[unfloored], 1.0, rtol=1e-3)
+    assert_round_trip_and_export(detector, brick_root, tmp_path)
 
 
 def test_students_training_shares_one_deadline(brick_root, monkeypatch):
@@ -168,6 +199,7 @@ def test_students_training_shares_one_deadline(brick_root, monkeypatch):
         ({"students": 1}, "students must be"),
         ({"crop": 36}, "crop must be a multiple of 8"),
         ({"weight_decay": -1}, "weight_decay"),
+        ({"normalise": "pixel"}, "normalise must be one of"),
     ],
 )
 def test_students_bad_parameters_are_clear_errors(params, message):

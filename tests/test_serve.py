@@ -226,8 +226,12 @@ def test_an_api_key_guards_the_api_but_not_the_page(fitted, good_path):
         )
         assert_refused(client.get("/metrics"), 401, "unauthorized")
         assert post(client, files, headers={"X-API-Key": KEY}).status_code == 200
-        bearer = {"Authorization": f"Bearer {KEY}"}
-        assert client.get("/v1/models", headers=bearer).status_code == 200
+        for scheme in ("Bearer", "bearer"):  # auth schemes are case-insensitive (RFC 9110)
+            bearer = {"Authorization": f"{scheme} {KEY}"}
+            assert client.get("/v1/models", headers=bearer).status_code == 200
+        assert (
+            client.get("/v1/models", headers={"Authorization": f"Basic {KEY}"}).status_code == 401
+        )
         assert client.get("/").status_code == 200 and client.get("/healthz").status_code == 200
         assert (
             "access-control-allow-origin"

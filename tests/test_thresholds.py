@@ -1,11 +1,12 @@
 import shutil
+import warnings
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from defectlens import Detector
-from defectlens.errors import ParameterError
+from defectlens.errors import DataWarning, ParameterError
 from defectlens.thresholds import Thresholds, from_normal_scores
 
 from .conftest import run_cli, snapshot
@@ -89,7 +90,7 @@ def test_the_threshold_command_shows_sets_and_recalibrates_in_place(
         (["--value", 1, "--calibrate", "x"], "--value and --calibrate exclude each other"),
         (["--pixel", 1], "--pixel is for --value"),
         (["--target-far", 0.1], "--target-far is for --calibrate"),
-        (["--value", "nan"], "image threshold must be a finite number"),
+        (["--value", "nan"], "'nan' is not a finite number"),
     ],
 )
 def test_the_threshold_command_refuses_bad_options_and_leaves_the_model(
@@ -107,3 +108,20 @@ def test_an_export_keeps_its_models_threshold(fitted, tmp_path, monkeypatch, cap
     path = export_detector(fitted, tmp_path / "e").path
     code, _, err = run_cli(monkeypatch, capsys, "threshold", path, "--value", 1)
     assert code == 2 and "deployment export" in err, err
+
+
+def test_calibrating_on_images_the_model_was_fitted_on_is_warned(model_dir, brick_root):
+    """Label-free: fitted images score far below unseen normal ones; a threshold from them
+    would flag good parts."""
+    with pytest.warns(DataWarning, match="were they fitted on"):
+        Detector.load(model_dir).calibrate(brick_root / "train" / "good")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        Detector.load(model_dir).calibrate(brick_root / "test" / "good")  # unseen: no warning
+
+
+def test_a_threshold_takes_numpy_numbers(model_dir):
+    detector = Detector.load(model_dir)
+    assert detector.set_threshold(np.float32(2.5)).thresholds_.image == 2.5
+    assert type(detector.thresholds_.image) is float
+    assert detector.set_threshold(np.int64(3)).thresholds_.image == 3.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -52,6 +53,23 @@ class Interrupted(KeyboardInterrupt):
     KeyboardInterrupt, so that no `except Exception` on the way mistakes it for a bad file."""
 
 
+class FiniteFloat(click.FloatRange):
+    """A number, optionally in a range, never nan or inf: click's own float lets them
+    through, and a nan passes every range check."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+    def _describe_range(self) -> str:
+        unbounded = self.min is None and self.max is None
+        return "" if unbounded else super()._describe_range()
+
+
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 
 
@@ -65,10 +83,23 @@ DEFAULT_VAL_FRACTION = 0.1
 FEW_VALIDATION_IMAGES = 10  # fewer validation images than this: the fit warns
 
 
+class ImageSize(click.IntRange):
+    """A side length the backbones take: a multiple of 32 from 32 to 2048 (checked here, so a
+    registration for 65 px is refused before half an hour of training, not at the fit)."""
+
+    def __init__(self) -> None:
+        super().__init__(32, 2048)
+
+    def convert(self, value, param, ctx):
+        size = super().convert(value, param, ctx)
+        if size % 32:
+            self.fail(f"{size} is not a multiple of 32", param, ctx)
+        return size
+
+
 def image_size_option(help_text: str):
     return click.option(
-        "--image-size", type=click.IntRange(32, 2048), default=256, show_default=True,
-        help=help_text,
+        "--image-size", type=ImageSize(), default=256, show_default=True, help=help_text,
     )  # fmt: skip
 
 
@@ -170,7 +201,7 @@ def cli(debug: bool) -> None:
 )
 @click.option(
     "--val-fraction",
-    type=float,
+    type=FiniteFloat(),
     default=DEFAULT_VAL_FRACTION,
     show_default=True,
     help="Share of training images held out to set the threshold, in [0, 1); at least one "
@@ -178,14 +209,14 @@ def cli(debug: bool) -> None:
 )
 @click.option(
     "--target-far",
-    type=float,
+    type=FiniteFloat(),
     default=0.01,
     show_default=True,
     help="Target false-alarm rate on normal images for the decision threshold, in [0, 1).",
 )
 @click.option(
     "--sigma",
-    type=float,
+    type=FiniteFloat(),
     default=4.0,
     show_default=True,
     help="Gaussian smoothing of the anomaly map, in pixels of the --image-size grid (0: "
@@ -207,7 +238,7 @@ def cli(debug: bool) -> None:
 )
 @click.option(
     "--coreset-ratio",
-    type=float,
+    type=FiniteFloat(),
     default=None,
     help="patchcore, patchsvdd: share of training patches kept in the memory bank, in (0, 1] "
     "(default 0.1 for patchcore, 0.01 for patchsvdd).",
@@ -768,9 +799,22 @@ def _check_same_run(
         identity = read_config(model)["tensors_sha256"]
     marker = read_results_marker(out_dir)
     if resume and marker.get("model_sha256") not in (None, identity):
+        if marker.get("model") == str(model):
+            raise DefectLensError(
+                f"{out_dir}: its results.csv was written by {model} before it was refitted or "
+                "replaced; use --overwrite or another --out to start again"
+            )
         raise DefectLensError(
             f"{out_dir}: its results.csv was written by another model ({marker.get('model')}); "
             "resume with that model, or use --overwrite or another --out to start again"
+        )
+    thresholds = loaded.thresholds_.to_dict() if loaded.thresholds_ is not None else None
+    if resume and marker.get("thresholds") not in (None, thresholds):
+        raise DefectLensError(
+            f"{out_dir}: {model}'s thresholds changed since the earlier rows were decided "
+            f"(image threshold then {_threshold_text(marker['thresholds'])}, now "
+            f"{_threshold_text(thresholds)}); one results.csv would mix two thresholds: use "
+            "--overwrite or another --out to start again"
         )
     if resume and marker.get("pictures") not in (None, pictures):
         was = "with" if pictures else "without"
@@ -790,7 +834,13 @@ def _check_same_run(
             "same INPUTS, or use --overwrite or another --out to start again"
         )
     info = {"model": str(model), "model_sha256": identity, "pictures": pictures, "inputs": given}
+    info["thresholds"] = thresholds
     write_results_marker(out_dir, {**marker, **info})
+
+
+def _threshold_text(thresholds: object) -> str:
+    image = thresholds.get("image") if isinstance(thresholds, dict) else None
+    return f"{image:.6g}" if isinstance(image, float | int) else "unknown"
 
 
 def _picture_path(source: str, base: Path) -> Path:
@@ -925,7 +975,10 @@ def regad() -> None:
 @backbone_option("Frozen backbone the registration is for; fits must use the same one.")
 @weights_option
 @image_size_option("Image size the registration is for; fits must use the same one.")
-@click.option("--shots", type=int, default=2, show_default=True, help="Supports per query image.")
+@click.option(
+    "--shots", type=click.IntRange(1, 64), default=2, show_default=True,
+    help="Supports per query image.",
+)  # fmt: skip
 @batch_size_option("Queries per step.", default=8)
 @click.option(
     "--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Steps per epoch."
@@ -936,24 +989,28 @@ def regad() -> None:
 )  # fmt: skip
 @click.option(
     "--patience",
-    type=int,
+    type=click.IntRange(min=1),
     default=4,
     show_default=True,
     help="Stop after this many epochs without a better validation loss.",
 )
 @click.option(
-    "--max-minutes", type=float, default=30.0, show_default=True, help="Wall-clock budget."
+    "--max-minutes",
+    type=FiniteFloat(0, 1e6, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Wall-clock budget.",
 )
 @click.option(
     "--lr",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(0, 10, min_open=True),
     default=0.01,
     show_default=True,
     help="Initial SGD rate.",
 )
 @click.option(
     "--pose-jitter",
-    type=float,
+    type=FiniteFloat(0, 180),
     default=0.0,
     show_default=True,
     help="Rotate training images by up to this many degrees, for parts that turn on the line "
@@ -961,7 +1018,7 @@ def regad() -> None:
 )
 @click.option(
     "--backbone-lr",
-    type=float,
+    type=FiniteFloat(0, 10),
     default=0.0,
     show_default=True,
     help="Also train the backbone, at this SGD rate (the paper's way; 0 keeps it frozen). "
@@ -1040,7 +1097,7 @@ def regad_train(
 )
 @click.option(
     "--budget-minutes",
-    type=click.FloatRange(0, min_open=True),
+    type=FiniteFloat(0, min_open=True),
     default=None,
     help="Stop trying new candidates after this long (the ones tried are ranked).",
 )
@@ -1086,7 +1143,7 @@ def select(
 
     from defectlens.backbones import get_spec
     from defectlens.data.dataset import find_normal_images
-    from defectlens.data.synthetic import defect_kinds
+    from defectlens.data.synthetic import MIN_PASTE_SIZE, defect_kinds
     from defectlens.methods import get_method
     from defectlens.outputs import check_model_target, results_dir
     from defectlens.report.html import write_selection_report
@@ -1103,6 +1160,11 @@ def select(
     for item in names(image_sizes, "image-sizes"):
         if not item.isdigit():
             raise DefectLensError(f"--image-sizes: {item!r} is not a whole number")
+        if int(item) < MIN_PASTE_SIZE:
+            raise DefectLensError(
+                f"--image-sizes {item}: select pastes synthetic defects into the images, which "
+                f"needs at least {MIN_PASTE_SIZE} px"
+            )
         sizes.append(int(item))
     kinds = defect_kinds(names(defects, "defects"))
     backbone_list = names(backbone_names, "backbones")
@@ -1132,6 +1194,10 @@ def select(
     check_model_target(out, [data])
     split_for_selection(find_normal_images(data), seed)  # too few images: said before writing
     report_name = report or f"{out}.selection"
+    if Path(report_name).absolute() == Path(out).absolute():
+        raise DefectLensError(
+            f"--report {report}: is the --out model folder; the report goes in a folder of its own"
+        )
     # interrupted before the table is written: no folder holding only our marker is left
     with results_dir(report_name, ["selection.csv", "selection.html"], "select", [data]) as (
         report_dir
@@ -1224,14 +1290,14 @@ def backbones() -> None:
 @click.argument("model", type=click.Path())
 @click.option(
     "--value",
-    type=float,
+    type=FiniteFloat(),
     default=None,
     help="Set the image threshold to this score by hand (e.g. one tried on the service's "
     "what-if slider); config.json marks it manual.",
 )
 @click.option(
     "--pixel",
-    type=float,
+    type=FiniteFloat(),
     default=None,
     help="With --value: the pixel threshold [default: follows --value where the two were "
     "equal (methods scored by their map's maximum), else unchanged].",
@@ -1246,7 +1312,7 @@ def backbones() -> None:
 )
 @click.option(
     "--target-far",
-    type=click.FloatRange(0, 1, max_open=True),
+    type=FiniteFloat(0, 1, max_open=True),
     default=None,
     help="With --calibrate: the target false-alarm rate [default: the model's].",
 )
@@ -1259,7 +1325,9 @@ def threshold(model, value, pixel, normal, target_far, weights, quiet) -> None:
     they came from. --value sets the image threshold by hand; --calibrate sets both again from
     normal images (thresholds never come from defect labels). The model folder is rewritten
     atomically: an interrupted change leaves the old model. An export keeps the thresholds of
-    the model it was made from: change the model's, then export again.
+    the model it was made from: change the model's, then export again (an --int8 export sets
+    its own from normal images). A running `defectlens serve` reads thresholds at start:
+    restart it to use the new ones.
     """
     from defectlens.io import load_detector
 
@@ -1346,7 +1414,7 @@ def _check_port_free(host: str, port: int) -> None:
 )
 @click.option(
     "--max-upload-mb",
-    type=click.FloatRange(min=0.001),
+    type=FiniteFloat(min=0.001),
     default=20.0,
     show_default=True,
     help="Largest request body; larger ones get 413 before they are read.",
@@ -1376,7 +1444,7 @@ def _check_port_free(host: str, port: int) -> None:
 )
 @click.option(
     "--max-wait-ms",
-    type=click.FloatRange(0, 1000),
+    type=FiniteFloat(0, 1000),
     default=20.0,
     show_default=True,
     help="Most a batch waits for company: for requests still being read, and for as many "
@@ -1392,7 +1460,7 @@ def _check_port_free(host: str, port: int) -> None:
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloat(min=0.1),
     default=30.0,
     show_default=True,
     help="Seconds a request may wait for its scores before it gets 504 (and the grace "
@@ -1508,7 +1576,7 @@ def serve(
 )
 @click.option(
     "--image-size",
-    type=int,
+    type=ImageSize(),
     default=256,
     show_default=True,
     help="Images are resized to N x N (a multiple of 32).",
@@ -1524,11 +1592,14 @@ def demo(out, method, image_size, textures, quiet) -> None:
     """Generate the embedded synthetic dataset, fit, evaluate and write reports."""
     from defectlens.demo import run_demo
 
+    chosen = [t.strip() for t in textures.split(",") if t.strip()]
+    if not chosen:  # an empty list would mean every texture to run_demo
+        raise DefectLensError("--textures: give at least one")
     run_demo(
         Path(out),
         method,
         image_size,
-        [t for t in textures.split(",") if t],
+        chosen,
         progress=not quiet,
         echo=echo,
     )

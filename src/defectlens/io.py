@@ -57,6 +57,7 @@ _ADDED_DETECTOR_KEYS = {"shots": None, "shot_seed": 0, "augment_support": False}
 _ADDED_METHOD_PARAMS = {
     "segaided": {"space": "pixels", "structure_clusters": 8},
     "patchsvdd": {"select_by": "loss"},  # its epoch was chosen by the loss before 2026-12-07
+    "students": {"normalise": "global"},  # the paper's rule, the only one before 2026-12-07
 }
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 

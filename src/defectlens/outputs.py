@@ -46,6 +46,10 @@ MODEL_FORMAT = "defectlens-model"
 MODEL_CONFIG = "config.json"
 MODEL_TENSORS = "model.safetensors"
 MODEL_FILES = frozenset({MODEL_CONFIG, MODEL_TENSORS})
+# What a user may keep in a model folder beside the model: an evaluation's metrics.json, which
+# `serve` shows on the model card. A save that replaces the model carries it over (serve shows
+# it only while its threshold is the model's).
+MODEL_EXTRAS = frozenset({"metrics.json"})
 EXPORT_FORMAT = "defectlens-export"
 REGISTRATION_FORMAT = "defectlens-registration"
 RESULTS_MARKER = ".defectlens-results.json"
@@ -120,7 +124,7 @@ def is_model_folder(path: Path) -> bool:
     names = _entries(path)
     return (
         bool(names)
-        and names <= MODEL_FILES
+        and names <= MODEL_FILES | MODEL_EXTRAS
         and _read_config(path / MODEL_CONFIG, MODEL_FORMAT) is not None
     )
 
@@ -234,17 +238,21 @@ def check_model_target(
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path}: exists and is not a folder")
     _refuse_protected(path, protect, kind)
+    _refuse_inside_saved(path, kind)
     if path.exists():
         try:
             entries = sorted(p.name for p in path.iterdir())
         except OSError as exc:
             raise OutputError(f"{path}: cannot read it ({_describe_os_error(exc)})") from None
         if entries and not replaceable(path):
-            extra = [n for n in entries if n not in MODEL_FILES]
+            extra = [n for n in entries if n not in MODEL_FILES | MODEL_EXTRAS]
             shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
             reason = f"holds {shown}" if extra else f"its config.json is not {what}'s"
             raise OutputError(f"{path}: exists and is not {what} ({reason}); not replacing it")
         _probe_writable(path.parent.absolute(), path)
+        # replacing it removes its files, which needs the folder itself writable: a model made
+        # read-only is refused here, not half replaced (swapped in, the old copy left behind)
+        _probe_writable(path, path)
     else:
         _check_parent_chain(path)
     return path
@@ -362,6 +370,9 @@ def assembling(path: Path, what: str) -> Iterator[Path]:
     tmp = temporary_sibling(path)
     try:
         yield tmp
+        for name in MODEL_EXTRAS:  # the user's own files in a model folder stay with it
+            if (path / name).is_file() and not (path / name).is_symlink():
+                shutil.copyfile(path / name, tmp / name)
         for item in [tmp, *tmp.iterdir()]:
             item.chmod(0o755 if item.is_dir() else 0o644)
         replace_folder(tmp, path)
@@ -381,7 +392,7 @@ def replace_folder(new: Path, path: Path) -> None:
         os.rename(new, path)
         return
     if _exchange(new, path):
-        shutil.rmtree(new)  # `new` now holds the old model
+        _remove_old_copy(new)  # `new` now holds the old model
         return
     aside = path.parent / _tagged_name(path, _OLD_TAG)
     os.rename(path, aside)
@@ -390,7 +401,21 @@ def replace_folder(new: Path, path: Path) -> None:
     except BaseException:
         os.rename(aside, path)
         raise
-    shutil.rmtree(aside)
+    _remove_old_copy(aside)
+
+
+def _remove_old_copy(old: Path) -> None:
+    """After the swap the save has succeeded: failing to remove the previous copy is a
+    warning that says where it is, not a failed save."""
+    try:
+        shutil.rmtree(old)
+    except OSError as exc:
+        warnings.warn(
+            f"{old}: the previous copy could not be removed ({_describe_os_error(exc)}); "
+            "the new one is saved, remove this folder by hand",
+            DefectLensWarning,
+            stacklevel=2,
+        )
 
 
 def interrupted_save_hint(path: Path) -> str:
@@ -424,6 +449,7 @@ def prepare_results_dir(
             f"{path}: is {kind} folder; results go in a folder of their own (choose another "
             f"{option('--out', 'output folder')})"
         )
+    _refuse_inside_saved(path, "results")
     previous = read_results_marker(path)
     if path.is_dir() and not is_results_folder(path):
         taken = [n for n in produces if (path / n).exists() or (path / n).is_symlink()]
@@ -440,6 +466,17 @@ def prepare_results_dir(
             raise OutputError(f"{path}: cannot create it ({_describe_os_error(exc)})") from None
     write_results_marker(path, {**previous, "command": command})
     return path
+
+
+def _refuse_inside_saved(path: Path, what: str) -> None:
+    """Nothing is written inside a model, export or registration folder: the folder would no
+    longer be one that can be replaced (a later fit or threshold change there is refused)."""
+    parent = path.absolute().parent
+    kind = _saved_kind(parent)
+    if kind is not None:
+        raise OutputError(
+            f"{path}: is inside {kind} folder ({parent}); put the {what} folder beside it"
+        )
 
 
 def _saved_kind(path: Path) -> str | None:

@@ -11,6 +11,7 @@ that passes can never turn into a silent wrong answer later (`n_channels=0` scor
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +24,9 @@ def _describe(value: Any) -> str:
 
 
 def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
-    """An integer (not a bool, not a float) in [low, high]."""
+    """An integer (not a bool, not a float; numpy's integers count) in [low, high]."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)  # a numpy integer becomes a plain one, as JSON will store it
     if isinstance(value, bool) or not isinstance(value, int):
         # JSON and YAML users write 256.0 for 256: accept integral floats, nothing else.
         if isinstance(value, float) and value.is_integer():
@@ -45,8 +48,9 @@ def check_float(
     low_open: bool = False,
     high_open: bool = False,
 ) -> float:
-    """A finite real number in the interval; `low_open`/`high_open` exclude the ends."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    """A finite real number (numpy's count) in the interval; `low_open`/`high_open` exclude
+    the ends."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ParameterError(f"{name} must be a number, not {_describe(value)}")
     value = float(value)
     if not math.isfinite(value):

@@ -198,9 +198,18 @@ class Predictor:
 
 
 def as_image_inputs(images: Any) -> list[ImageInput]:
-    """One input (a path or an array) or a sequence of them, as a list; anything else (a PIL
-    image, bytes, a tensor, None) is a one-line DataError saying what to pass instead, where it
-    would otherwise fail deep inside (a path string would be walked a character at a time)."""
+    """One input (a path or an array) or a sequence of them, as a list; a folder becomes the
+    images in it and below it, sorted (as `defectlens predict FOLDER` reads it); anything else
+    (a PIL image, bytes, a tensor, None) is a one-line DataError saying what to pass instead,
+    where it would otherwise fail deep inside (a path string would be walked a character at a
+    time)."""
+    if isinstance(images, str | Path) and Path(images).is_dir():
+        from defectlens.data.dataset import list_images
+
+        found = list_images(Path(images), recursive=True)
+        if not found:
+            raise DataError(f"{images}: no images in this folder")
+        return list(found)
     if isinstance(images, str | Path | np.ndarray):
         return [images]
     if isinstance(images, bytes | bytearray) or not isinstance(images, Sequence | Iterator):

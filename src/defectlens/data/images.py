@@ -130,12 +130,15 @@ def set_max_pixels(n: int | None) -> None:
 _SET_MAX_PIXELS = "defectlens.data.images.set_max_pixels(N)"
 
 
-def _check_pixels(path: Path, width: int, height: int, limit: int) -> None:
+def _check_pixels(path: Path, width: int, height: int, limit: int, hint: bool = True) -> None:
+    """`hint`: say how to raise the process's limit (not for a limit the caller chose, such
+    as the service's, which that setting does not change)."""
     pixels = int(width) * int(height)
     if pixels > limit:
+        how = f" (raise it with {option('--max-pixels N', _SET_MAX_PIXELS)} or {MAX_PIXELS_ENV})"
         raise PixelLimitError(
-            f"{path}: {width} x {height} = {pixels:,} pixels is over the limit of {limit:,} "
-            f"(raise it with {option('--max-pixels N', _SET_MAX_PIXELS)} or {MAX_PIXELS_ENV})"
+            f"{path}: {width} x {height} = {pixels:,} pixels is over the limit of {limit:,}"
+            + (how if hint else "")
         )
 
 
@@ -286,7 +289,7 @@ def _open(path: Path) -> _Decoded:
         return _decode(handle, path, limit)
 
 
-def _decode(handle: IO[bytes], path: Path | str, limit: int) -> _Decoded:
+def _decode(handle: IO[bytes], path: Path | str, limit: int, hint: bool = True) -> _Decoded:
     """The first frame of an open file (named `path` in messages), loaded and upright."""
     notes: list[str] = []
     try:
@@ -294,7 +297,7 @@ def _decode(handle: IO[bytes], path: Path | str, limit: int) -> _Decoded:
         width, height = image.size
         if width <= 0 or height <= 0:
             raise DataError(f"{path}: image has zero size")
-        _check_pixels(path, width, height, limit)
+        _check_pixels(path, width, height, limit, hint)
         n_frames = getattr(image, "n_frames", 1)
         if isinstance(n_frames, int) and n_frames > 1 and image.format != "MPO":
             notes.append(f"{path}: has {n_frames} frames/pages; only the first is used")
@@ -308,7 +311,7 @@ def _decode(handle: IO[bytes], path: Path | str, limit: int) -> _Decoded:
         width, height = image.size  # GIF and TIFF can change size while loading
         if width <= 0 or height <= 0:
             raise DataError(f"{path}: image has zero size")
-        _check_pixels(path, width, height, limit)
+        _check_pixels(path, width, height, limit, hint)
         try:  # a broken EXIF block is ignored, as viewers do, rather than refusing the image
             orientation = image.getexif().get(_ORIENTATION, 1)
         except Exception:
@@ -491,7 +494,7 @@ def read_image_bytes(
     limit = get_max_pixels() if max_pixels is None else max_pixels
     if not data:
         raise DataError(f"{name}: empty (0 bytes)")
-    decoded = _decode(io.BytesIO(data), name, limit)
+    decoded = _decode(io.BytesIO(data), name, limit, hint=max_pixels is None)
     try:
         rgb = _pixels_to_rgb(Path(name), decoded)
     except DataError:

@@ -18,6 +18,7 @@ from scipy import ndimage
 from defectlens.errors import ParameterError
 
 TEXTURES = ("brick", "gravel", "grass")
+MIN_PASTE_SIZE = 64  # the smallest image side a defect is pasted on (sizes are drawn at 128)
 DEFECTS = ("scratch", "spot", "hole", "patch", "smudge")
 
 
@@ -277,8 +278,14 @@ def paste_defect(
     `kinds` pasted in, and its mask (H, H) bool: labelled anomalies for a method that learns
     from some (Neural Batch Sampling) when the user has none. Sizes scale with the image;
     "patch" pastes a piece of another texture."""
-    if image.ndim not in (2, 3) or image.shape[0] != image.shape[1] or image.shape[0] < 64:
-        raise ValueError(f"paste_defect needs a square image of at least 64 px, not {image.shape}")
+    if (
+        image.ndim not in (2, 3)
+        or image.shape[0] != image.shape[1]
+        or image.shape[0] < MIN_PASTE_SIZE
+    ):
+        raise ValueError(
+            f"paste_defect needs a square image of at least {MIN_PASTE_SIZE} px, not {image.shape}"
+        )
     img = np.array(image, dtype=np.float64)
     kind = kinds[int(rng.integers(len(kinds)))]
     texture = load_texture(TEXTURES[int(rng.integers(len(TEXTURES)))])

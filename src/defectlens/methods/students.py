@@ -8,7 +8,9 @@ images' statistics). Where a part looks as in training the students agree with t
 and with each other; on a defect they have never seen what to answer, so their mean misses
 the teacher (regression error) and they disagree (predictive variance). Per position, score =
 error + variance, each standardised by its mean and spread over the normal validation
-images' positions; multi-scale = the mean of the scales' maps.
+images' positions; multi-scale = the mean of the scales' maps. With `normalise="position"`
+(not the paper's; off by default) that map is standardised once more, per position, by its
+mean and spread over the normal validation images (`normalise_per_position` says why).
 
 The teacher (`teacher`). The paper distils a 128-d teacher per patch size from an ImageNet
 ResNet-18, which cannot be downloaded here. Our offline backbone's maps at the matching
@@ -62,6 +64,7 @@ from defectlens.training.trainer import TrainConfig, fit_minibatches
 TEACHER_STRIDE = {17: 4, 65: 8}
 SLOPE = 5e-3
 TEACHERS = ("distilled", "backbone")
+NORMALISE = ("global", "position")
 
 
 def student_layers(patch_size: int, width: int, channels: int) -> list[tuple]:
@@ -105,6 +108,7 @@ class Students(TrainedImageMethod):
         patience: int = 10,
         max_minutes: float = 10.0,
         teacher_minutes: float = 4.0,
+        normalise: str = "global",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -128,6 +132,10 @@ class Students(TrainedImageMethod):
             "teacher_minutes", teacher_minutes, 0.0, 1e6, low_open=True
         )
         self.space = "pixels"  # students read pixels; the teacher's maps come as extra inputs
+        self.normalise = check_choice("normalise", normalise, NORMALISE)
+        if self.normalise == "position":
+            self.fitted_buffers = (*self.fitted_buffers, "position_stats")
+            self.register_buffer("position_stats", None)
 
     def _scale_nets(self, count: int) -> nn.ModuleList:
         """Per patch size, `count` networks, each with its own initialisation."""
@@ -203,7 +211,10 @@ class Students(TrainedImageMethod):
         return maps
 
     def score(self, *x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return mean_of_scales(self.scale_maps(x[0], x[1:])), None
+        maps = mean_of_scales(self.scale_maps(x[0], x[1:]))
+        if self.normalise == "position":
+            maps = (maps - self.position_stats[0]) / self.position_stats[1]
+        return maps, None
 
     # -- fitting -----------------------------------------------------------------------------
     def fit(
@@ -255,7 +266,10 @@ class Students(TrainedImageMethod):
         self.history = history
         self.net.requires_grad_(False).eval()
         with torch.no_grad():
-            self.score_stats = self._score_statistics(val if val is not None else train)
+            normal = val if val is not None and len(val[0]) > 1 else train
+            self.score_stats = self._score_statistics(normal)
+            if self.normalise == "position":
+                self.normalise_per_position(normal)
 
     def _set_statistics(self, maps: Sequence[torch.Tensor]) -> None:
         """The teacher's per-channel mean and spread over the training images' positions."""
@@ -323,6 +337,36 @@ class Students(TrainedImageMethod):
             rows.append(torch.stack([e.mean(), spreads[0], v.mean(), spreads[1]]))
         return torch.stack(rows)
 
+    @torch.no_grad()
+    def normalise_per_position(self, data: tuple[torch.Tensor, ...]) -> None:
+        """Set `normalise="position"` and its statistics (2, h, w) from these normal images'
+        inputs (pixels in [-1, 1], then the teacher's standardised maps, as `inputs` gives
+        them): per position of the finest grid, the mean and spread of the paper's score.
+        `fit` calls it with that option; it is public so that a study can turn a fitted
+        model over to it without retraining, since training does not depend on it
+        (`benchmarks/students_position.py`). Where normal parts vary by
+        position, e.g. the varied edges at magnetic tiles' borders, the global statistics let
+        those positions hold every normal image's maximum; per position they count as
+        anomalous only against their own normal range, as PaDiM's per-position Gaussians do.
+        The spread is floored at a tenth of its median, so that a position where the few
+        validation images happen to agree does not amplify noise."""
+        pixels, teachers = data[0], data[1:]
+        maps = torch.cat(
+            [
+                mean_of_scales(
+                    self.scale_maps(pixels[i : i + 16], [t[i : i + 16] for t in teachers])
+                )
+                for i in range(0, len(pixels), 16)
+            ]
+        )
+        spread = maps.std(dim=0)
+        spread = spread.clamp_min(max(0.1 * float(spread.median()), 1e-6))
+        if "position_stats" not in self.fitted_buffers:  # a model fitted with "global"
+            self.fitted_buffers = (*self.fitted_buffers, "position_stats")
+            self.register_buffer("position_stats", None)
+        self.normalise = "position"
+        self.position_stats = torch.stack([maps.mean(dim=0), spread])
+
     def after_load(self) -> None:
         scales = len(self.patch_sizes)
         if self.teacher_channels.shape != (scales,) or self.score_stats.shape != (scales, 4):
@@ -340,6 +384,14 @@ class Students(TrainedImageMethod):
             raise ModelFileError("students model statistics must have positive spreads")
         if image_size % max(self.strides):
             raise ModelFileError(f"the image size must be a multiple of {max(self.strides)}")
+        if self.normalise == "position":
+            side = image_size // self.strides[0]
+            stats = self.position_stats
+            if stats.shape != (2, side, side) or not bool((stats[1] > 0).all()):
+                raise ModelFileError(
+                    f"students position statistics must be 2 x {side} x {side} with positive "
+                    "spreads"
+                )
 
 
 def _regression_loss(

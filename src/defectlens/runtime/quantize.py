@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,14 @@ import numpy as np
 
 from defectlens.data.dataset import find_normal_images, find_test_samples
 from defectlens.data.loader import iter_batches
-from defectlens.errors import DataError, DefectLensError, ParameterError
+from defectlens.errors import DataError, DefectLensError, DefectLensWarning, ParameterError
 from defectlens.metrics import auroc
 from defectlens.outputs import check_model_target
 from defectlens.runtime.export import ExportReport, export_detector
 from defectlens.runtime.onnx_graph import INPUT, backbone_model, output_name
 
 MAX_CALIBRATION_IMAGES = 64  # activation ranges settle well before this (min/max calibration)
+MIN_CALIBRATION_IMAGES = 10  # the refit and its held-out validation share need some
 
 
 def quantise_backbone(detector, images: list):
@@ -110,6 +112,12 @@ def export_int8(
         )
     check_model_target(out, [*protect, calibration], kind="export")  # before the slow part
     images = find_normal_images(calibration)
+    if len(images) < MIN_CALIBRATION_IMAGES:  # before minutes of quantising
+        raise DataError(
+            f"{calibration}: {len(images)} normal image(s); an int8 export refits the method on "
+            f"them and sets its threshold from a held-out share: give at least "
+            f"{MIN_CALIBRATION_IMAGES} (usually the training images)"
+        )
     graph = quantise_backbone(detector, images)
     refitted = Detector(**detector.params())
     refitted.ensure_extractor().use_backend(
@@ -119,6 +127,14 @@ def export_int8(
         refitted.fit(images, progress=progress)
     except DefectLensError as exc:
         raise DefectLensError(f"refitting on int8 features failed: {exc}") from None
+    if detector.thresholds_.manual:  # it was on the fp32 scores' scale: not carried over
+        warnings.warn(
+            f"the model's image threshold was set by hand ({detector.thresholds_.image:.6g}); "
+            "the int8 export's thresholds are set again from normal images "
+            f"({refitted.thresholds_.image:.6g}), since int8 scores differ",
+            DefectLensWarning,
+            stacklevel=2,
+        )
     _, validation = refitted.split_validation(images)
     fp32_scores = np.array([p.score for p in detector.predict(validation)])
     int8_scores = np.array([p.score for p in refitted.predict(validation)])

@@ -276,8 +276,9 @@ def create_app(
                 path in _OPEN_PATHS or path.startswith(("/static/", "/docs-assets/"))
             ):
                 given = headers.get("x-api-key", "")
-                if not given and headers.get("authorization", "").startswith("Bearer "):
-                    given = headers["authorization"][7:]
+                scheme, _, token = headers.get("authorization", "").partition(" ")
+                if not given and scheme.lower() == "bearer":  # schemes are case-insensitive
+                    given = token.strip()
                 if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
                     what = "wrong API key" if given else "missing API key"
                     return error_response(
