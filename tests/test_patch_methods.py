@@ -147,9 +147,10 @@ def test_students_with_the_backbone_as_teacher_on_one_scale(brick_root, tmp_path
 def test_students_normalised_per_position_centre_each_position_on_normal_images(
     brick_root, tmp_path
 ):
-    """normalise="position": on the normal images its statistics came from, every position's
-    map has mean 0 and spread 1 (unless floored), so no position holds every normal image's
-    maximum; saved, loaded and exported like the paper's rule."""
+    """normalise="position": on the training images its statistics came from (not the
+    validation images, which set the threshold), every position's map has mean 0 and spread 1
+    (unless floored), so no position holds every normal image's maximum; saved, loaded and
+    exported like the paper's rule."""
     from defectlens.data.dataset import find_normal_images
     from defectlens.data.loader import iter_batches
 
@@ -159,9 +160,9 @@ def test_students_normalised_per_position_centre_each_position_on_normal_images(
     detector.fit(brick_root, device="cpu")
     stats = detector.model_.position_stats
     assert stats.shape == (2, 8, 8)  # 64 px at stride 8
-    _, val = detector.split_validation(find_normal_images(brick_root))
+    fitted_on, _ = detector.split_validation(find_normal_images(brick_root))
     maps = np.concatenate(
-        [detector.raw_scores(b.images)[0] for b in iter_batches(val, 64, 8)]
+        [detector.raw_scores(b.images)[0] for b in iter_batches(fitted_on, 64, 8)]
     ).astype(np.float64)
     np.testing.assert_allclose(maps.mean(axis=0), 0.0, atol=1e-4)
     unfloored = stats[1].numpy() > 0.1 * float(stats[1].median()) + 1e-6

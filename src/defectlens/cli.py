@@ -995,19 +995,13 @@ def regad() -> None:
     help="Stop after this many epochs without a better validation loss.",
 )
 @click.option(
-    "--max-minutes",
-    type=FiniteFloat(0, 1e6, min_open=True),
-    default=30.0,
-    show_default=True,
+    "--max-minutes", type=FiniteFloat(0, 1e6, min_open=True), default=30.0, show_default=True,
     help="Wall-clock budget.",
-)
+)  # fmt: skip
 @click.option(
-    "--lr",
-    type=FiniteFloat(0, 10, min_open=True),
-    default=0.01,
-    show_default=True,
+    "--lr", type=FiniteFloat(0, 10, min_open=True), default=0.01, show_default=True,
     help="Initial SGD rate.",
-)
+)  # fmt: skip
 @click.option(
     "--pose-jitter",
     type=FiniteFloat(0, 180),
@@ -1348,6 +1342,7 @@ def threshold(model, value, pixel, normal, target_far, weights, quiet) -> None:
         if target_far is not None:
             detector.target_far = target_far
         detector.calibrate(normal, progress=not quiet)
+        _warn_if_fitted_on(before, detector.thresholds_)
     after = detector.thresholds_
     path = detector.save(model, protect=() if normal is None else (normal,))
     echo(f"saved {path}: image threshold {before.image:.6g} -> {after.image:.6g}")
@@ -1358,6 +1353,22 @@ def threshold(model, value, pixel, normal, target_far, weights, quiet) -> None:
         _warn(
             f"{after.image:.6g} is below the highest of the {after.n_validation} normal "
             f"validation scores ({after.validation_max:.6g}): some good parts will be flagged"
+        )
+
+
+def _warn_if_fitted_on(before, after) -> None:
+    """Label-free: images the model was fitted on score far below unseen normal ones, and a
+    threshold from them flags good parts (a saved model does not record its fitted images by
+    name, so this is the check that remains). "Far": the new median below the earlier one by
+    half the earlier median-to-highest gap (free of the scores' shift and scale). Here, not in
+    `Detector.calibrate`: there the scoring may have changed on purpose since."""
+    gap = before.validation_max - before.validation_median
+    if after.validation_median < before.validation_median - 0.5 * gap:
+        _warn(
+            f"these {after.n_validation} normal images score far below the {before.n_validation} "
+            f"the threshold came from before (median {after.validation_median:.6g} against "
+            f"{before.validation_median:.6g}): were they fitted on? The new threshold would "
+            "flag good parts; calibrate on normal images the model has not seen"
         )
 
 

@@ -425,24 +425,7 @@ class Detector(Predictor):
                 resolve_images(val_images), progress=progress, desc="validate"
             )
         ]
-        before, self.thresholds_ = self.thresholds_, self._thresholds_from(peaks)
-        after = self.thresholds_
-        if before is not None:
-            # Label-free: images the model was fitted on score far below unseen normal ones,
-            # and a threshold from them flags good parts (a saved model does not record its
-            # fitted images by name, so this is the check that remains). "Far": below the
-            # earlier median by half the earlier median-to-highest gap (shift and scale free).
-            gap = before.validation_max - before.validation_median
-            if after.validation_median < before.validation_median - 0.5 * gap:
-                warnings.warn(
-                    f"these {after.n_validation} normal images score far below the "
-                    f"{before.n_validation} the threshold came from before (median "
-                    f"{after.validation_median:.6g} against {before.validation_median:.6g}): "
-                    "were they fitted on? The new threshold would flag good parts; calibrate "
-                    "on normal images the model has not seen",
-                    DataWarning,
-                    stacklevel=2,
-                )
+        self.thresholds_ = self._thresholds_from(peaks)
         return self
 
     def set_threshold(self, image: float, pixel: float | None = None) -> Detector:
