@@ -288,6 +288,9 @@ def test_as_rgb_handles_non_finite_and_negative_values():
         assert as_rgb(np.array([[-1e308, 1e308]]))[0, :, 0].tolist() == [0, 255]
         out = as_rgb(np.array([[-5, 0, 65535]], np.int32))[0, :, 0]
         np.testing.assert_array_equal(out, [0, 0, 255])
+    # the readings stand, and each array with non-finite values is said to score unlike its part
+    with pytest.warns(DataWarning, match="holds 4 NaN or infinite value\\(s\\) of 4"):
+        as_rgb(np.full((2, 2), np.nan))
 
 
 # --- pixel limit ---------------------------------------------------------------------------

@@ -142,6 +142,19 @@ def test_students_with_the_backbone_as_teacher_on_one_scale(brick_root, tmp_path
     paths = [s.path for s in find_test_samples(brick_root)][:3]
     loaded = load(detector.save(tmp_path / "m"))
     assert [p.score for p in detector.predict(paths)] == [p.score for p in loaded.predict(paths)]
+    # turned over to the per-position rule without retraining (as the study does), it saves
+    # and loads as a "position" model
+    from defectlens.data.dataset import find_normal_images
+    from defectlens.data.loader import iter_batches
+
+    batch = next(iter_batches(find_normal_images(brick_root)[:8], 64, 8))
+    model = detector.model_
+    model.normalise_per_position(
+        model.prepare(detector.ensure_extractor(), torch.from_numpy(batch.images))
+    )
+    loaded = load(detector.save(tmp_path / "p"))
+    assert loaded.model_.normalise == "position"
+    assert [p.score for p in detector.predict(paths)] == [p.score for p in loaded.predict(paths)]
 
 
 def test_students_normalised_per_position_centre_each_position_on_normal_images(

@@ -254,6 +254,10 @@ def test_metrics_count_requests_decisions_scores_and_drift(client, good_path):
     assert value(scored, text) == value(scored, before) + 3
     route = 'defectlens_requests_total{route="/v1/models/{name}/predict",code="200"}'
     assert value(route, text) >= 3
+    # refused before routing (wrong content type): still counted under its route
+    assert client.post("/v1/models/brick/predict", content=b"x").status_code == 415
+    refused = 'defectlens_requests_total{route="/v1/models/{name}/predict",code="415"}'
+    assert value(refused, client.get("/metrics").text) == value(refused, text) + 1
     assert 'defectlens_score_bucket{model="brick",le="+Inf"}' in text
     assert 'defectlens_score_drift{model="brick"}' in text
     # Each request here is one image scored alone: three more batches of one, busy time grows.

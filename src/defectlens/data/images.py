@@ -365,6 +365,15 @@ def _float_to_uint8(array: np.ndarray, say_range: bool = False) -> np.ndarray:
         if finite.all():
             lo, hi = float(data.min()), float(data.max())
         else:
+            if say_range:  # a caller's array: a NaN image would score like a black part
+                bad = int(data.size - np.count_nonzero(finite))
+                warnings.warn(
+                    f"an image array holds {bad:,} NaN or infinite value(s) of {data.size:,}: "
+                    "NaN reads as black and +-inf as the finite extremes, so its score is not "
+                    "the part's",
+                    DataWarning,
+                    stacklevel=4,
+                )
             if finite.any():
                 lo, hi = float(data[finite].min()), float(data[finite].max())
             else:

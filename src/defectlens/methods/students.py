@@ -266,8 +266,7 @@ class Students(TrainedImageMethod):
         self.history = history
         self.net.requires_grad_(False).eval()
         with torch.no_grad():
-            normal = val if val is not None and len(val[0]) > 1 else train
-            self.score_stats = self._score_statistics(normal)
+            self.score_stats = self._score_statistics(val if val is not None else train)
             if self.normalise == "position":  # from the training images, not validation's:
                 self.normalise_per_position(train)  # the threshold comes from those
 
@@ -344,15 +343,16 @@ class Students(TrainedImageMethod):
         them): per position of the finest grid, the mean and spread of the paper's score.
         `fit` calls it with that option on the training images: statistics from the
         validation images would centre exactly the scores the threshold is then taken from,
-        and set it too low (measured: 19-37 % false alarms against 1-9 %). It is public so
-        that a study can turn a fitted
-        model over to it without retraining, since training does not depend on it
-        (`benchmarks/students_position.py`). Where normal parts vary by
-        position, e.g. the varied edges at magnetic tiles' borders, the global statistics let
-        those positions hold every normal image's maximum; per position they count as
-        anomalous only against their own normal range, as PaDiM's per-position Gaussians do.
-        The spread is floored at a tenth of its median, so that a position where the few
-        validation images happen to agree does not amplify noise."""
+        and set it too low (measured: 19-37 % false alarms against 2-9 %). It is public so
+        that a study can turn a fitted model over to it without retraining, since training
+        does not depend on it (`benchmarks/students_position.py`; the model's params then say
+        "position", so it saves and loads as such).
+
+        Where normal parts vary by position, e.g. the varied edges at magnetic tiles' borders,
+        the global statistics let those positions hold every normal image's maximum; per
+        position they count as anomalous only against their own normal range, as PaDiM's
+        per-position Gaussians do. The spread is floored at a tenth of its median, so that a
+        position where the images happen to agree does not amplify noise."""
         pixels, teachers = data[0], data[1:]
         maps = torch.cat(
             [

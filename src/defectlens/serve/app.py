@@ -237,6 +237,16 @@ def create_app(
         return error_response(500, "internal", "internal error; the server log has the details")
 
     # -- guards and accounting (plain ASGI: runs before any body is read) ----------------------
+    def route_of(scope) -> str:
+        """The route template a request refused before routing (413, 415, 401) was for, so
+        /metrics counts it under its route, not as "unmatched"."""
+        from starlette.routing import Match
+
+        for route in app.router.routes:
+            if route.matches(scope)[0] == Match.FULL:
+                return getattr(route, "path", "unmatched")
+        return "unmatched"
+
     class Guard:
         def __init__(self, app) -> None:
             self.app = app
@@ -263,8 +273,7 @@ def create_app(
                 await error_response(413, "too_large", exc.detail)(scope, receive, send_status)
             finally:
                 state["in_flight"] -= 1
-                route = scope.get("route")
-                label = getattr(route, "path", None) or "unmatched"
+                label = getattr(scope.get("route"), "path", None) or route_of(scope)
                 counters.request(label, status[0], time.perf_counter() - start)
 
         def refuse(self, scope) -> Response | None:
