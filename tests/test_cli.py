@@ -290,6 +290,8 @@ def test_method_options_reach_the_model(brick_root, tmp_path, monkeypatch, capsy
         (["regad", "train", "{data}", "--out", "{tmp}/r", "--image-size", "65"], "multiple of 32"),
         (["fit", "{data}", "--image-size", "100", "--out", "{tmp}/m"], "not a multiple of 32"),
         (["demo", "--out", "{tmp}/d", "--textures", ","], "--textures: give at least one"),
+        (["predict", "{model}", "x.png", "--out"], "(see 'defectlens predict --help')"),
+        (["regad", "train", "{data}", "--out"], "(see 'defectlens regad train --help')"),
     ],
 )
 def test_option_values_a_command_cannot_use_are_one_line_errors_before_any_work(

@@ -1640,6 +1640,21 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _default_showwarning = warnings.showwarning
 
 
+def _command_named(args: list[str]) -> str:
+    """The command path in `args` ("defectlens regad train"), for a usage error click raised
+    without its context (a missing option value, e.g. `predict MODEL X --out`)."""
+    path, group = ["defectlens"], cli
+    for arg in args:
+        if arg.startswith("-"):  # e.g. --debug before the command
+            continue
+        sub = group.commands.get(arg) if isinstance(group, click.Group) else None
+        if sub is None:
+            break
+        path.append(arg)
+        group = sub
+    return " ".join(path)
+
+
 def _on_sigterm(signum, frame) -> None:
     raise Interrupted()
 
@@ -1667,7 +1682,7 @@ def main() -> None:
         click.echo(exc.format_message(), err=True)
         sys.exit(EXIT_USER)
     except click.UsageError as exc:  # one line too, pointing at the right --help
-        command = exc.ctx.command_path if exc.ctx is not None else "defectlens"
+        command = exc.ctx.command_path if exc.ctx is not None else _command_named(sys.argv[1:])
         message = f"defectlens: error: {exc.format_message()} (see '{command} --help')"
         click.echo(one_line(message), err=True)
         sys.exit(EXIT_USER)
