@@ -24,8 +24,14 @@ import click
 from defectlens import __version__
 from defectlens.blas import numpy_blas_single_threaded
 from defectlens.data.images import is_url
-from defectlens.errors import DefectLensError, DefectLensWarning, command_line_messages
+from defectlens.errors import (
+    DefectLensError,
+    DefectLensWarning,
+    ParameterError,
+    command_line_messages,
+)
 from defectlens.loading import load_model
+from defectlens.params import MAX_IMAGE_SIZE, check_image_size
 from defectlens.results import one_line, safe_text
 
 EXIT_OK, EXIT_SKIPPED, EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -84,17 +90,17 @@ FEW_VALIDATION_IMAGES = 10  # fewer validation images than this: the fit warns
 
 
 class ImageSize(click.IntRange):
-    """A side length the backbones take: a multiple of 32 from 32 to 2048 (checked here, so a
-    registration for 65 px is refused before half an hour of training, not at the fit)."""
+    """`params.check_image_size` as a click type, so the error names the flag."""
 
     def __init__(self) -> None:
-        super().__init__(32, 2048)
+        super().__init__(32, MAX_IMAGE_SIZE)
 
     def convert(self, value, param, ctx):
         size = super().convert(value, param, ctx)
-        if size % 32:
+        try:
+            return check_image_size(size)
+        except ParameterError:
             self.fail(f"{size} is not a multiple of 32", param, ctx)
-        return size
 
 
 def image_size_option(help_text: str):

@@ -26,13 +26,11 @@ from defectlens.data.images import probe_image
 from defectlens.data.loader import ImageInput, iter_batches
 from defectlens.errors import DataError, DataWarning, DefectLensError, ParameterError, option
 from defectlens.methods import AnomalyMethod, get_method
-from defectlens.params import check_float, check_int, check_seed
+from defectlens.params import check_float, check_image_size, check_int, check_seed
 from defectlens.prediction import MAX_SIGMA, Predictor, as_image_inputs
 from defectlens.runtime.backends import check_backend_name, default_backend_name, make_backend
 from defectlens.thresholds import Thresholds, from_normal_scores
 from defectlens.training.loop import resolve_device
-
-MAX_IMAGE_SIZE = 2048  # the models' input side; larger would need tens of GB for PaDiM
 
 
 def resolve_images(images: str | Path | Sequence[ImageInput]) -> list[ImageInput]:
@@ -124,9 +122,7 @@ class Detector(Predictor):
         if weights is not None and not isinstance(weights, str | Path):
             raise ParameterError(f"weights must be a file path, not {weights!r}")
         self.weights = None if weights is None else str(weights)
-        self.image_size = check_int("image_size", image_size, 32, MAX_IMAGE_SIZE)
-        if self.image_size % 32:
-            raise ParameterError(f"image size must be a positive multiple of 32, not {image_size}")
+        self.image_size = check_image_size(image_size)
         self.batch_size = check_int("batch_size", batch_size, 1, 4096)
         self.sigma = check_float("sigma", sigma, 0.0, MAX_SIGMA)
         self.val_fraction = check_float("val_fraction", val_fraction, 0.0, 1.0, high_open=True)

@@ -40,6 +40,18 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
     return value
 
 
+MAX_IMAGE_SIZE = 2048  # the models' input side; larger would need tens of GB for PaDiM
+
+
+def check_image_size(value: Any) -> int:
+    """A side the backbones take: a multiple of 32 (their coarsest stride) from 32 to
+    MAX_IMAGE_SIZE. One rule for a detector, a registration and the command line."""
+    size = check_int("image_size", value, 32, MAX_IMAGE_SIZE)
+    if size % 32:
+        raise ParameterError(f"image size must be a positive multiple of 32, not {value}")
+    return size
+
+
 def check_float(
     name: str,
     value: Any,

@@ -37,7 +37,7 @@ from defectlens.components.registration import BACKBONE_FILE, RegistrationNet
 from defectlens.data.dataset import find_normal_images
 from defectlens.data.loader import iter_batches
 from defectlens.errors import DataError, option
-from defectlens.params import check_float, check_int, check_seed
+from defectlens.params import check_float, check_image_size, check_int, check_seed
 from defectlens.training.loop import StopRule, resolve_device, train_epochs
 
 
@@ -270,6 +270,7 @@ def build_registration(
     from defectlens.outputs import check_model_target
 
     config = config or RegistrationConfig()
+    image_size = check_image_size(image_size)  # a registration no fit could use: before work
     where = resolve_device(device)
     check_model_target(out, list(sources), kind="registration")
     unknown = set(exclude) - {category_name(s) for s in sources}
