@@ -4,8 +4,10 @@ what one machine gives, a worker killed mid-run loses nothing, and bad addresses
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 
 import numpy as np
@@ -81,6 +83,38 @@ def test_workers_read_fsspec_urls(client, fitted, model_dir, brick_root):
     )
     missing = list(score_on_cluster(client, model_dir, ["file:///no/such.png"], False))
     assert missing[0].summary is None and "no such file" in missing[0].error
+
+
+def _model_copies_in(folder: str) -> list[str]:
+    return [name for name in os.listdir(folder) if name.startswith("defectlens-model-")]
+
+
+def test_workers_keep_no_copy_of_the_model_on_disk(client, fitted, model_dir, brick_root, tmp_path):
+    """Each run used to leave the model's files in a temporary folder on every worker (removed
+    only by exit handlers, which a nanny's stop does not run): 16 MB a run, filling disks."""
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    (copy / "metrics.json").write_text("{}")  # other files: a model the workers have not loaded
+    scratch = tmp_path / "worker-tmp"
+    scratch.mkdir()
+
+    def use_scratch(folder: str) -> None:
+        tempfile.tempdir = folder
+
+    def restore() -> None:
+        tempfile.tempdir = None
+
+    client.run(use_scratch, str(scratch))
+    try:
+        images = sorted((brick_root / "test" / "good").glob("*.png"))
+        results = list(score_on_cluster(client, copy, images, pictures=False, chunk_size=2))
+        assert all(r.error is None for r in results) and len(results) == len(images)
+        assert [r.summary["score"] for r in results] == pytest.approx(
+            [p.score for p in fitted.predict(images)], rel=1e-6
+        )
+        assert client.run(_model_copies_in, str(scratch)) == {w: [] for w in client.nthreads()}
+    finally:
+        client.run(restore)
 
 
 def test_a_worker_killed_mid_run_loses_nothing(client, fitted, model_dir, brick_root):

@@ -13,7 +13,6 @@ appears exactly once.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import shutil
 import tempfile
@@ -33,27 +32,33 @@ from defectlens.prediction import Predictor
 from defectlens.scoring import ScoredFile, score_files
 
 # -- on the workers ----------------------------------------------------------------------------
-_models: dict[str, tuple[Predictor, Path]] = {}  # per worker: files' SHA-256 -> (model, folder)
+_models: dict[str, Predictor] = {}  # per worker: files' SHA-256 -> model
 _lock = threading.Lock()
 
 
 def _worker_model(key: str, files: dict[str, bytes], weights: str | None) -> Predictor:
     """The model these files make, loaded on the first task that needs it. One model is kept
-    at a time: a worker reused for another run drops the previous one."""
+    at a time: a worker reused for another run drops the previous one.
+
+    The files are written to a temporary folder only for loading, and removed as soon as the
+    model is loaded (a loaded model, saved or exported, reads nothing from its folder again).
+    Removing them at the worker's exit is not enough: a nanny stops its worker without running
+    exit handlers, and each run would leave a copy of the model behind on every worker.
+    """
     from defectlens.loading import load_model
 
     with _lock:
         prepare_worker()
         if key not in _models:
-            for _, old in _models.values():  # the previous run's model and its files
-                shutil.rmtree(old, ignore_errors=True)
-            _models.clear()
+            _models.clear()  # the previous run's model
             folder = Path(tempfile.mkdtemp(prefix="defectlens-model-"))
-            atexit.register(shutil.rmtree, folder, True)
-            for name, data in files.items():
-                (folder / name).write_bytes(data)
-            _models[key] = (load_model(str(folder), weights=weights), folder)
-        return _models[key][0]
+            try:
+                for name, data in files.items():
+                    (folder / name).write_bytes(data)
+                _models[key] = load_model(str(folder), weights=weights)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        return _models[key]
 
 
 def _model_payload(files: dict[str, bytes]) -> dict[str, bytes]:
