@@ -79,7 +79,7 @@ FIT_CASES = [
     # where the model goes
     (["--out", "."], ["current directory"]),
     (["--out", ".."], ["ancestor of the current one"]),
-    (["--out", "data"], ["holds the data being read"]),
+    (["--out", "data"], ["which this command reads"]),
     (["--out", "notes"], ["not a defectlens model", "todo.txt"]),
     (["--out", "photos"], ["not a defectlens model"]),
     (["--out", "deep"], ["not a defectlens model's"]),

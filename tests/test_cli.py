@@ -243,6 +243,14 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (tmp_path / "grass" / "model" / "config.json").is_file()
     assert 0 <= summary["grass"]["image_auroc"] <= 1
     assert any("grass" in line for line in lines)
+    # A rerun with other textures leaves none of the earlier run's results beside its own.
+    (tmp_path / "notes.txt").write_text("mine")
+    small = {"n_train": 12, "n_test_good": 4, "n_test_per_defect": 1}
+    run_demo(tmp_path, image_size=64, textures=["brick"], progress=False, echo=print, **small)
+    assert not (tmp_path / "grass").exists() and not (tmp_path / "data" / "grass").exists()
+    assert (tmp_path / "brick" / "report.html").is_file()
+    assert list(json.loads((tmp_path / "summary.json").read_text())) == ["brick"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_method_options_reach_the_model(brick_root, tmp_path, monkeypatch, capsys):

@@ -313,7 +313,7 @@ def test_export_targets_are_checked_and_nothing_is_half_written(
     before = snapshot(tmp_path)
     for target, fragment in [
         (folder, "is not a defectlens export (holds todo.txt)"),
-        (model_dir, "holds the data being read"),  # the model itself
+        (model_dir, "which this command reads"),  # the model itself
         (tmp_path / "notes" / "todo.txt", "exists and is not a folder"),
     ]:
         code, _, err = run_cli(monkeypatch, capsys, "export", model_dir, "--out", target)
@@ -394,6 +394,7 @@ def test_int8_export_refits_sets_its_own_thresholds_and_reports_the_change(
     )  # fmt: skip
     assert code == 0, err
     assert "score drift vs the fp32 model" in printed and "image AUROC" in printed
+    assert "are they normal images" not in err  # the model's own product
     config = json.loads((out / "config.json").read_text())
     assert config["precision"] == "int8"
     info = config["int8"]
@@ -412,8 +413,19 @@ def test_int8_export_refits_sets_its_own_thresholds_and_reports_the_change(
         assert p.is_anomalous == (p.score > info["threshold_int8"])
 
 
+def test_int8_calibration_on_another_product_is_warned(monkeypatch, capsys, model_dir, tmp_path):
+    """The int8 export is refitted on its calibration images: another product's images would
+    become its normal. A brick model given grass images says so."""
+    from defectlens.data.synthetic import make_category
+
+    grass = make_category(tmp_path, "grass", n_train=12, n_test_good=1, n_test_per_defect=0)
+    args = ["export", model_dir, "--out", tmp_path / "q", "--int8", "--calibration", grass, "-q"]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0 and re.search(r"1[0-2] of 12 calibration images .* are they normal", err), err
+
+
 def test_int8_checks_its_destination_before_quantising(monkeypatch, capsys, model_dir, brick_root):
     args = ["export", model_dir, "--int8", "--calibration", brick_root, "-q", "--out"]
     code, _, err = run_cli(monkeypatch, capsys, *args, brick_root)
-    assert code == 2 and "holds the data being read" in err
+    assert code == 2 and "which this command reads" in err
     assert "int8: refitted" not in err

@@ -179,6 +179,10 @@ def test_results_folder_marker_rules(tmp_path):
     with pytest.raises(OutputError, match="did not write"):
         prepare_results_dir(tmp_path / "user2", ["results.csv"], "predict")
     assert (tmp_path / "user2" / "results.csv").read_text() == "theirs"
+    # Another command's results folder is not mixed into (select's table among predict's rows).
+    with pytest.raises(OutputError, match=r"results of `defectlens predict`.*`defectlens select`"):
+        prepare_results_dir(out, ["selection.csv"], "select")
+    assert sorted(p.name for p in out.iterdir()) == [".defectlens-results.json", "results.csv"]
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,10 @@ a broken configuration ranked last, test/ never read, the budget respected, the 
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
+import torch
 
 from defectlens import Detector
 from defectlens.data import loader
@@ -103,6 +106,35 @@ def test_select_command_saves_the_winner_and_respects_the_budget(
     model = Detector.load(out)
     assert model.method == "padim" and model.image_size == IMAGE_SIZE
     assert (tmp_path / "chosen.selection" / "selection.html").read_text().count("<tr>") == 3
+
+
+def test_select_interrupted_in_its_final_fit_prints_the_fit_that_makes_the_winner(
+    tile_root, tmp_path, monkeypatch, capsys
+):
+    args = ["select", tile_root, "--methods", "padim", "--image-sizes", IMAGE_SIZE, "-q"]
+    args += ["--batch-size", 8, "--seed", 3]
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--out", tmp_path / "whole")
+    assert code == 0, err
+    original = Detector.fit
+
+    def fit(self, data, val_images=None, **kwargs):
+        if val_images is None:  # the final fit on all of DATA (candidates get the task)
+            raise KeyboardInterrupt
+        return original(self, data, val_images=val_images, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Detector, "fit", fit)
+        code, _, err = run_cli(monkeypatch, capsys, *args, "--out", tmp_path / "cut")
+    assert code == 130 and "interrupted while fitting the winner" in err
+    assert not (tmp_path / "cut").exists() and (tmp_path / "cut.selection/selection.csv").is_file()
+    command = shlex.split(err.split("without selecting again: ")[1].splitlines()[0])
+    assert command[:2] == ["defectlens", "fit"]
+    code, _, err = run_cli(monkeypatch, capsys, *command[1:])
+    assert code == 0, err
+    whole, refit = Detector.load(tmp_path / "whole"), Detector.load(tmp_path / "cut")
+    assert refit.thresholds_ == whole.thresholds_
+    for name, tensor in whole.model_.state_dict().items():
+        assert torch.equal(refit.model_.state_dict()[name], tensor), name
 
 
 def test_select_refuses_unknown_names_before_any_work(tile_root, tmp_path, monkeypatch, capsys):

@@ -190,6 +190,19 @@ def test_requests_the_service_cannot_take(client):
     assert_refused(client.get("/static/../../etc/passwd"), 404, "not_found")
 
 
+def test_malformed_bodies_and_text_fields_get_the_service_own_words(client, capsys):
+    garbage = client.post(
+        "/v1/models/brick/predict",
+        content=b"xxxxxxxx not multipart",
+        headers={"content-type": "multipart/form-data; boundary=abc"},
+    )
+    assert_refused(garbage, 400, "invalid_request", "not valid multipart/form-data")
+    assert "boundary character" not in capsys.readouterr().err  # no stray parser line
+    text = client.post("/v1/models/brick/predict", files={"images": (None, "part.png")})
+    assert_refused(text, 422, "invalid_request", "text, not a file")
+    assert "UploadFile" not in text.text
+
+
 def test_limits_on_size_pixels_and_count(fitted, good_path):
     settings = ServeSettings(max_upload_bytes=50_000, max_pixels=100_000, max_images=2)
     with TestClient(create_app({"brick": fitted}, settings)) as client:

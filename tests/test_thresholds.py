@@ -130,6 +130,27 @@ def test_calibrating_on_images_the_model_was_fitted_on_is_warned(
         Detector.load(model_dir).calibrate(brick_root / "train" / "good")
 
 
+def test_an_interrupt_after_the_save_says_the_change_is_kept(
+    model_dir, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C while the summary prints, after the model was rewritten: not "interrupted" and
+    130, which would read as a change that was not made."""
+    from defectlens import cli
+
+    model = tmp_path / "m"
+    shutil.copytree(model_dir, model)
+
+    def print_thresholds(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_print_thresholds", print_thresholds)
+    code, _, err = run_cli(monkeypatch, capsys, "threshold", model, "--value", 123.5)
+    assert code == 0 and f"interrupted after {model} was saved; it is kept" in err
+    assert Detector.load(model).thresholds_.image == 123.5
+    code, _, err = run_cli(monkeypatch, capsys, "threshold", model)  # before the save: 130
+    assert code == 130 and err.strip() == "defectlens: interrupted"
+
+
 def test_a_threshold_takes_numpy_numbers(model_dir):
     detector = Detector.load(model_dir)
     assert detector.set_threshold(np.float32(2.5)).thresholds_.image == 2.5

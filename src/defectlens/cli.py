@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -51,7 +52,13 @@ Exit status: 0 ok, 1 some inputs skipped (listed with their error), 2 user error
 3 internal error (rerun as `defectlens --debug COMMAND ...` for the traceback), 130 interrupted.
 """
 
-_STATE = {"debug": False}
+_STATE: dict = {"debug": False, "saved": None}
+
+
+def _saved(path) -> None:
+    """The command's work is on disk: an interrupt from here on (while it prints its summary)
+    must not read as a failed change (exit 130, "interrupted") when the change was kept."""
+    _STATE["saved"] = path
 
 
 class Interrupted(KeyboardInterrupt):
@@ -455,6 +462,7 @@ def fit(
         echo(f"interrupted: nothing was saved; {out} is unchanged", err=True)
         raise
     path = detector.save(out, protect=tuple(protect))
+    _saved(path)
     t = detector.thresholds_
     epochs = [r for r in detector.model_.history if "epoch" in r]
     kept = [r for r in epochs if r.get("best")]
@@ -714,7 +722,13 @@ def predict(
 
 @cli.command()
 @click.argument("model", type=click.Path())
-@click.option("--out", "out", required=True, type=click.Path(), help="Folder to write.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(),
+    help="Folder to write: a new folder, or an earlier export to replace.",
+)
 @click.option(
     "--format",
     "fmt",
@@ -767,6 +781,7 @@ def export(model, out, fmt, int8, calibration, weights, quiet) -> None:
         report = export_int8(detector, out, calibration, fmt, protect=protect, progress=not quiet)
     else:
         report = export_detector(detector, out, fmt, protect=protect)
+    _saved(report.path)
     total = sum(report.files.values())
     echo(
         f"wrote {report.path} ({len(report.files)} files, {total / 1e6:.1f} MB) in "
@@ -971,7 +986,12 @@ def regad() -> None:
 
 @regad.command("train")
 @click.argument("pool", nargs=-1, required=True, type=click.Path())
-@click.option("--out", required=True, type=click.Path(), help="Registration folder to write.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(),
+    help="Registration folder to write: a new folder, or an earlier registration to replace.",
+)
 @click.option(
     "--exclude",
     multiple=True,
@@ -1062,6 +1082,7 @@ def regad_train(
     except KeyboardInterrupt:
         echo(f"interrupted: nothing was saved; {out} is unchanged", err=True)
         raise
+    _saved(path)
     best = min(record["history"], key=lambda r: r["val_loss"])
     echo(
         f"saved {path}: {len(record['categories'])} categories, {len(record['history'])} epochs "
@@ -1074,7 +1095,13 @@ def regad_train(
 
 @cli.command()
 @click.argument("data", type=click.Path())
-@click.option("--out", required=True, type=click.Path(), help="Where to save the chosen model.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(),
+    help="Where to save the chosen model: a new folder, or an existing defectlens model to "
+    "replace.",
+)
 @click.option(
     "--methods",
     default="padim,patchcore",
@@ -1240,9 +1267,30 @@ def select(
         )
     echo(f"chosen: {winner.candidate.label}; fitting it on all of {data}")
     detector = winner.candidate.detector(batch_size, seed)
-    detector.fit(data, progress=not quiet, device=device)
+    try:
+        detector.fit(data, progress=not quiet, device=device)
+    except KeyboardInterrupt:  # the ranking is kept: say how to get the model without it
+        echo(
+            f"interrupted while fitting the winner: nothing was saved to {out}; the ranking is "
+            f"in {report_dir / 'selection.csv'}. To fit the winner without selecting again: "
+            f"{_fit_command(winner.candidate, data, out, seed, batch_size)}",
+            err=True,
+        )
+        raise
     path = detector.save(out, protect=(data,))
+    _saved(path)
     echo(f"saved {path}; ranking in {report_dir / 'selection.csv'} and selection.html")
+
+
+def _fit_command(candidate, data: str, out: str, seed: int, batch_size: int) -> str:
+    """The `defectlens fit` command line that fits `candidate` as select's final fit does."""
+    words = ["defectlens", "fit", str(data), "--method", candidate.method]
+    words += ["--backbone", candidate.backbone, "--image-size", str(candidate.image_size)]
+    words += ["--seed", str(seed), "--batch-size", str(batch_size), "--out", str(out)]
+    for key, value in candidate.method_params:
+        shown = list(value) if isinstance(value, tuple) else value
+        words += ["--param", f"{key}={json.dumps(shown)}"]
+    return shlex.join(words)
 
 
 def _installed_backbones() -> list[str]:
@@ -1351,6 +1399,7 @@ def threshold(model, value, pixel, normal, target_far, weights, quiet) -> None:
         _warn_if_fitted_on(before, detector.thresholds_)
     after = detector.thresholds_
     path = detector.save(model, protect=() if normal is None else (normal,))
+    _saved(path)
     echo(f"saved {path}: image threshold {before.image:.6g} -> {after.image:.6g}")
     if after.pixel != before.pixel:
         echo(f"pixel threshold {before.pixel:.6g} -> {after.pixel:.6g}")
@@ -1586,7 +1635,8 @@ def serve(
     default="demo-output",
     show_default=True,
     type=click.Path(),
-    help="Folder for the generated data, the models and their reports.",
+    help="Folder for the generated data, the models and their reports; an earlier demo's "
+    "results there are replaced.",
 )
 @click.option(
     "--method", default="padim", show_default=True, help="Method to fit (see `fit --help`)."
@@ -1668,6 +1718,7 @@ def _on_sigterm(signum, frame) -> None:
 def main() -> None:
     warnings.showwarning = _show_warning
     _shown_warnings.clear()
+    _STATE["saved"] = None
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -1682,6 +1733,9 @@ def main() -> None:
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(128 + signal.SIGPIPE)
     except (click.exceptions.Abort, KeyboardInterrupt):
+        if _STATE["saved"] is not None:  # only the summary was left to print
+            echo(f"defectlens: interrupted after {_STATE['saved']} was saved; it is kept", err=True)
+            sys.exit(0)
         echo("defectlens: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:  # bare `defectlens`

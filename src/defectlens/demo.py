@@ -11,7 +11,7 @@ from defectlens.data.synthetic import TEXTURES, make_category
 from defectlens.detector import Detector
 from defectlens.errors import DefectLensError
 from defectlens.evaluation import evaluate
-from defectlens.outputs import prepare_results_dir
+from defectlens.outputs import clear_results, prepare_results_dir, read_results_marker
 
 
 def run_demo(
@@ -28,7 +28,10 @@ def run_demo(
     if unknown:
         raise DefectLensError(f"unknown texture(s) {unknown}; choose from {', '.join(TEXTURES)}")
     Detector(method=method, image_size=image_size)  # a bad method or size: said before writing
+    rerun = read_results_marker(Path(out)).get("command") == "demo"
     prepare_results_dir(out, ["data", "summary.json", *textures], "demo")
+    if rerun:  # an earlier demo's textures, data and summary: none is left beside this run's
+        clear_results(Path(out), ["data", "summary.json", *TEXTURES])
     summary = {}
     for texture in textures:
         root = make_category(out / "data", texture, **data_kwargs)

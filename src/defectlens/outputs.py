@@ -5,7 +5,7 @@ The rules, the same for every command:
 - An output location is checked before a model is loaded or fitted: it must be a folder (or not
   exist yet), it must be writable (probed by writing, which also catches read-only mounts and
   root-owned folders for non-root users), and it must not be the current directory, one of its
-  ancestors, or a folder holding the data being read.
+  ancestors, or a folder holding what the command reads (its data, its model).
 - A model folder is replaced only if it *is* a defectlens model: its config.json parses and
   carries our format marker, and it holds nothing but config.json and model.safetensors. A folder
   with anything else in it (a user's notes, evaluate results) is refused, never deleted. A
@@ -163,7 +163,8 @@ def _refuse_protected(path: Path, protect: Iterable[str | Path], what: str) -> N
         data = Path(item).resolve()
         if _within(data, resolved):
             raise OutputError(
-                f"{path}: holds the data being read ({item}); give a separate folder for the {what}"
+                f"{path}: holds {item}, which this command reads; give a separate folder for "
+                f"the {what}"
             )
 
 
@@ -451,6 +452,11 @@ def prepare_results_dir(
         )
     _refuse_inside_saved(path, "results")
     previous = read_results_marker(path)
+    if previous.get("command") not in (None, command):  # two commands' files, mixed
+        raise OutputError(
+            f"{path}: holds the results of `defectlens {previous['command']}`; give "
+            f"`defectlens {command}` a folder of its own"
+        )
     if path.is_dir() and not is_results_folder(path):
         taken = [n for n in produces if (path / n).exists() or (path / n).is_symlink()]
         if taken:

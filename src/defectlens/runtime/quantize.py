@@ -34,6 +34,29 @@ MAX_CALIBRATION_IMAGES = 64  # activation ranges settle well before this (min/ma
 MIN_CALIBRATION_IMAGES = 10  # the refit and its held-out validation share need some
 
 
+UNLIKE_SAMPLE = 32  # calibration images the fp32 model scores before quantising
+
+
+def _warn_if_unlike_the_model(detector, images: list, calibration) -> None:
+    """Label-free: the int8 export is refitted on the calibration images, so images of another
+    product would silently become its idea of normal. Most of them scoring above every normal
+    validation image the fp32 model saw says so. (Its highest validation score, not its
+    threshold: a threshold set by hand may be anywhere.) A sample, before minutes of work."""
+    sample = images[:: max(1, len(images) // UNLIKE_SAMPLE)][:UNLIKE_SAMPLE]
+    scores = np.array([p.score for p in detector.predict(sample)])
+    reference = detector.thresholds_.validation_max
+    above = int((scores > reference).sum())
+    if above > len(sample) / 2:
+        warnings.warn(
+            f"{above} of {len(sample)} calibration images from {calibration} score above every "
+            f"normal validation image of the model ({reference:.6g}): are they normal images of "
+            "the product it was fitted on? The int8 export is refitted on them and would take "
+            "them as normal",
+            DefectLensWarning,
+            stacklevel=3,
+        )
+
+
 def quantise_backbone(detector, images: list):
     """The detector's backbone graph (its taps) statically quantised to int8 QDQ, calibrated on
     `images`: an onnx.ModelProto."""
@@ -118,6 +141,7 @@ def export_int8(
             f"them and sets its threshold from a held-out share: give at least "
             f"{MIN_CALIBRATION_IMAGES} (usually the training images)"
         )
+    _warn_if_unlike_the_model(detector, images, calibration)
     graph = quantise_backbone(detector, images)
     refitted = Detector(**detector.params())
     refitted.ensure_extractor().use_backend(

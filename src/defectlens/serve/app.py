@@ -50,6 +50,10 @@ from defectlens.serve.batching import Batcher, QueueFull
 from defectlens.serve.metrics import ServiceMetrics
 
 log = logging.getLogger("defectlens.serve")
+# The multipart parser logs each malformed body it meets as a warning; with no handler of its
+# own, Python prints that bare line on the server's stderr. A malformed body is the client's
+# error, answered with a 400 and counted in /metrics: nothing for the server's operator.
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 OUTPUTS = ("overlay", "map", "mask")
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
@@ -218,9 +222,16 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        codes = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
+        codes[413] = "too_large"
         code = codes.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
+        message = str(exc.detail)
+        if exc.status_code == 400 and "multipart" in message.lower():
+            message = (
+                "the body is not valid multipart/form-data: send each image as a file in the "
+                "field 'images' (curl -F images=@part.png)"
+            )
+        return error_response(exc.status_code, code, message)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -229,6 +240,11 @@ def create_app(
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request"
         if first.get("type") == "missing" and "images" in where:
             message = "no images: send one or more files in the multipart field 'images'"
+        elif where.startswith("images") and "UploadFile" in str(first.get("msg")):
+            message = (
+                f"{where}: text, not a file: send each image as a file in the multipart field "
+                "'images' (curl -F images=@part.png, not -F images=part.png)"
+            )
         return error_response(422, "invalid_request", message)
 
     @app.exception_handler(Exception)
