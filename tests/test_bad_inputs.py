@@ -96,17 +96,23 @@ FIT_CASES = [
     (["--out", "m", "--image-size", "100"], ["multiple of 32"]),
     (["--out", "m", "--image-size", "65536"], ["'--image-size': 65536 is not in the range"]),
     (["--out", "m", "--image-size", "abc"], ["'abc' is not a valid integer"]),
-    (["--out", "m", "--batch-size", "0"], ["'--batch-size': 0 is not in the range x>=1"]),
-    (["--out", "m", "--batch-size", "-3"], ["'--batch-size': -3 is not in the range x>=1"]),
-    (["--out", "m", "--val-fraction", "1.5"], ["val_fraction must be < 1.0"]),
+    (["--out", "m", "--batch-size", "0"], ["'--batch-size': 0 is not in the range 1<=x<=4096"]),
+    (["--out", "m", "--batch-size", "-3"], ["'--batch-size': -3 is not in the range 1<=x<=4096"]),
+    (["--out", "m", "--val-fraction", "1.5"], ["'--val-fraction': 1.5 is not in the range 0<=x<1"]),
     (["--out", "m", "--val-fraction", "nan"], ["'--val-fraction': 'nan' is not a finite number"]),
-    (["--out", "m", "--target-far", "-0.1"], ["target_far must be >= 0.0"]),
+    (["--out", "m", "--target-far", "-0.1"], ["'--target-far': -0.1 is not in the range 0<=x<1"]),
     (["--out", "m", "--target-far", "inf"], ["'--target-far': 'inf' is not a finite number"]),
     (["--out", "m", "--seed", "-1"], ["seed must be at least 0"]),
     (["--out", "m", "--method", ""], ["unknown method ''"]),
-    (["--out", "m", "--method", "patchcore", "--coreset-ratio", "0"], ["coreset_ratio must be >"]),
+    (
+        ["--out", "m", "--method", "patchcore", "--coreset-ratio", "0"],
+        ["'--coreset-ratio': 0.0 is not in the range 0<x<=1"],
+    ),
     (["--out", "m", "--method", "patchcore", "--coreset-ratio", "nan"], ["'nan' is not a finite"]),
-    (["--out", "m", "--method", "spade", "--k-images", "0"], ["k_images must be at least 1"]),
+    (
+        ["--out", "m", "--method", "spade", "--k-images", "0"],
+        ["'--k-images': 0 is not in the range 1<=x<=10000"],
+    ),
     (["--out", "m", "--param", "bogus=1"], ["unknown parameter 'bogus'"]),
     (["--out", "m", "--param", 'n_channels="abc"'], ["n_channels must be an integer"]),
     (["--out", "m", "--param", "n_channels=true"], ["n_channels must be an integer"]),
@@ -424,7 +430,14 @@ def test_predict_names_on_the_command_line(model_dir, brick_root, tmp_path, monk
         "-q",
     )
     assert code == 1, err
-    assert [json.loads(line)["path"] for line in out.splitlines()] == [str(good)]
+    lines = [json.loads(line) for line in out.splitlines()]  # every input has its line
+    assert [(r["path"], r["predicted"]) for r in lines if r["predicted"] != "error"] == [
+        (str(good), lines[-1]["predicted"])
+    ]
+    failed = {Path(r["path"]).name: r["error"] for r in lines if r["predicted"] == "error"}
+    assert sorted(failed) == ["*.bmp", "dangling.png", "missing.png"]
+    assert failed["missing.png"].endswith("missing.png: no such file or directory")
+    assert all(r["score"] is None for r in lines if r["predicted"] == "error")
     assert "dangling.png: broken symbolic link" in err
     assert "missing.png: no such file or directory" in err
     assert "*.bmp: pattern matches no files" in err

@@ -97,6 +97,21 @@ def test_evaluate_keeps_an_earlier_evaluation_unless_told_and_then_leaves_nothin
     assert not (results / "maps").exists() and (results / "metrics.json").is_file()
 
 
+def test_evaluate_interrupted_while_writing_its_report_says_the_metrics_are_complete(
+    model_dir, brick_root, tmp_path, monkeypatch, capsys
+):
+    import defectlens.report.html as html
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(html, "write_report", interrupted)
+    out = tmp_path / "e"
+    code, _, err = run(monkeypatch, capsys, "evaluate", model_dir, brick_root, "--out", out, "-q")
+    assert code == 130 and "metrics.json and scores.csv are complete; no report.html" in err
+    assert json.loads((out / "metrics.json").read_text())["image_auroc"] > 0.5
+
+
 def test_results_never_go_into_a_model_folder_and_a_failed_run_leaves_no_folder(
     model_dir, brick_root, tmp_path, monkeypatch, capsys
 ):
@@ -138,8 +153,10 @@ def test_predict_skips_corrupt_images_and_reports_them(
     )
     assert code == 1
     assert "broken.png" in err and "skipped" in err
-    lines = [json.loads(line) for line in out.splitlines()]
-    assert len(lines) == 1 and lines[0]["path"] == str(good)
+    lines = {r["path"]: r for r in map(json.loads, out.splitlines())}  # the skipped one's too
+    assert sorted(lines) == sorted([str(good), str(broken)])
+    assert lines[str(broken)]["predicted"] == "error" and "corrupt" in lines[str(broken)]["error"]
+    assert "error" not in lines[str(good)]
     rows = read_csv(out_dir / "results.csv")
     assert [r["predicted"] for r in rows][1] == "error" and "corrupt" in rows[1]["error"]
     assert not (out_dir / "overlays").exists()
@@ -149,6 +166,9 @@ def test_globs_select_images(model_dir, brick_root, tmp_path, monkeypatch, capsy
     pattern = str(brick_root / "test" / "*" / "000.png")
     code, out, _ = run(monkeypatch, capsys, "predict", model_dir, pattern, "--json", "-q")
     assert code == 0 and len(out.splitlines()) == 6  # good + five defect types
+
+
+RESNET = ["--backbone", "resnet18", "--weights"]
 
 
 @pytest.mark.parametrize(
@@ -162,17 +182,8 @@ def test_globs_select_images(model_dir, brick_root, tmp_path, monkeypatch, capsy
         (["predict", "{tmp}/nomodel", "{tmp}/a.png", "--out", "{tmp}/e"], "a.png: no such file"),
         (["predict", "{tmp}/nomodel", "{tmp}/*.png", "--json"], "pattern matches no files"),
         (
-            [
-                "fit",
-                "{tmp}/imgs",
-                "--out",
-                "{tmp}/m",
-                "--backbone",
-                "resnet18",
-                "--weights",
-                "{tmp}/w.pth",
-            ],
-            "w.pth: weights file not found",
+            ["fit", "{tmp}/imgs", "--out", "{tmp}/m", *RESNET, "{tmp}/w.pth"],
+            "weights file not found",
         ),
         (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--backbone", "resnet18"], "--weights PATH"),
         (["fit", "{tmp}/imgs", "--out", "{tmp}/m"], "imgs/bad.png: unreadable or corrupt"),
@@ -200,7 +211,19 @@ def test_globs_select_images(model_dir, brick_root, tmp_path, monkeypatch, capsy
         (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--image-size", "0"], "32<=x<=2048"),
         (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--val-fraction", "0.99"], "leaves none"),
         (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--param", "nonsense"], "expected KEY=VALUE"),
-        (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--sigma", "-1"], "sigma"),
+        (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--sigma", "-1"], "'--sigma'"),
+        (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--target-far", "1"], "'--target-far'"),
+        (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--batch-size", "5000"], "1<=x<=4096"),
+        (
+            ["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--seed", "3", "--param", "seed=5"],
+            "--seed 3 and --param seed=5 disagree",
+        ),
+        (["fit", "{tmp}/nest", "--out", "{tmp}/m"], "sub-folders hold 1 (e.g. batch1/000.png)"),
+        (
+            ["fit", "{tmp}/imgs", "--out", "{tmp}/m", *RESNET, "{tmp}/imgs/a.png"],
+            "a.png: cannot read weights for resnet18: not a PyTorch (.pth) or safetensors",
+        ),
+        (["predict", "{tmp}/nomodel", "{tmp}/empty", "--json"], "empty: folder holds no files"),
     ],
 )
 def test_user_mistakes_give_one_error_line(args, message, tmp_path, monkeypatch, capsys):
@@ -208,6 +231,8 @@ def test_user_mistakes_give_one_error_line(args, message, tmp_path, monkeypatch,
     (tmp_path / "imgs").mkdir()
     for name in ("a.png", "bad.png"):
         (tmp_path / "imgs" / name).write_bytes(b"not an image")
+    (tmp_path / "nest" / "batch1").mkdir(parents=True)  # images only one level down
+    (tmp_path / "nest" / "batch1" / "000.png").write_bytes(b"x")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     args = [a.format(tmp=tmp_path) for a in args] + ["--quiet"]
     code, _, err = run(monkeypatch, capsys, *args)

@@ -5,7 +5,7 @@ from PIL import Image
 from defectlens.data import find_normal_images, find_test_samples, read_image, read_mask
 from defectlens.data.loader import iter_batches
 from defectlens.data.synthetic import DEFECTS, make_category
-from defectlens.errors import DataError
+from defectlens.errors import DataError, DataWarning
 
 
 def _save(array, path, mode=None):
@@ -70,6 +70,28 @@ def test_dataset_discovery(tmp_path):
     for wrong in (root / "test", root / "test" / "good"):
         with pytest.raises(DataError, match=f"the dataset root is probably {root}$"):
             find_test_samples(wrong)
+
+
+def test_images_in_sub_folders_are_never_dropped_without_a_word(tmp_path):
+    """fit and evaluate read a folder's own images; images one level down (a batch folder,
+    a defect type's sub-folder) were skipped silently: a model fitted on 4 of 24 images."""
+    import shutil
+
+    root = make_category(tmp_path, "gravel", n_train=6, n_test_good=2, n_test_per_defect=1)
+    good = root / "train" / "good"
+    (good / "batch").mkdir()
+    for path in sorted(good.glob("*.png"))[2:]:
+        shutil.move(path, good / "batch" / path.name)
+    with pytest.warns(
+        DataWarning, match=r"good: ignored 4 image\(s\) in its sub-folders \(e\.g\. batch/"
+    ):
+        assert len(find_normal_images(root)) == 2
+    hole = root / "test" / "hole"
+    (hole / "sub").mkdir()
+    for path in list(hole.glob("*.png")):
+        shutil.move(path, hole / "sub" / path.name)
+    with pytest.warns(DataWarning, match=r"hole: ignored 1 image\(s\) in its sub-folders"):
+        assert "hole" not in {s.defect for s in find_test_samples(root)}
 
 
 def test_dataset_errors(tmp_path):

@@ -271,6 +271,12 @@ def test_arrays_read_as_their_files_do_and_odd_ranges_are_said(tmp_path):
             assert np.array_equal(as_rgb(fine), rgb)
     with pytest.warns(DataWarning, match="dtype int64 holds values of 0..255.*pass it as uint8"):
         as_rgb(rgb.astype(np.int64))
+    signed = rgb.astype(np.int16) - 100
+    with pytest.warns(DataWarning, match=r"int16 holds negative values \(down to -100\)") as said:
+        assert as_rgb(signed).min() == 0
+    assert not any("0..255" in str(w.message) for w in said)  # the range note would be wrong
+    with pytest.warns(DataWarning, match="negative values"):
+        assert not as_rgb(np.full((8, 8, 3), -50, np.int16)).any()  # all black: said
     with pytest.warns(DataWarning, match="outside \\[0, 1\\].*divide 8-bit data by 255"):
         as_rgb(rgb.astype(np.float32))
 
@@ -625,3 +631,23 @@ def test_eps_is_never_interpreted(tmp_path):
     path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
     with pytest.raises(DataError, match="unreadable or corrupt image"):
         read_image(path)
+
+
+def test_a_url_whose_protocol_package_is_missing_says_what_is_missing(monkeypatch):
+    """fsspec's ImportError ("Install s3fs to access S3") became "ImportError: ..." in a
+    skipped input's row; the message now says it is a package missing here."""
+    import fsspec
+
+    from defectlens.data.images import read_url
+    from defectlens.data.inputs import expand_inputs
+
+    def missing(*args, **kwargs):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec, "open", missing)
+    monkeypatch.setattr(fsspec, "get_fs_token_paths", missing)
+    expected = "reading s3:// URLs needs a package that is not installed here (Install s3fs"
+    with pytest.raises(DataError, match=r"^s3://b/a\.png: reading s3:// URLs needs a package"):
+        read_url("s3://b/a.png")
+    [item] = expand_inputs(["s3://b/*.png"])
+    assert item.error.startswith(f"cannot list it: {expected}")

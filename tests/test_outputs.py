@@ -301,6 +301,27 @@ def test_predict_refuses_to_overwrite_an_earlier_run_without_being_told(
     assert len(read_csv(out / "results.csv")) == 1
 
 
+def test_a_run_that_scored_nothing_does_not_block_the_corrected_rerun(
+    model_dir, brick_root, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "o"
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(
+        monkeypatch, capsys, "predict", model_dir, tmp_path / "empty", "--out", out
+    )
+    assert code == 2 and "empty: folder holds no files to score" in err
+    assert [r["predicted"] for r in read_csv(out / "results.csv")] == ["error"]  # kept to read
+    good = brick_root / "test" / "good"
+    code, _, err = run_cli(monkeypatch, capsys, "predict", model_dir, good, "--out", out, "-q")
+    assert code == 0, err
+    assert {r["predicted"] for r in read_csv(out / "results.csv")} <= {"good", "defective"}
+    # --overwrite starts again: no picture of the earlier run is left beside the new ones
+    one = brick_root / "test" / "hole" / "000.png"
+    args = ["predict", model_dir, one, "--out", out, "--overwrite", "-q"]
+    assert run_cli(monkeypatch, capsys, *args)[0] == 0
+    assert sorted(p.name for p in (out / "overlays").rglob("*.png")) == ["000.png.png"]
+
+
 def test_resume_refuses_rows_of_another_model_and_a_concurrent_run(
     model_dir, brick_root, tmp_path, monkeypatch, capsys
 ):

@@ -79,7 +79,7 @@ def test_settings_changed_after_fit_are_said_before_scoring_or_saving(fitted, br
     assert not (tmp_path / "m").exists()
 
 
-def test_detector_follows_scikit_learns_parameter_conventions(brick_root):
+def test_detector_follows_scikit_learns_parameter_conventions(brick_root, tmp_path):
     from sklearn.base import clone
 
     from defectlens.errors import ParameterError
@@ -95,6 +95,10 @@ def test_detector_follows_scikit_learns_parameter_conventions(brick_root):
     assert copy.get_params() == d.get_params() and copy.model_.n_channels == 20
     d.fit(brick_root)
     assert repr(d).endswith("# fitted") and d.fit_images_
+    # Loaded, it holds every parameter of the method (exact restore) but shows what was asked.
+    d.save(tmp_path / "m")
+    loaded = Detector.load(tmp_path / "m")
+    assert repr(loaded) == repr(d) and len(loaded.method_params) > len(asked)
     with pytest.raises(ParameterError, match="multiple of 32"):
         d.set_params(image_size=100)
     assert d.image_size == IMAGE_SIZE and d.thresholds_ is not None  # a bad value changes nothing

@@ -9,6 +9,7 @@ Outputs are checked before any work, so a bad `--out` fails in a second, not aft
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from defectlens.errors import (
     command_line_messages,
 )
 from defectlens.loading import load_model
-from defectlens.params import MAX_IMAGE_SIZE, check_image_size
+from defectlens.params import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MAX_SIGMA, check_image_size
 from defectlens.results import one_line, safe_text
 
 EXIT_OK, EXIT_SKIPPED, EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -73,10 +74,10 @@ class FiniteFloat(click.FloatRange):
     name = "float"
 
     def convert(self, value, param, ctx):
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):  # said as such, not as "inf is not in the range"
             self.fail(f"{value!r} is not a finite number", param, ctx)
-        return number
+        return super().convert(number, param, ctx)
 
     def _describe_range(self) -> str:
         unbounded = self.min is None and self.max is None
@@ -116,9 +117,20 @@ def image_size_option(help_text: str):
     )  # fmt: skip
 
 
-def batch_size_option(help_text: str, default: int = 32):
+def out_option(help_text: str):
+    return click.option("--out", "out", required=True, type=click.Path(), help=help_text)
+
+
+def target_far_option(help_text: str, default: float | None = None):
     return click.option(
-        "--batch-size", type=click.IntRange(min=1), default=default, show_default=True,
+        "--target-far", type=FiniteFloat(0, 1, max_open=True), default=default,
+        show_default=default is not None, help=help_text,
+    )  # fmt: skip
+
+
+def batch_size_option(help_text: str, default: int = 32, most: int = MAX_BATCH_SIZE):
+    return click.option(
+        "--batch-size", type=click.IntRange(1, most), default=default, show_default=True,
         help=help_text,
     )  # fmt: skip
 
@@ -197,13 +209,7 @@ def cli(debug: bool) -> None:
 @backbone_option("Pretrained backbone; see `defectlens backbones`.")
 @weights_option
 @image_size_option("Images are resized to N x N (a multiple of 32, at most 2048) before scoring.")
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(),
-    help="Model folder to write: a new folder, or an existing defectlens model to replace.",
-)
+@out_option("Model folder to write: a new folder, or an existing defectlens model to replace.")
 @click.option(
     "--val",
     "val",
@@ -214,22 +220,18 @@ def cli(debug: bool) -> None:
 )
 @click.option(
     "--val-fraction",
-    type=FiniteFloat(),
+    type=FiniteFloat(0, 1, max_open=True),
     default=DEFAULT_VAL_FRACTION,
     show_default=True,
     help="Share of training images held out to set the threshold, in [0, 1); at least one "
     "image is held out (0 holds out one).",
 )
-@click.option(
-    "--target-far",
-    type=FiniteFloat(),
-    default=0.01,
-    show_default=True,
-    help="Target false-alarm rate on normal images for the decision threshold, in [0, 1).",
+@target_far_option(
+    "Target false-alarm rate on normal images for the decision threshold, in [0, 1).", 0.01
 )
 @click.option(
     "--sigma",
-    type=FiniteFloat(),
+    type=FiniteFloat(0, MAX_SIGMA),
     default=4.0,
     show_default=True,
     help="Gaussian smoothing of the anomaly map, in pixels of the --image-size grid (0: "
@@ -251,7 +253,7 @@ def cli(debug: bool) -> None:
 )
 @click.option(
     "--coreset-ratio",
-    type=FiniteFloat(),
+    type=FiniteFloat(0, 1, min_open=True),
     default=None,
     help="patchcore, patchsvdd: share of training patches kept in the memory bank, in (0, 1] "
     "(default 0.1 for patchcore, 0.01 for patchsvdd).",
@@ -266,7 +268,7 @@ def cli(debug: bool) -> None:
 )
 @click.option(
     "--k-images",
-    type=int,
+    type=click.IntRange(1, 10_000),
     default=None,
     help="spade: nearest training images per test image (default 5).",
 )
@@ -426,11 +428,20 @@ def fit(
         for key in named:
             if key in method_params and key not in takes:
                 users = [n for n, m in sorted(METHODS.items()) if key in m.param_names()]
+                article = "an" if method[0] in "aeiou" else "a"
                 raise DefectLensError(
-                    f"--{key.replace('_', '-')} is not a {method} option (it is for "
+                    f"--{key.replace('_', '-')} is not {article} {method} option (it is for "
                     f"{', '.join(users)})"
                 )
 
+    seed_given = click.get_current_context().get_parameter_source("seed")
+    if seed_given is not click.core.ParameterSource.DEFAULT and method_params.get("seed") not in (
+        None,
+        seed,
+    ):
+        raise DefectLensError(
+            f"--seed {seed} and --param seed={method_params['seed']!r} disagree; give one"
+        )
     if method in METHODS and "seed" in METHODS[method].param_names():
         method_params.setdefault("seed", seed)  # random channels, coresets, initial weights
     detector = Detector(
@@ -555,12 +566,13 @@ def evaluate(
                 on_skip=on_skip,
             )
         except KeyboardInterrupt:
-            echo(
-                f"interrupted: scores so far are in {out_dir / 'scores.csv'}; "
-                "metrics were not computed",
-                err=True,
-            )
+            if (out_dir / "metrics.json").exists():  # only the report was left to write
+                said = f"{out_dir / 'metrics.json'} and scores.csv are complete; no report.html"
+            else:
+                said = f"scores so far are in {out_dir / 'scores.csv'}; metrics were not computed"
+            echo(f"interrupted: {said}", err=True)
             raise
+    _saved(out_dir)
     _print_metrics(result.metrics)
     echo(
         f"wrote {out_dir / 'metrics.json'}, {out_dir / 'scores.csv'}"
@@ -595,7 +607,7 @@ def _print_metrics(m: dict) -> None:
     help="Folder for results.csv, overlays/ and masks/ (required unless --json).",
 )
 @click.option("--no-images", is_flag=True, help="Write results.csv only.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per input.")
 @click.option(
     "--resume",
     is_flag=True,
@@ -658,7 +670,7 @@ def predict(
         raise DefectLensError("--backend does not apply to --dask: workers use their default")
     _apply_max_pixels(max_pixels)
     from defectlens.data.inputs import expand_inputs
-    from defectlens.outputs import is_results_folder, results_dir
+    from defectlens.outputs import clear_results, is_results_folder, results_dir
     from defectlens.results import ResultsTable
     from defectlens.scoring import RESULT_COLUMNS
 
@@ -673,7 +685,8 @@ def predict(
             out_dir = stack.enter_context(
                 results_dir(out, ["results.csv", "overlays", "masks"], "predict", inputs)
             )
-            if (out_dir / "results.csv").exists() and not (resume or overwrite):
+            earlier = out_dir / "results.csv"
+            if earlier.exists() and not (resume or overwrite) and _has_scored_rows(earlier):
                 raise DefectLensError(
                     f"{out_dir}: holds results.csv of an earlier run; pass --resume to "
                     "continue it or --overwrite to start again"
@@ -688,6 +701,8 @@ def predict(
             _check_same_run(out_dir, model, detector, resume, not no_images, inputs)
         table = None
         if out_dir is not None:
+            if not resume:  # a new run: no picture of an earlier one is left beside its own
+                clear_results(out_dir, ["overlays", "masks"])
             table = ResultsTable(
                 out_dir / "results.csv",
                 RESULT_COLUMNS,
@@ -722,13 +737,7 @@ def predict(
 
 @cli.command()
 @click.argument("model", type=click.Path())
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(),
-    help="Folder to write: a new folder, or an earlier export to replace.",
-)
+@out_option("Folder to write: a new folder, or an earlier export to replace.")
 @click.option(
     "--format",
     "fmt",
@@ -889,6 +898,9 @@ def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet, sco
             _warn(f"skipped {message}")
         if table is not None:
             table.write([name, "", "error", "", message])
+        if as_json:  # a pipeline reading stdout learns of every input, as results.csv does
+            row = {"path": name, "score": None, "predicted": "error", "defect_pixels": None}
+            echo(json.dumps({**row, "error": message}))
 
     pending = []
     for item in items:
@@ -954,10 +966,20 @@ def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet, sco
     return {"scored": scored, "skipped": len(errors)}
 
 
+def _has_scored_rows(path: Path) -> bool:
+    """Whether an earlier results.csv holds a scored image (not only inputs that failed): a
+    run that scored nothing is not worth --resume or --overwrite, its rerun just replaces it."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return any(row.get("predicted") in ("good", "defective") for row in csv.DictReader(fh))
+    except (OSError, ValueError, csv.Error):
+        return True  # unreadable: kept, as any earlier run's
+
+
 def _nothing_scored(errors: dict[str, str]) -> None:
     """No input could be scored (all missing, unreadable or not images): a user error, exit
     status 2, whether the model was needed to find out or not (each input's row stays in
-    results.csv)."""
+    results.csv, and the corrected rerun may use the same --out)."""
     first = next(iter(errors.values()), "no inputs")
     more = f" (and {len(errors) - 1} more; see results.csv)" if len(errors) > 1 else ""
     raise DefectLensError(f"nothing could be scored: {first}{more}")
@@ -986,12 +1008,7 @@ def regad() -> None:
 
 @regad.command("train")
 @click.argument("pool", nargs=-1, required=True, type=click.Path())
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(),
-    help="Registration folder to write: a new folder, or an earlier registration to replace.",
-)
+@out_option("Registration folder to write: a new folder, or an earlier registration to replace.")
 @click.option(
     "--exclude",
     multiple=True,
@@ -1005,7 +1022,7 @@ def regad() -> None:
     "--shots", type=click.IntRange(1, 64), default=2, show_default=True,
     help="Supports per query image.",
 )  # fmt: skip
-@batch_size_option("Queries per step.", default=8)
+@batch_size_option("Queries per step.", default=8, most=1024)
 @click.option(
     "--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Steps per epoch."
 )
@@ -1095,12 +1112,8 @@ def regad_train(
 
 @cli.command()
 @click.argument("data", type=click.Path())
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(),
-    help="Where to save the chosen model: a new folder, or an existing defectlens model to "
-    "replace.",
+@out_option(
+    "Where to save the chosen model: a new folder, or an existing defectlens model to replace."
 )
 @click.option(
     "--methods",
@@ -1358,12 +1371,7 @@ def backbones() -> None:
     help="Set both thresholds again from these normal images (a folder; images the model "
     "was not fitted on), as fit does.",
 )
-@click.option(
-    "--target-far",
-    type=FiniteFloat(0, 1, max_open=True),
-    default=None,
-    help="With --calibrate: the target false-alarm rate [default: the model's].",
-)
+@target_far_option("With --calibrate: the target false-alarm rate [default: the model's].")
 @weights_option
 @quiet_option
 def threshold(model, value, pixel, normal, target_far, weights, quiet) -> None:

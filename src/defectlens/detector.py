@@ -8,6 +8,7 @@ smoothing, resize to the image's own resolution. Images may be paths or numpy ar
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -26,8 +27,15 @@ from defectlens.data.images import probe_image
 from defectlens.data.loader import ImageInput, iter_batches
 from defectlens.errors import DataError, DataWarning, DefectLensError, ParameterError, option
 from defectlens.methods import AnomalyMethod, get_method
-from defectlens.params import check_float, check_image_size, check_int, check_seed
-from defectlens.prediction import MAX_SIGMA, Predictor, as_image_inputs
+from defectlens.params import (
+    MAX_BATCH_SIZE,
+    MAX_SIGMA,
+    check_float,
+    check_image_size,
+    check_int,
+    check_seed,
+)
+from defectlens.prediction import Predictor, as_image_inputs
 from defectlens.runtime.backends import check_backend_name, default_backend_name, make_backend
 from defectlens.thresholds import Thresholds, from_normal_scores
 from defectlens.training.loop import resolve_device
@@ -93,6 +101,11 @@ class _Replayable:
         return self.make()
 
 
+def _as_json(value: Any) -> str:
+    """A parameter's value compared as config.json holds it (tuples and lists alike)."""
+    return json.dumps(value, sort_keys=True, default=repr)
+
+
 class Detector(Predictor):
     """Learn normal appearance from good images, then score, localise and decide.
 
@@ -123,7 +136,7 @@ class Detector(Predictor):
             raise ParameterError(f"weights must be a file path, not {weights!r}")
         self.weights = None if weights is None else str(weights)
         self.image_size = check_image_size(image_size)
-        self.batch_size = check_int("batch_size", batch_size, 1, 4096)
+        self.batch_size = check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
         self.sigma = check_float("sigma", sigma, 0.0, MAX_SIGMA)
         self.val_fraction = check_float("val_fraction", val_fraction, 0.0, 1.0, high_open=True)
         self.target_far = check_float("target_far", target_far, 0.0, 1.0, high_open=True)
@@ -249,8 +262,19 @@ class Detector(Predictor):
             for name, value in self.params().items()
             if name != "method_params" and value != defaults[name]
         ]
-        if self.method_params:  # what was asked for, not every default of the method
-            shown.append(f"method_params={self.method_params!r}")
+        # What was asked for, not every default of the method (a loaded model holds them all:
+        # its config keeps each value, so that a later change of a default cannot move it).
+        method_defaults = {
+            name: p.default
+            for name, p in inspect.signature(type(self.model_).__init__).parameters.items()
+        }
+        asked = {
+            key: value
+            for key, value in self.method_params.items()
+            if key not in method_defaults or _as_json(value) != _as_json(method_defaults[key])
+        }
+        if asked:
+            shown.append(f"method_params={asked!r}")
         state = "fitted" if self.thresholds_ is not None else "not fitted"
         return f"Detector({', '.join(shown)})  # {state}"
 

@@ -29,6 +29,13 @@ def option(flag: str, name: str | None = None, value: str = "") -> str:
     return f"{name}={value}" if value else name
 
 
+def method_param(name: str, value: str = "") -> str:
+    """A method parameter as the user sets it: `--param name=value` on the command line, else
+    `name=value` (or the bare name without a value)."""
+    given = f"{name}={value}" if value else name
+    return f"--param {given}" if _COMMAND_LINE[0] else given
+
+
 @contextlib.contextmanager
 def command_line_messages() -> Iterator[None]:
     """Within: messages name command-line flags (the `defectlens` command's run)."""

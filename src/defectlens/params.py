@@ -41,6 +41,8 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
 
 
 MAX_IMAGE_SIZE = 2048  # the models' input side; larger would need tens of GB for PaDiM
+MAX_BATCH_SIZE = 4096  # images scored at once (the command line's --batch-size takes the same)
+MAX_SIGMA = 64.0  # map smoothing: radius 4 sigma = 256 px of the S x S map at most
 
 
 def check_image_size(value: Any) -> int:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from defectlens.components.resample import resample
 from defectlens.data.loader import ImageInput, iter_batches
 from defectlens.errors import DataError, ScoringError
-from defectlens.params import check_float, check_int
+from defectlens.params import MAX_BATCH_SIZE, MAX_SIGMA, check_float, check_int
 from defectlens.thresholds import Thresholds
 
 RawScorer = Callable[[np.ndarray], tuple[np.ndarray | None, np.ndarray | None]]
@@ -128,8 +128,6 @@ def iter_predictions(
         bar.close()
 
 
-MAX_SIGMA = 64.0  # map smoothing: radius 4 sigma = 256 px of the S x S map at most
-
 # What a model learned from, when nothing but normal images (every method but nbs).
 NORMAL_ONLY = "normal images only"
 
@@ -165,7 +163,7 @@ class Predictor:
     def check_before_scoring(self) -> None:
         """Settings that may have been set after fitting or loading, checked before a batch
         is read: a bad one is a one-line ParameterError, not a failure deep in the scoring."""
-        check_int("batch_size", self.batch_size, 1, 4096)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         check_float("sigma", self.sigma, 0.0, MAX_SIGMA)
 
     def iter_predict(

@@ -80,12 +80,18 @@ def load_state_dict_strict(net: nn.Module, path: Path, backbone: str) -> None:
             state = load_safetensors(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:  # permissions, a folder, a vanished file
+        raise WeightsError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     except Exception as exc:  # torch and safetensors raise many types for a bad file
-        detail = f"{type(exc).__name__}: {str(exc)[:160]}".strip()
-        raise WeightsError(
-            f"{path}: cannot read weights for {backbone}: not a readable PyTorch (.pth) or "
-            f"safetensors file ({detail})"
-        ) from None
+        # Their texts (a cut-off paragraph about weights_only, "KeyError: 174812789") say
+        # nothing to the user; what the file is not, and what to do, does.
+        what = "not a PyTorch (.pth) or safetensors weights file"
+        if "unsupported global" in str(exc).lower():  # a pickled class, not a bad byte
+            what = (
+                "it holds pickled Python objects, not only tensors (a whole saved model?), "
+                "which are never unpickled here: save the network's state_dict() instead"
+            )
+        raise WeightsError(f"{path}: cannot read weights for {backbone}: {what}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

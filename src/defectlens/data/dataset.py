@@ -29,12 +29,13 @@ class Sample:
     mask: Path | None
 
 
-def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+def list_images(folder: Path, recursive: bool = False, nested_warning: bool = True) -> list[Path]:
     """Image files in a folder, sorted by name, skipping hidden files.
 
     Entries that look like images but cannot be (a broken or looping symbolic link, a named
     pipe) are not silently dropped: each gets a `DataWarning`. Other files (notes, CSVs) are
-    ignored with one warning that counts them.
+    ignored with one warning that counts them, and so are images in sub-folders when not
+    `recursive` (a fit on 4 images where 24 were meant is a silent wrong model).
     """
     images, others = [], []
     for path, kind, reason in walk(Path(folder), max_depth=None if recursive else 1):
@@ -50,7 +51,30 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
             DataWarning,
             stacklevel=2,
         )
+    if nested_warning and not recursive:
+        _warn_nested(Path(folder), images_in_subfolders(Path(folder)))
     return sorted(images)
+
+
+def _warn_nested(folder: Path, nested: list[Path]) -> None:
+    if nested:
+        warnings.warn(
+            f"{folder}: ignored {len(nested)} image(s) in its sub-folders (e.g. "
+            f"{nested[0].relative_to(folder)}): only the folder's own images are read; move "
+            "them up to use them",
+            DataWarning,
+            stacklevel=3,
+        )
+
+
+def images_in_subfolders(folder: Path) -> list[Path]:
+    """Image files below `folder`'s own entries, in name order."""
+    found = [
+        path
+        for path, kind, _ in walk(folder)
+        if kind == "file" and path.parent != folder and path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    return sorted(found)
 
 
 def find_normal_images(root: str | Path) -> list[Path]:
@@ -61,12 +85,20 @@ def find_normal_images(root: str | Path) -> list[Path]:
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (give an MVTec-layout root or a folder of images)")
     folder = root / "train" / "good" if (root / "train" / "good").is_dir() else root
-    images = list_images(folder)
+    images = list_images(folder, nested_warning=False)
+    nested = images_in_subfolders(folder)
     if not images:
+        below = ""
+        if nested:
+            below = (
+                f"; its sub-folders hold {len(nested)} (e.g. {nested[0].relative_to(folder)}), "
+                "which are not read: give the folder that holds them, or move them up"
+            )
         raise DataError(
-            f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}); "
+            f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}){below}; "
             "give an MVTec-layout root (with train/good) or a folder of normal images"
         )
+    _warn_nested(folder, nested)
     return images
 
 

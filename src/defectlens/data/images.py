@@ -416,7 +416,15 @@ def _to_uint8(array: np.ndarray, say_range: bool = False) -> np.ndarray:
         return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.integer):
         peak = int(array.max(initial=0))
-        if say_range and 0 < peak <= 255:
+        if say_range and int(array.min(initial=0)) < 0:  # before the range note: it says 0..
+            warnings.warn(
+                f"an image array of dtype {array.dtype} holds negative values (down to "
+                f"{int(array.min())}): pixels have none, and they read as black; pass the "
+                "pixel values (uint8, or uint16 for 16-bit data)",
+                DataWarning,
+                stacklevel=3,
+            )
+        elif say_range and 0 < peak <= 255:
             warnings.warn(
                 f"an image array of dtype {array.dtype} holds values of 0..255: integer arrays "
                 "other than uint8 are read as 16-bit data (65535 = white), so it reads as "
@@ -522,6 +530,13 @@ def is_url(name: object) -> bool:
     return isinstance(name, str) and _URL.match(name) is not None
 
 
+def missing_url_package(url: str, exc: ImportError) -> str:
+    """Why `url` cannot be read here: its protocol's package (s3fs, aiohttp...) is missing."""
+    scheme = url.split("://", 1)[0]
+    detail = (str(exc).strip().splitlines() or [""])[0][:160]
+    return f"reading {scheme}:// URLs needs a package that is not installed here ({detail})"
+
+
 def read_url(url: str) -> bytes:
     """The bytes at an fsspec URL; every failure is a one-line DataError naming the URL
     (a missing protocol package, such as s3fs for s3://, included)."""
@@ -537,7 +552,7 @@ def read_url(url: str) -> bytes:
     except FileNotFoundError:
         raise DataError(f"{url}: no such file") from None
     except ImportError as exc:  # fsspec's "Install s3fs to access S3"
-        raise DataError(f"{url}: {_short(exc)}") from None
+        raise DataError(f"{url}: {missing_url_package(url, exc)}") from None
     except Exception as exc:  # network, credentials and protocol errors of any fsspec backend
         raise DataError(f"{url}: cannot be read ({_short(exc)})") from None
 

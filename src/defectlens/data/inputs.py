@@ -29,6 +29,7 @@ from defectlens.data.images import (
     describe_os_error,
     describe_special_file,
     is_url,
+    missing_url_package,
 )
 
 
@@ -146,7 +147,7 @@ def expand_url(url: str) -> list[InputItem]:
 
         fs, _, paths = fsspec.get_fs_token_paths(url)
     except ImportError as exc:
-        return [InputItem(url, f"cannot list it ({exc}; pip install 'defectlens[dask]')")]
+        return [InputItem(url, f"cannot list it: {missing_url_package(url, exc)}")]
     except Exception as exc:  # credentials, network and protocol errors of any backend
         return [InputItem(url, f"cannot list it ({str(exc).splitlines()[0][:200]})")]
     found = [fs.unstrip_protocol(p) for p in sorted(paths)]
@@ -161,7 +162,9 @@ def expand_inputs(
 
     A file named explicitly is always tried, whatever its suffix (the decoder decides); files
     found in folders or by patterns must have an image suffix, and other files are listed with
-    that reason. `skip_folder` excludes folders such as our own results folders.
+    that reason. `skip_folder` excludes folders such as our own results folders. A folder or
+    pattern that yields nothing is listed itself, with that reason: an input is never dropped
+    without a word.
     """
     items: list[InputItem] = []
     for name in names:
@@ -173,7 +176,8 @@ def expand_inputs(
         if kind == "file":
             items.append(InputItem(path))
         elif kind == "dir":
-            items.extend(_found(*entry) for entry in walk(path, skip_folder))
+            found = [_found(*entry) for entry in walk(path, skip_folder)]
+            items.extend(found or [InputItem(path, "folder holds no files to score")])
         elif glob.has_magic(name) and reason == "no such file or directory":
             matches = expand_pattern(name, skip_folder)
             items.extend(matches or [InputItem(path, "pattern matches no files")])

@@ -226,7 +226,9 @@ class Students(TrainedImageMethod):
     ) -> None:
         # One deadline for the whole training: what reading the maps and distilling the
         # teacher took comes out of the students' share, so a fit on a large set stays
-        # within teacher_minutes + max_minutes (it ran 1-2 minutes past it before).
+        # within teacher_minutes + max_minutes (it ran 1-2 minutes past it before). The
+        # students never get more than max_minutes: a teacher that stops early does not
+        # hand its unused minutes on (a quick try with max_minutes=0.1 ran a minute).
         budget = self.max_minutes + (self.teacher_minutes if self.teacher == "distilled" else 0)
         deadline = time.monotonic() + 60.0 * budget
         train_pixels, train_maps = _images_and_maps(extractor, batches)
@@ -260,7 +262,8 @@ class Students(TrainedImageMethod):
         train = (train_pixels, *self._standardise(train_maps))
         val = _maybe(val_pixels, lambda v: (v, *self._standardise(val_maps)))
         history += self._regress(
-            self.net["students"], train, val, _minutes_until(deadline), progress,
+            self.net["students"], train, val,
+            min(self.max_minutes, _minutes_until(deadline)), progress,
             f"train {self.name}",
         )  # fmt: skip
         self.history = history

@@ -33,7 +33,7 @@ from defectlens.backbones import FeatureExtractor
 from defectlens.components.autoencoder import check_widths
 from defectlens.components.pyramid import concat_pyramid
 from defectlens.components.scale import resize_to
-from defectlens.errors import ModelFileError, ParameterError, option
+from defectlens.errors import ModelFileError, ParameterError, method_param, option
 from defectlens.methods.base import AnomalyMethod, MethodOutput
 from defectlens.params import check_choice, check_float, check_int, check_seed
 from defectlens.training.trainer import TrainConfig, fit_minibatches
@@ -188,7 +188,8 @@ class TrainedImageMethod(AnomalyMethod):
         if self.input_size > images.shape[-1]:
             raise ParameterError(
                 f"{self.name}'s input_size {self.input_size} is larger than the image size "
-                f"{images.shape[-1]}: lower input_size or raise {option('--image-size')}"
+                f"{images.shape[-1]}: set {method_param('input_size', str(images.shape[-1]))} "
+                f"or raise {option('--image-size')}"
             )
         return resize_to(images, self.input_size) * 2 - 1
 

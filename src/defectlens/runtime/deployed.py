@@ -25,8 +25,8 @@ import numpy as np
 from defectlens import __version__
 from defectlens.errors import DefectLensError, ModelFileError, option
 from defectlens.outputs import EXPORT_FORMAT, MODEL_CONFIG, file_sha256, read_folder_config
-from defectlens.params import check_choice, check_float, check_int
-from defectlens.prediction import MAX_SIGMA, NORMAL_ONLY, Predictor
+from defectlens.params import MAX_SIGMA, check_choice, check_float, check_int
+from defectlens.prediction import NORMAL_ONLY, Predictor
 from defectlens.runtime.finish import Finish, make_finish
 from defectlens.runtime.sessions import ENGINES, Session, open_session
 from defectlens.thresholds import Thresholds
