@@ -82,6 +82,9 @@ def test_images_in_sub_folders_are_never_dropped_without_a_word(tmp_path):
     (good / "batch").mkdir()
     for path in sorted(good.glob("*.png"))[2:]:
         shutil.move(path, good / "batch" / path.name)
+    (good / "results" / "overlays").mkdir(parents=True)  # a predict run's, not data: not counted
+    (good / "results" / ".defectlens-results.json").write_text("{}")
+    shutil.copy(good / "batch" / "002.png", good / "results" / "overlays" / "002.png.png")
     with pytest.warns(
         DataWarning, match=r"good: ignored 4 image\(s\) in its sub-folders \(e\.g\. batch/"
     ):

@@ -17,6 +17,7 @@ from pathlib import Path
 from defectlens.data.images import IMAGE_SUFFIXES
 from defectlens.data.inputs import walk
 from defectlens.errors import DataError, DataWarning, option
+from defectlens.outputs import is_results_folder
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,11 @@ def _warn_nested(folder: Path, nested: list[Path]) -> None:
 
 
 def images_in_subfolders(folder: Path) -> list[Path]:
-    """Image files below `folder`'s own entries, in name order."""
+    """Image files below `folder`'s own entries, in name order (not our results folders'
+    overlays and masks, which a predict run may have written inside its input folder)."""
     found = [
         path
-        for path, kind, _ in walk(folder)
+        for path, kind, _ in walk(folder, is_results_folder)
         if kind == "file" and path.parent != folder and path.suffix.lower() in IMAGE_SUFFIXES
     ]
     return sorted(found)
