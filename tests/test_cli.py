@@ -241,6 +241,12 @@ def test_user_mistakes_give_one_error_line(args, message, tmp_path, monkeypatch,
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_nothing_scored_without_out_points_at_no_results_file(tmp_path, monkeypatch, capsys):
+    args = ["predict", tmp_path / "nomodel", tmp_path / "a.png", tmp_path / "*.png", "--json"]
+    code, _, err = run(monkeypatch, capsys, *args)
+    assert code == 2 and "(and 1 more)" in err and "results.csv" not in err  # none written
+
+
 def test_help_and_backbones(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached ResNet weights
     code, out, _ = run(monkeypatch, capsys, "--help")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from defectlens.data.inputs import expand_inputs
 
@@ -47,6 +48,18 @@ def test_folders_list_everything_with_a_reason(tmp_path):
     assert "broken symbolic link" in found["gone.png"]
     assert "symbolic link loop" in found["self"]
     assert "not a regular file" in found["pipe.png"]
+
+
+def test_a_second_link_to_a_folder_is_no_loop_and_no_error(tmp_path):
+    """A folder reached twice (a link beside it) is walked once, not reported as a loop:
+    its files are already listed under their first path."""
+    _touch(tmp_path / "in" / "d" / "x.png")
+    os.symlink("d", tmp_path / "in" / "e")  # sorted after d: the second way in
+    found = [
+        (i.path.relative_to(tmp_path / "in"), i.error)
+        for i in expand_inputs([str(tmp_path / "in")])
+    ]
+    assert found == [(Path("d/x.png"), None)]
 
 
 def test_named_files_are_tried_whatever_their_suffix_and_duplicates_collapse(tmp_path, monkeypatch):

@@ -50,7 +50,8 @@ Typical use:
   defectlens demo                        # everything on built-in synthetic data
 \b
 Exit status: 0 ok, 1 some inputs skipped (listed with their error), 2 user error,
-3 internal error (rerun as `defectlens --debug COMMAND ...` for the traceback), 130 interrupted.
+3 internal error (rerun as `defectlens --debug COMMAND ...` for the traceback), 130 interrupted,
+141 the output pipe was closed (e.g. `predict --json ... | head`).
 """
 
 _STATE: dict = {"debug": False, "saved": None}
@@ -913,7 +914,7 @@ def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet, sco
     local = [p for p in (i.path for i in items if i.error is None) if not is_url(p)]
     base = Path(os.path.commonpath([os.path.abspath(p.parent) for p in local or [Path("x")]]))
     if detector is None:
-        _nothing_scored(errors)
+        _nothing_scored(errors, out_dir)
     if done:
         _warn(f"resuming: {len(done)} image(s) already scored, {len(pending)} to go")
     if not detector.has_maps:
@@ -954,7 +955,7 @@ def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet, sco
         echo(f"interrupted after {scored} of {len(pending)} image(s){where}{resume}", err=True)
         raise
     if not scored and not done and errors:  # every input failed, found late: as if found early
-        _nothing_scored(errors)
+        _nothing_scored(errors, out_dir)
     seconds = time.perf_counter() - start
     echo(
         f"scored {scored} image(s) in {seconds:.1f} s ({scored / max(seconds, 1e-9):.1f} img/s): "
@@ -976,12 +977,13 @@ def _has_scored_rows(path: Path) -> bool:
         return True  # unreadable: kept, as any earlier run's
 
 
-def _nothing_scored(errors: dict[str, str]) -> None:
+def _nothing_scored(errors: dict[str, str], out_dir: Path | None) -> None:
     """No input could be scored (all missing, unreadable or not images): a user error, exit
     status 2, whether the model was needed to find out or not (each input's row stays in
     results.csv, and the corrected rerun may use the same --out)."""
     first = next(iter(errors.values()), "no inputs")
-    more = f" (and {len(errors) - 1} more; see results.csv)" if len(errors) > 1 else ""
+    listed = f"; see {out_dir / 'results.csv'}" if out_dir is not None else ""
+    more = f" (and {len(errors) - 1} more{listed})" if len(errors) > 1 else ""
     raise DefectLensError(f"nothing could be scored: {first}{more}")
 
 

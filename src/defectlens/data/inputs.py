@@ -74,18 +74,30 @@ def walk(
     max_depth: int | None = None,
 ) -> Iterator[tuple[Path, str, str | None]]:
     """(path, kind, reason) for everything under `folder`, each real folder visited once;
-    `max_depth` 1 lists the folder's own entries only."""
+    `max_depth` 1 lists the folder's own entries only. A link back to a folder being walked
+    (a loop) is listed as such; a second link to a folder walked elsewhere is passed over in
+    silence, as its files are already listed under their first path."""
     visited: set[tuple[int, int]] = set()
+    walking: list[tuple[int, int]] = []  # the folders from `folder` down to the current one
 
     def visit(directory: Path, depth: int = 0) -> Iterator[tuple[Path, str, str | None]]:
         info = os.stat(directory)
         key = (info.st_dev, info.st_ino)
+        if key in walking:
+            yield directory, "bad", "symbolic link loop (it leads back to a folder above it)"
+            return
         if key in visited:
-            yield directory, "bad", "symbolic link loop (folder already visited)"
             return
         visited.add(key)
         if skip_folder(directory):
             return
+        walking.append(key)
+        try:
+            yield from entries(directory, depth)
+        finally:
+            walking.pop()
+
+    def entries(directory: Path, depth: int) -> Iterator[tuple[Path, str, str | None]]:
         try:
             names = sorted(entry.name for entry in os.scandir(directory))
         except OSError as exc:
