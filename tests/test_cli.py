@@ -284,6 +284,25 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_the_demo_holds_out_enough_normal_images_for_its_threshold(tmp_path, monkeypatch):
+    """With 60 training crops, 6 set the threshold and 40 % of good grass crops were flagged."""
+    import defectlens.demo as demo
+
+    asked = {}
+
+    class Stop(Exception):
+        pass
+
+    def make_category(root, texture, **kwargs):
+        asked.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(demo, "make_category", make_category)
+    with pytest.raises(Stop):
+        demo.run_demo(tmp_path / "d", textures=["grass"], progress=False)
+    assert asked["n_train"] == 200
+
+
 def test_method_options_reach_the_model(brick_root, tmp_path, monkeypatch, capsys):
     model = tmp_path / "pc"
     code, _, err = run(
