@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from defectlens import __version__
 from defectlens.blas import numpy_blas_single_threaded
@@ -417,11 +418,14 @@ def fit(
     method_params = {k: v for k, v in named.items() if v is not None}
     from defectlens.methods import METHODS
 
+    given = dict(method_params)  # what a --param must agree with: the options set by name
+    if click.get_current_context().get_parameter_source("seed") is not ParameterSource.DEFAULT:
+        given["seed"] = seed
     for key, value in _parse_params(params).items():
-        if key in method_params and method_params[key] != value:
+        if key in given and given[key] != value:
             flag = "--" + key.replace("_", "-")
             raise DefectLensError(
-                f"{flag} {method_params[key]!r} and --param {key}={value!r} disagree; give one"
+                f"{flag} {given[key]!r} and --param {key}={value!r} disagree; give one"
             )
         method_params[key] = value
     if method in METHODS:  # a named option the method does not take: say which do
@@ -435,14 +439,6 @@ def fit(
                     f"{', '.join(users)})"
                 )
 
-    seed_given = click.get_current_context().get_parameter_source("seed")
-    if seed_given is not click.core.ParameterSource.DEFAULT and method_params.get("seed") not in (
-        None,
-        seed,
-    ):
-        raise DefectLensError(
-            f"--seed {seed} and --param seed={method_params['seed']!r} disagree; give one"
-        )
     if method in METHODS and "seed" in METHODS[method].param_names():
         method_params.setdefault("seed", seed)  # random channels, coresets, initial weights
     detector = Detector(
@@ -708,7 +704,7 @@ def predict(
                 out_dir / "results.csv",
                 RESULT_COLUMNS,
                 resume=resume,
-                is_done=lambda row: row["predicted"] in ("good", "defective"),
+                is_done=_is_scored,
             )
         score = None
         if client is not None and detector is not None:
@@ -967,12 +963,17 @@ def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet, sco
     return {"scored": scored, "skipped": len(errors)}
 
 
+def _is_scored(row: dict[str, str]) -> bool:
+    """A results.csv row of an image that was scored (not an input that failed)."""
+    return row.get("predicted") in ("good", "defective")
+
+
 def _has_scored_rows(path: Path) -> bool:
     """Whether an earlier results.csv holds a scored image (not only inputs that failed): a
     run that scored nothing is not worth --resume or --overwrite, its rerun just replaces it."""
     try:
         with open(path, newline="", encoding="utf-8") as fh:
-            return any(row.get("predicted") in ("good", "defective") for row in csv.DictReader(fh))
+            return any(map(_is_scored, csv.DictReader(fh)))
     except (OSError, ValueError, csv.Error):
         return True  # unreadable: kept, as any earlier run's
 
@@ -1302,9 +1303,8 @@ def _fit_command(candidate, data: str, out: str, seed: int, batch_size: int) -> 
     words = ["defectlens", "fit", str(data), "--method", candidate.method]
     words += ["--backbone", candidate.backbone, "--image-size", str(candidate.image_size)]
     words += ["--seed", str(seed), "--batch-size", str(batch_size), "--out", str(out)]
-    for key, value in candidate.method_params:
-        shown = list(value) if isinstance(value, tuple) else value
-        words += ["--param", f"{key}={json.dumps(shown)}"]
+    for key, value in candidate.method_params:  # JSON, as --param reads it (tuples as lists)
+        words += ["--param", f"{key}={json.dumps(value)}"]
     return shlex.join(words)
 
 

@@ -32,8 +32,6 @@ from defectlens.runtime.onnx_graph import INPUT, backbone_model, output_name
 
 MAX_CALIBRATION_IMAGES = 64  # activation ranges settle well before this (min/max calibration)
 MIN_CALIBRATION_IMAGES = 10  # the refit and its held-out validation share need some
-
-
 UNLIKE_SAMPLE = 32  # calibration images the fp32 model scores before quantising
 
 

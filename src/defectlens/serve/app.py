@@ -56,6 +56,13 @@ log = logging.getLogger("defectlens.serve")
 logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 OUTPUTS = ("overlay", "map", "mask")
+# Error codes of the statuses the framework raises itself (our own errors carry theirs).
+HTTP_ERROR_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+}
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_BOXES = 50
@@ -222,9 +229,7 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
-        codes[413] = "too_large"
-        code = codes.get(exc.status_code, "http_error")
+        code = HTTP_ERROR_CODES.get(exc.status_code, "http_error")
         message = str(exc.detail)
         if exc.status_code == 400 and "multipart" in message.lower():
             message = (
