@@ -135,7 +135,7 @@ def test_an_interrupt_after_the_save_says_the_change_is_kept(
 ):
     """Ctrl-C while the summary prints, after the model was rewritten: not "interrupted" and
     130, which would read as a change that was not made."""
-    from defectlens import cli
+    from defectlens.cli import threshold as threshold_command
 
     model = tmp_path / "m"
     shutil.copytree(model_dir, model)
@@ -143,7 +143,7 @@ def test_an_interrupt_after_the_save_says_the_change_is_kept(
     def print_thresholds(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_print_thresholds", print_thresholds)
+    monkeypatch.setattr(threshold_command, "_print_thresholds", print_thresholds)
     code, _, err = run_cli(monkeypatch, capsys, "threshold", model, "--value", 123.5)
     assert code == 0 and f"interrupted after {model} was saved; it is kept" in err
     assert Detector.load(model).thresholds_.image == 123.5
