@@ -73,6 +73,21 @@ for c in kolektorsdd magnetic_tile elpv_poly deeppcb; do
     --reg-epochs 10 --reg-minutes 25 --out benchmarks/results/fewshot_rerun.jsonl --shots 8 \
     --draws 3 --methods regad@c100 regad_default regad_default@c100
 done
+# Pass 10 (2026-12-08): a second registration seed on the other three sets, so that RegAD's
+# numbers carry the spread of the registration run as well as of the support draws; RegAD's
+# default 100 channels and all 176 on each.
+for c in magnetic_tile elpv_poly deeppcb kolektorsdd; do
+  .venv/bin/python benchmarks/fewshot.py $DATA --categories $c --registrations "$FRESH" \
+    --reg-epochs 10 --reg-minutes 25 --reg-seed 1 --out benchmarks/results/fewshot_rerun_seed1.jsonl \
+    --shots 8 --draws 3 --methods regad regad@c100
+done
+# Pass 11 (2026-12-08): K = 16, RegAD (its default 100 channels, the seed-1 registrations of
+# pass 10) against PaDiM and PatchCore on the same supports.
+for c in kolektorsdd magnetic_tile elpv_poly deeppcb; do
+  .venv/bin/python benchmarks/fewshot.py $DATA --categories $c --registrations "$FRESH" \
+    --reg-epochs 10 --reg-minutes 25 --reg-seed 1 --out benchmarks/results/fewshot_k16.jsonl \
+    --shots 16 --draws 3 --methods regad@c100 padim patchcore
+done
 .venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_backbone.jsonl
 .venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_rerun.jsonl
 .venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_jitter.jsonl
