@@ -1,10 +1,5 @@
-"""The `defectlens` command group and its entry point, `main`: every error becomes one line
-and an exit status.
-
-Exit statuses: 0 success; 1 some inputs were skipped (listed in the results with their error);
-2 a user error (one line `defectlens: error: ...`); 3 an internal error (one line, and the
-traceback with `--debug`); 130 interrupted (Ctrl-C or SIGTERM), with what was finished saved.
-Outputs are checked before any work, so a bad `--out` fails in a second, not after an hour.
+"""The `defectlens` command group and its entry point, `main`, which turns every error into
+one line and an exit status (the statuses are listed in the package's docstring and `--help`).
 """
 
 from __future__ import annotations
@@ -76,8 +71,9 @@ def cli(debug: bool) -> None:
     RUN_STATE["debug"] = debug
 
 
-for command in (backbones, demo, evaluate, export, fit, predict, regad, select, serve, threshold):
-    cli.add_command(command)
+COMMANDS = (backbones, demo, evaluate, export, fit, predict, regad, select, serve, threshold)
+for _command in COMMANDS:
+    cli.add_command(_command)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
