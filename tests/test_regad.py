@@ -277,6 +277,11 @@ def test_regad_cli_trains_a_registration_and_fits_few_shot(
     )  # fmt: skip
     assert code == 2 and "at least two categories" in err
     code, out, err = run_cli(
+        monkeypatch, capsys, "regad", "train", tmp_path / "mistyped", "--out", tmp_path / "one",
+        "--image-size", IMAGE_SIZE, "-q",
+    )  # fmt: skip
+    assert code == 2 and "mistyped: no such" in err
+    code, out, err = run_cli(
         monkeypatch, capsys, "regad", "train", *pose_pool, "--out", tmp_path / "x",
         "--exclude", "nothere", "-q",
     )  # fmt: skip

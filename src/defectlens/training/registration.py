@@ -108,15 +108,16 @@ def load_pool(
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DataError(f"two pool categories are both named {duplicates[0]!r}")
+    # Every folder is listed and counted before any image is decoded, so a bad pool entry
+    # fails at once, not after minutes of reading the others; a missing folder is named
+    # before the count of categories, which would otherwise hide a mistyped path.
+    found = [find_normal_images(source) for source in sources]
     if len(sources) < 2:
         raise DataError(
             "registration training needs at least two categories (it learns what they share)"
         )
-    # Every folder is listed and counted before any image is decoded, so a bad pool entry
-    # fails at once, not after minutes of reading the others.
     listed = []
-    for source in sources:
-        paths = find_normal_images(source)
+    for source, paths in zip(sources, found, strict=True):
         n_val = max(1, round(len(paths) * config.val_fraction))
         need = config.shots + 1 + n_val
         if len(paths) < need:
