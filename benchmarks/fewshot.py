@@ -24,7 +24,10 @@ draw). Methods (`--methods`):
   --pose-jitter D`), cached as reg-CATEGORY-jD; with "@bL" (regad and regpatchcore, e.g.
   regad@b0.001): the registration trained with its backbone at learning rate L (`regad train
   --backbone-lr L`), cached as reg-CATEGORY-bL, and fitted on that tuned backbone;
-  `--reg-seed N` (not 0) trains with that seed, cached with "-sN" appended.
+  `--reg-seed N` (not 0) trains with that seed, cached with "-sN" appended; with "@pose"
+  (e.g. regad@c100@pose): the registration's pool also holds the 15 generated pose categories
+  the shipped registration is trained on (public-domain images in random poses), cached as
+  reg-CATEGORY-pose: does a larger pool help?
 - regpatchcore: PatchCore's memory bank and scoring on RegAD's registered features (the
   stride 8 and 16 stages, returned to the image frame by the registration regad uses): does
   registration help a nearest-neighbour scorer? A benchmark-only variant, defined here.
@@ -38,6 +41,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -86,13 +90,14 @@ class RegisteredPatchCore(PatchCore):
         return self.patch_features([maps[8], maps[16]])
 
 
-def registration_options(name: str) -> tuple[float, float]:
-    """The "@jD" and "@bL" options of a method name: degrees of pose jitter and the
-    backbone's learning rate, 0 when absent."""
+def registration_options(name: str) -> tuple[float, float, bool]:
+    """The "@jD", "@bL" and "@pose" options of a method name: degrees of pose jitter, the
+    backbone's learning rate (0 when absent), and whether the pool also holds the shipped
+    registration's 15 generated pose categories."""
     options = name.split("@")[1:]
     jitter = next((float(o[1:]) for o in options if o.startswith("j")), 0.0)
     backbone_lr = next((float(o[1:]) for o in options if o.startswith("b")), 0.0)
-    return jitter, backbone_lr
+    return jitter, backbone_lr, "pose" in options
 
 
 def registration_for(
@@ -101,9 +106,9 @@ def registration_for(
     """The registration trained without `category` (trained now if not cached)."""
     from defectlens.training.registration import RegistrationConfig, build_registration
 
-    jitter, backbone_lr = options
+    jitter, backbone_lr, pose = options
     suffix = (f"-j{jitter:g}" if jitter else "") + (f"-b{backbone_lr:g}" if backbone_lr else "")
-    suffix += f"-s{args.reg_seed}" if args.reg_seed else ""
+    suffix += ("-pose" if pose else "") + (f"-s{args.reg_seed}" if args.reg_seed else "")
     path = folder / f"reg-{category.name}{suffix}"
     if not (path / "config.json").is_file():
         config = RegistrationConfig(
@@ -114,7 +119,12 @@ def registration_for(
             seed=args.reg_seed,
         )
         pool = [d for d in data if d != category]
-        build_registration(pool, path, image_size=args.image_size, config=config, progress=True)
+        with tempfile.TemporaryDirectory(prefix="defectlens-pose-") as root:
+            if pose:  # the shipped registration's generated categories, 48 poses each
+                from defectlens.data.synthetic import POSE_SOURCES, make_pose_category
+
+                pool += [make_pose_category(root, n, 48, args.image_size) for n in POSE_SOURCES]
+            build_registration(pool, path, image_size=args.image_size, config=config, progress=True)
     return path
 
 
@@ -133,7 +143,7 @@ def detector_for(name: str, k: int | None, draw: int, registration: Path | None,
     for option in filter(None, variant.split("@")):
         if option == "lw":  # Ledoit-Wolf shrinkage of the covariance (PaDiM's `shrinkage`)
             params["shrinkage"] = "ledoit_wolf"
-        elif option[0] in "jb":  # jitter, backbone: chosen by the registration passed in
+        elif option[0] in "jb" or option == "pose":  # chosen by the registration passed in
             continue
         else:
             params["n_channels"] = int(option.removeprefix("c"))

@@ -88,11 +88,21 @@ for c in kolektorsdd magnetic_tile elpv_poly deeppcb; do
     --reg-epochs 10 --reg-minutes 25 --reg-seed 1 --out benchmarks/results/fewshot_k16.jsonl \
     --shots 16 --draws 3 --methods regad@c100 padim patchcore
 done
+# Pass 12 (2026-12-08): a larger pool: the three other sets plus the 15 generated pose
+# categories of the shipped registration (seed 1, to compare with pass 10's seed-1 rows).
+for c in kolektorsdd magnetic_tile elpv_poly deeppcb; do
+  .venv/bin/python benchmarks/fewshot.py $DATA --categories $c --registrations "$FRESH" \
+    --reg-epochs 10 --reg-minutes 25 --reg-seed 1 --out benchmarks/results/fewshot_pose_pool.jsonl \
+    --shots 8 --draws 3 --methods regad@c100@pose
+done
 .venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_backbone.jsonl
 .venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_rerun.jsonl
 .venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_jitter.jsonl
 .venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_lw.jsonl
 .venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_differnet.jsonl
+.venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_rerun_seed1.jsonl
+.venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_k16.jsonl
+.venv/bin/python benchmarks/fewshot.py x --summary --out benchmarks/results/fewshot_pose_pool.jsonl
 .venv/bin/python benchmarks/fewshot.py x --summary --out "$OUT"
 # RegAD's speed next to PaDiM's (fit with K = 8, scoring), in one process:
 .venv/bin/python benchmarks/fewshot_speed.py $DATA/magnetic_tile --registration "$REG/reg-magnetic_tile"
