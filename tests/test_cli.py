@@ -1,4 +1,6 @@
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +162,59 @@ def test_predict_skips_corrupt_images_and_reports_them(
     rows = read_csv(out_dir / "results.csv")
     assert [r["predicted"] for r in rows][1] == "error" and "corrupt" in rows[1]["error"]
     assert not (out_dir / "overlays").exists()
+
+
+def test_an_input_whose_pictures_cannot_be_written_gets_an_error_row_and_the_run_goes_on(
+    model_dir, brick_root, tmp_path, monkeypatch, capsys
+):
+    # Two ways a picture cannot be written: a name that fits the file system only until the
+    # output adds ".png" and a temporary suffix (once that aborted the whole run), and a
+    # folder standing where another input's mask must go (x.png -> masks/x.png.png).
+    samples = [s.path for s in find_test_samples(brick_root)[:4]]
+    inputs = tmp_path / "in"
+    (inputs / "x.png.png").mkdir(parents=True)
+    long_name = "a" * 245 + ".png"  # its picture, masks/<name>.png, still fits 255 bytes
+    for source, name in zip(samples, [long_name, "x.png", "x.png.png/y.png", "z.png"], strict=True):
+        shutil.copy(source, inputs / name)
+    out_dir = tmp_path / "p"
+    code, _, err = run(monkeypatch, capsys, "predict", model_dir, inputs, "--out", out_dir, "-q")
+    assert code == 1, err  # some skipped, not a failed run
+    rows = {Path(r["path"]).name: r for r in read_csv(out_dir / "results.csv")}
+    assert sorted(rows) == sorted([long_name, "x.png", "y.png", "z.png"])  # every input a row
+    assert rows[long_name]["predicted"] in ("good", "defective")
+    assert (out_dir / "masks" / f"{long_name}.png").is_file()
+    # x.png's mask is masks/x.png.png, the folder of y.png's: whichever comes second fails.
+    failed = [n for n, r in rows.items() if r["predicted"] == "error"]
+    assert len(failed) == 1 and failed[0] in ("x.png", "y.png")
+    assert "could not be written" in rows[failed[0]]["error"]
+    assert rows["z.png"]["predicted"] in ("good", "defective")
+    first = "x.png.png" if failed == ["y.png"] else "x.png.png/y.png.png"
+    assert (out_dir / "overlays" / first).is_file()
+    # The failed input's mask is taken back when its overlay fails, or never written.
+    written = {p.relative_to(out_dir / "masks") for p in (out_dir / "masks").rglob("*.png")}
+    assert len(written) == 3
+    assert not list(out_dir.rglob("*.partial"))
+
+
+def test_overwrite_keeps_pictures_folders_an_images_free_run_did_not_write(
+    model_dir, brick_root, tmp_path, monkeypatch, capsys
+):
+    good = find_test_samples(brick_root)[0].path
+    out_dir = tmp_path / "p"
+    args = ("predict", model_dir, good, "--out", out_dir, "-q")
+    assert run(monkeypatch, capsys, *args, "--no-images")[0] == 0
+    (out_dir / "masks").mkdir()
+    (out_dir / "masks" / "labels_for_review.png").write_bytes(b"hand-drawn")
+    code, _, err = run(monkeypatch, capsys, *args, "--overwrite")
+    assert code == 2 and "masks that defectlens did not write" in err
+    assert (out_dir / "masks" / "labels_for_review.png").read_bytes() == b"hand-drawn"
+    # The refusal left the earlier run resumable as it was (images-free).
+    code, _, err = run(monkeypatch, capsys, *args, "--no-images", "--resume")
+    assert code == 0, err
+    (out_dir / "masks" / "labels_for_review.png").unlink()
+    (out_dir / "masks").rmdir()
+    assert run(monkeypatch, capsys, *args, "--overwrite")[0] == 0
+    assert len(list((out_dir / "masks").rglob("*.png"))) == 1  # now ours, from this run
 
 
 def test_globs_select_images(model_dir, brick_root, tmp_path, monkeypatch, capsys):

@@ -216,6 +216,21 @@ def test_an_export_scores_without_torch_exactly_as_the_model(
     assert "Traceback" not in done.stderr
 
 
+def test_the_backend_variable_is_checked_for_an_export_and_said_not_to_apply(
+    monkeypatch, capsys, onnx_export, brick_root, tmp_path
+):
+    args = ("predict", onnx_export, brick_root / "test" / "good", "--no-images", "-q")
+    monkeypatch.setenv("DEFECTLENS_BACKEND", "onnxrutnime")
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--out", tmp_path / "a")
+    assert code == 2 and "unknown backend 'onnxrutnime' in $DEFECTLENS_BACKEND" in err
+    monkeypatch.setenv("DEFECTLENS_BACKEND", "torch")  # set for the models on this PC
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--out", tmp_path / "b")
+    assert code == 0 and "applies to saved models, not to an export" in err
+    # Without torch installed, the check needs none.
+    done = run_without_torch(*map(str, args), "--out", "c", cwd=tmp_path)
+    assert done.returncode == 0 and "not to an export" in done.stderr, done.stderr
+
+
 def test_predict_resume_refuses_rows_of_another_export(
     monkeypatch, capsys, onnx_export, model_dir, brick_root, tmp_path
 ):
@@ -226,6 +241,29 @@ def test_predict_resume_refuses_rows_of_another_export(
         monkeypatch, capsys, "predict", model_dir, test, "--out", out, "--resume", "-q"
     )
     assert code == 2 and "written by another model" in err
+
+
+@pytest.mark.parametrize("kind", ["model", "export"])
+def test_predict_resume_refuses_rows_scored_before_config_json_was_edited(
+    monkeypatch, capsys, onnx_export, model_dir, brick_root, tmp_path, kind
+):
+    """The smoothing and the like live in config.json, outside the hashes that name a model;
+    an edit between two parts of a run would have mixed two scorings in one results.csv."""
+    folder = tmp_path / kind
+    shutil.copytree(onnx_export if kind == "export" else model_dir, folder)
+    good = sorted((brick_root / "test" / "good").iterdir())
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(good[0], inputs / good[0].name)
+    args = ("predict", folder, inputs, "--out", tmp_path / "out", "--no-images", "-q")
+    assert run_cli(monkeypatch, capsys, *args)[0] == 0
+    config = json.loads((folder / "config.json").read_text())
+    (config if kind == "export" else config["detector"])["sigma"] = 0.0
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copy(good[1], inputs / good[1].name)  # a new image for the resumed run
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--resume")
+    assert code == 2 and "scoring settings changed" in err and "sigma 4.0 -> 0.0" in err
+    assert len(read_csv(tmp_path / "out" / "results.csv")) == 1  # nothing mixed in
 
 
 def tamper(folder: Path, name: str, change) -> None:
@@ -282,6 +320,9 @@ BACKBONE_OUT_HEAD_IN = [("backbone", "outputs"), ("head", "inputs")]
         (lambda c: c["thresholds"].update(image="high"), "thresholds.image"),
         (lambda c: c["finish"].update(kind="telepathy"), "finish.kind"),
         (lambda c: c["preprocessing"].update(image_size=65536), "image_size"),
+        (lambda c: c["preprocessing"].update(image_size=63), "multiple of 32, not 63"),
+        # The graphs were exported for IMAGE_SIZE: another size failed inside the engine.
+        (lambda c: c["preprocessing"].update(image_size=96), "96 does not match the head graph"),
         (lambda c: c["graphs"]["head"].update(file="nope.onnx"), "graphs.head.file"),
         (lambda c: c["graphs"]["head"].update(file=["head.onnx"]), "graphs.head.file"),
         (lambda c: c.update(arrays=[1]), "'arrays' is not one of the listed files"),
@@ -304,6 +345,15 @@ def test_edited_configs_are_refused_by_name(onnx_export, tmp_path, edit, message
         ExportedModel(folder)
 
 
+def test_an_edited_image_size_is_refused_on_openvino_too(onnx_export, tmp_path):
+    folder = copy_export(onnx_export, tmp_path / "edited")
+    config = json.loads((folder / "config.json").read_text())
+    config["preprocessing"]["image_size"] = 2 * IMAGE_SIZE
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileError, match="does not match the head graph"):
+        ExportedModel(folder, engine="openvino")
+
+
 def test_export_targets_are_checked_and_nothing_is_half_written(
     monkeypatch, capsys, model_dir, onnx_export, fitted, tmp_path
 ):
@@ -320,6 +370,13 @@ def test_export_targets_are_checked_and_nothing_is_half_written(
         assert code == 2 and fragment in err, err
         assert len(err.strip().splitlines()) == 1
     assert snapshot(tmp_path) == before
+    # An export whose config.json was damaged is not replaced, and the message says why.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(onnx_export, damaged)
+    (damaged / "config.json").write_text("{")
+    code, _, err = run_cli(monkeypatch, capsys, "export", model_dir, "--out", damaged)
+    assert code == 2 and "its config.json is not a defectlens export's or cannot be read" in err
+    shutil.rmtree(damaged)
     # An earlier export is replaced, atomically, with no sibling left behind.
     target = tmp_path / "again"
     export_detector(fitted, target)

@@ -80,3 +80,8 @@ def test_results_folders_are_not_inputs(tmp_path):
 
     found = expand_inputs([str(tmp_path / "in")], skip_folder=is_results_folder)
     assert [i.path.name for i in found] == ["a.png"]
+    # Named itself, a results folder is not searched, and the reason says so (it once said
+    # "holds no files to score" of a folder full of images).
+    (tmp_path / "in" / ".defectlens-results.json").write_text("{}")
+    (found,) = expand_inputs([str(tmp_path / "in")], skip_folder=is_results_folder)
+    assert found.path == tmp_path / "in" and "holds defectlens results" in found.error

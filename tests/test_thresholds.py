@@ -125,6 +125,13 @@ def test_calibrating_on_images_the_model_was_fitted_on_is_warned(
     shutil.copytree(model_dir, model)
     code, _, err = run_cli(monkeypatch, capsys, *args, brick_root / "test" / "good", "-q")
     assert code == 0 and "fitted on" not in err  # unseen normal images
+    assert "is rough" not in err  # ten of them: enough, as for fit
+    few = tmp_path / "few"
+    few.mkdir()
+    for source in sorted((brick_root / "test" / "good").iterdir())[:3]:
+        shutil.copy(source, few / source.name)
+    code, _, err = run_cli(monkeypatch, capsys, *args, few, "-q")
+    assert code == 0 and "a threshold from 3 normal image(s) is rough" in err
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
         Detector.load(model_dir).calibrate(brick_root / "train" / "good")

@@ -248,7 +248,10 @@ def check_model_target(
         if entries and not replaceable(path):
             extra = [n for n in entries if n not in MODEL_FILES | MODEL_EXTRAS]
             shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
-            reason = f"holds {shown}" if extra else f"its config.json is not {what}'s"
+            reasons = [f"holds {shown}"] if extra else []
+            if (path / MODEL_CONFIG).exists() or not extra:  # a damaged one says why
+                reasons.append(f"its {MODEL_CONFIG} is not {what}'s or cannot be read")
+            reason = "; ".join(reasons)
             raise OutputError(f"{path}: exists and is not {what} ({reason}); not replacing it")
         _probe_writable(path.parent.absolute(), path)
         # replacing it removes its files, which needs the folder itself writable: a model made

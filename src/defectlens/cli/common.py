@@ -56,7 +56,7 @@ def backbone_option(help_text: str):
 
 
 DEFAULT_VAL_FRACTION = 0.1
-FEW_VALIDATION_IMAGES = 10  # fewer validation images than this: the fit warns
+FEW_VALIDATION_IMAGES = 10  # fewer validation images than this: a threshold is rough
 
 
 class ImageSize(click.IntRange):
@@ -160,3 +160,14 @@ def start_run() -> None:
     """A fresh command (the tests run many in one process): nothing saved, no warning shown."""
     _shown_warnings.clear()
     RUN_STATE["saved"] = None
+
+
+def warn_if_rough_threshold(n_validation: int, more: str) -> None:
+    """A threshold from few normal images sits near their highest score, whatever the target
+    rate: said wherever one is set from images (`fit`, `threshold --calibrate`). `more`: what
+    would give more images."""
+    if n_validation < FEW_VALIDATION_IMAGES:
+        warn(
+            f"a threshold from {n_validation} normal image(s) is rough: it is near their "
+            f"highest score, and real false alarms may be far from --target-far; {more}"
+        )

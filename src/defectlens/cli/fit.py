@@ -11,7 +11,6 @@ from click.core import ParameterSource
 
 from defectlens.cli.common import (
     DEFAULT_VAL_FRACTION,
-    FEW_VALIDATION_IMAGES,
     FiniteFloat,
     apply_max_pixels,
     backbone_option,
@@ -27,6 +26,7 @@ from defectlens.cli.common import (
     quiet_option,
     target_far_option,
     warn,
+    warn_if_rough_threshold,
     weights_option,
 )
 from defectlens.errors import DefectLensError
@@ -322,13 +322,8 @@ def fit(
     if shots is not None:
         echo(f"fitted on {shots} image(s): " + ", ".join(detector.fit_images_))
     echo(f"saved {path} (threshold {t.image:.4g} from {t.n_validation} normal images)")
-    if t.n_validation < FEW_VALIDATION_IMAGES:
-        more = "add normal images" if shots is not None else "hold out more (--val-fraction)"
-        warn(
-            f"a threshold from {t.n_validation} normal image(s) is rough: it is near their "
-            f"highest score, and real false alarms may be far from --target-far; {more} or "
-            "pass --val DIR with more normal images"
-        )
+    more = "add normal images" if shots is not None else "hold out more (--val-fraction)"
+    warn_if_rough_threshold(t.n_validation, f"{more} or pass --val DIR with more normal images")
 
 
 def _parse_params(items: tuple[str, ...]) -> dict:

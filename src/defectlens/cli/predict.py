@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import sys
@@ -104,7 +105,12 @@ def predict(
         raise DefectLensError("--backend does not apply to --dask: workers use their default")
     apply_max_pixels(max_pixels)
     from defectlens.data.inputs import expand_inputs
-    from defectlens.outputs import clear_results, is_results_folder, results_dir
+    from defectlens.outputs import (
+        clear_results,
+        is_results_folder,
+        read_results_marker,
+        results_dir,
+    )
     from defectlens.results import ResultsTable
     from defectlens.scoring import RESULT_COLUMNS
 
@@ -125,12 +131,16 @@ def predict(
                     f"{out_dir}: holds results.csv of an earlier run; pass --resume to "
                     "continue it or --overwrite to start again"
                 )
+        # What the earlier run in this folder recorded, before this run records itself.
+        earlier_run = read_results_marker(out_dir) if out_dir is not None else {}
         items = expand_inputs(inputs, skip_folder=is_results_folder)
         # Without anything to score, the model is not needed: say so before loading it.
         detector = None
         if not all(i.error for i in items):
             numpy_blas_single_threaded()  # see defectlens.blas: OpenBLAS's idle threads spin
             detector = load_model(model, weights=weights, backend=backend)
+        if out_dir is not None and not resume:  # before this run's marker replaces it
+            _check_pictures_are_ours(out_dir, earlier_run)
         if out_dir is not None and detector is not None:
             _check_same_run(out_dir, model, detector, resume, not no_images, inputs)
         table = None
@@ -200,6 +210,13 @@ def _check_same_run(
             f"{out_dir}: its results.csv was written by another model ({marker.get('model')}); "
             "resume with that model, or use --overwrite or another --out to start again"
         )
+    settings = _scoring_settings(loaded)
+    if resume and marker.get("scoring") not in (None, settings):
+        raise DefectLensError(
+            f"{out_dir}: {model}'s scoring settings changed since the earlier rows were scored "
+            f"({_changes(marker['scoring'], settings)}); one results.csv would mix two: use "
+            "--overwrite or another --out to start again"
+        )
     thresholds = loaded.thresholds_.to_dict() if loaded.thresholds_ is not None else None
     if resume and marker.get("thresholds") not in (None, thresholds):
         raise DefectLensError(
@@ -226,8 +243,50 @@ def _check_same_run(
             "same INPUTS, or use --overwrite or another --out to start again"
         )
     info = {"model": str(model), "model_sha256": identity, "pictures": pictures, "inputs": given}
-    info["thresholds"] = thresholds
+    info["thresholds"], info["scoring"] = thresholds, settings
     write_results_marker(out_dir, {**marker, **info})
+
+
+def _check_pictures_are_ours(out_dir: Path, earlier_run: dict) -> None:
+    """An earlier run with --no-images wrote no masks/ or overlays/: if the folder holds them
+    now, somebody else put them there, and starting again must not delete them (as a folder
+    that was never ours is refused)."""
+    if earlier_run.get("pictures") is not False:
+        return
+    foreign = [n for n in ("masks", "overlays") if (out_dir / n).exists()]
+    if foreign:
+        raise DefectLensError(
+            f"{out_dir}: holds {' and '.join(foreign)} that defectlens did not write (the "
+            "earlier run was made with --no-images); move them, or choose another --out"
+        )
+
+
+def _scoring_settings(loaded) -> dict:
+    """What turns the model's tensors into scores besides them and the thresholds: for a
+    saved model its image size, map smoothing and method parameters; for an export its
+    preprocessing, smoothing and finish. All are in config.json, outside the tensors' hash,
+    so an edit there must not go unnoticed by --resume. (As JSON gives them back.)"""
+    from defectlens.runtime.deployed import ExportedModel
+
+    if isinstance(loaded, ExportedModel):
+        config = loaded.config
+        settings = {k: config[k] for k in ("preprocessing", "sigma", "finish")}
+    else:
+        settings = {
+            "image_size": loaded.image_size,
+            "sigma": loaded.sigma,
+            "method_params": loaded.method_params,
+        }
+    return json.loads(json.dumps(settings))
+
+
+def _changes(before: object, after: dict) -> str:
+    """'sigma 4.0 -> 0.0, ...': the settings that differ, for one line."""
+    if not isinstance(before, dict):
+        return "unreadable before"
+    keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    text = ", ".join(f"{k} {json.dumps(before.get(k))} -> {json.dumps(after.get(k))}" for k in keys)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _threshold_text(thresholds: object) -> str:
@@ -300,10 +359,10 @@ def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet, sco
             for note in result.notes:
                 warn(note)
             # Pictures first, then the row: a row on disk means its pictures are complete.
-            for kind, folder in (("mask", "masks"), ("overlay", "overlays")):
-                if kind in result.pngs:
-                    relative = _picture_path(result.source, base)
-                    _save_bytes(result.pngs[kind], out_dir / folder / f"{relative}.png")
+            problem = _save_pictures(result, out_dir, _picture_path(result.source, base))
+            if problem is not None:  # this input's error row; the rest of the run goes on
+                record_error(result.name, f"{result.name}: {problem}")
+                continue
             if table is not None:
                 write_row(table.write, result)
             if as_json:
@@ -353,9 +412,37 @@ def _nothing_scored(errors: dict[str, str], out_dir: Path | None) -> None:
     raise DefectLensError(f"nothing could be scored: {first}{more}")
 
 
+def _save_pictures(result, out_dir: Path | None, relative: Path) -> str | None:
+    """Write the input's mask and overlay (those it has); on failure, remove what was written
+    for it and say why. A picture that cannot be written (a name too long for the file
+    system, a folder where the picture should go) is that input's problem, not the run's:
+    it gets an error row, as an unreadable input does, and is retried by --resume."""
+    written: list[Path] = []
+    for kind, folder in (("mask", "masks"), ("overlay", "overlays")):
+        if kind not in result.pngs:
+            continue
+        path = out_dir / folder / f"{relative}.png"
+        try:
+            _save_bytes(result.pngs[kind], path)
+        except OSError as exc:
+            for done in written:
+                done.unlink(missing_ok=True)
+            reason = exc.strerror or type(exc).__name__
+            return f"scored, but its {kind} could not be written to {path} ({reason})"
+        written.append(path)
+    return None
+
+
 def _save_bytes(data: bytes, path: Path) -> None:
-    """Written beside its name, then renamed: a kill never leaves a torn picture."""
+    """Written beside its name under a short temporary name (a long input name must not
+    overflow the file system's limit twice), then renamed: a kill never leaves a torn
+    picture."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    short = hashlib.sha256(path.name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    partial = path.with_name(f".{short}.partial")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

@@ -11,6 +11,7 @@ from defectlens.cli.common import (
     quiet_option,
     target_far_option,
     warn,
+    warn_if_rough_threshold,
     weights_option,
 )
 from defectlens.errors import DefectLensError
@@ -74,6 +75,9 @@ def threshold(model, value, pixel, normal, target_far, weights, quiet) -> None:
             detector.target_far = target_far
         detector.calibrate(normal, progress=not quiet)
         _warn_if_fitted_on(before, detector.thresholds_)
+        warn_if_rough_threshold(
+            detector.thresholds_.n_validation, "calibrate on a folder with more normal images"
+        )
     after = detector.thresholds_
     path = detector.save(model, protect=() if normal is None else (normal,))
     mark_saved(path)

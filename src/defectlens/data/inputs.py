@@ -187,6 +187,14 @@ def expand_inputs(
         kind, reason = classify(path)
         if kind == "file":
             items.append(InputItem(path))
+        elif kind == "dir" and skip_folder(path):  # named itself: say why it is not searched
+            items.append(
+                InputItem(
+                    path,
+                    "folder holds defectlens results, which are never scored; name "
+                    "the image folders inside it",
+                )
+            )
         elif kind == "dir":
             found = [_found(*entry) for entry in walk(path, skip_folder)]
             items.extend(found or [InputItem(path, "folder holds no files to score")])

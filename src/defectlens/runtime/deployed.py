@@ -25,7 +25,7 @@ import numpy as np
 from defectlens import __version__
 from defectlens.errors import DefectLensError, ModelFileError, option
 from defectlens.outputs import EXPORT_FORMAT, MODEL_CONFIG, file_sha256, read_folder_config
-from defectlens.params import MAX_SIGMA, check_choice, check_float, check_int
+from defectlens.params import MAX_SIGMA, check_choice, check_float, check_image_size, check_int
 from defectlens.prediction import NORMAL_ONLY, Predictor
 from defectlens.runtime.finish import Finish, make_finish
 from defectlens.runtime.sessions import ENGINES, Session, open_session
@@ -137,7 +137,7 @@ class ExportedModel(Predictor):
                 raise DefectLensError("preprocessing must give image_size, resize and range")
             if pre["resize"] != "bilinear-antialias" or pre["range"] != [0.0, 1.0]:
                 raise DefectLensError("preprocessing this version does not know")
-            self.image_size = check_int("preprocessing.image_size", pre["image_size"], 32, 2048)
+            self.image_size = check_image_size(pre["image_size"])
             self.sigma = check_float("sigma", config["sigma"], 0.0, MAX_SIGMA)
             self.batch_size = check_int("batch_size", config["batch_size"], 1, 4096)
             self.thresholds_: Thresholds | None = Thresholds.from_dict(config["thresholds"])
@@ -178,6 +178,24 @@ class ExportedModel(Predictor):
             raise ModelFileError(f"{config_path}: the head's outputs do not fit its finish")
         self.backbone_session: Session = self._open(graphs["backbone"], threads)
         self.head_session: Session = self._open(graphs["head"], threads)
+        self._check_head_fits_image_size(config_path)
+
+    def _check_head_fits_image_size(self, config_path: Path) -> None:
+        """The head graph is exported for one image size: its stride-s inputs are fixed at
+        image_size / s. A config.json whose image size was edited would otherwise fail at
+        the first image, inside the engine."""
+        for name, shape in self.head_session.input_shapes().items():
+            stride = name.removeprefix("stride")
+            if not (stride.isdigit() and len(shape) == 4):
+                continue
+            want = self.image_size // int(stride)
+            if any(d is not None and d != want for d in shape[2:]):
+                sides = "x".join("?" if d is None else str(d) for d in shape[2:])
+                raise ModelFileError(
+                    f"{config_path}: preprocessing.image_size {self.image_size} does not match "
+                    f"the head graph (its {name} input is {sides}, which "
+                    f"{int(stride) * shape[2] if shape[2] else '?'} px images give)"
+                )
 
     def _open(self, graph: dict[str, Any], threads: int | None) -> Session:
         return open_session(self.engine, self.path / graph["file"], graph["outputs"], threads)

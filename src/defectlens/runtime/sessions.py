@@ -29,6 +29,10 @@ class Session:
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
 
+    def input_shapes(self) -> dict[str, tuple[int | None, ...]]:
+        """Each input's shape as the graph declares it; None where a dimension is dynamic."""
+        raise NotImplementedError
+
 
 class OnnxRuntimeSession(Session):
     engine = "onnxruntime"
@@ -56,6 +60,12 @@ class OnnxRuntimeSession(Session):
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(self.outputs, feeds)
 
+    def input_shapes(self) -> dict[str, tuple[int | None, ...]]:
+        return {
+            i.name: tuple(d if isinstance(d, int) else None for d in i.shape)
+            for i in self.session.get_inputs()
+        }
+
 
 class OpenVinoSession(Session):
     engine = "openvino"
@@ -72,6 +82,14 @@ class OpenVinoSession(Session):
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self.compiled(feeds)
         return [np.asarray(result[port]) for port in self.ports]
+
+    def input_shapes(self) -> dict[str, tuple[int | None, ...]]:
+        return {
+            port.get_any_name(): tuple(
+                d.get_length() if d.is_static else None for d in port.get_partial_shape()
+            )
+            for port in self.compiled.inputs
+        }
 
 
 def openvino_core():
