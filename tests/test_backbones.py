@@ -85,6 +85,8 @@ def test_resnet_rejects_mismatched_or_corrupt_weights(tmp_path):
     with pytest.raises(WeightsError, match="does not match") as caught:
         build_extractor("resnet18", [8], image_size=64, weights=str(bad))
     assert "1 missing (e.g. fc.weight)" in str(caught.value)
+    n_needed = len(TappedResNet(BasicBlock, (2, 2, 2, 2)).state_dict())  # not the file's count
+    assert f"of the {n_needed} tensors resnet18 needs" in str(caught.value)
     # an efficientnet file for a resnet: a short line naming a few keys, not hundreds
     lite = build_extractor("efficientnet_lite0", [8], image_size=64).weights_state()
     other = tmp_path / "other.pth"

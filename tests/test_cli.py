@@ -81,6 +81,13 @@ def test_fit_warns_of_a_rough_threshold_and_of_an_option_shots_ignores(
     assert "threshold from" not in err  # the 28 images not drawn validate
     code, _, err = run(monkeypatch, capsys, *args, "--val-fraction", 0.5)
     assert code == 0 and err == ""  # 15 validation images
+    code, _, err = run(monkeypatch, capsys, *args, "--shot-seed", 3)
+    assert code == 0 and "--shot-seed does not apply without --shots" in err
+    # --val from DATA's own test split: the threshold would come from test images.
+    val = brick_root / "test" / "good"
+    code, _, err = run(monkeypatch, capsys, *args, "--val", val, "--val-fraction", 0.5)
+    assert code == 0 and "--val-fraction 0.5 does not apply with --val" in err
+    assert "inside DATA's test split" in err
 
 
 def test_evaluate_keeps_an_earlier_evaluation_unless_told_and_then_leaves_nothing_stale(
@@ -97,6 +104,12 @@ def test_evaluate_keeps_an_earlier_evaluation_unless_told_and_then_leaves_nothin
     assert run(monkeypatch, capsys, *args, "--overwrite")[0] == 0
     # the first run's maps are not left beside the second run's metrics
     assert not (results / "maps").exists() and (results / "metrics.json").is_file()
+    # That run saved no maps: a maps/ folder found now is somebody else's, and is kept.
+    (results / "maps").mkdir()
+    (results / "maps" / "keep.txt").write_text("my notes")
+    code, _, err = run(monkeypatch, capsys, *args, "--overwrite")
+    assert code == 2 and "holds maps that defectlens did not write" in err
+    assert (results / "maps" / "keep.txt").read_text() == "my notes"
 
 
 def test_evaluate_interrupted_while_writing_its_report_says_the_metrics_are_complete(
@@ -112,6 +125,21 @@ def test_evaluate_interrupted_while_writing_its_report_says_the_metrics_are_comp
     code, _, err = run(monkeypatch, capsys, "evaluate", model_dir, brick_root, "--out", out, "-q")
     assert code == 130 and "metrics.json and scores.csv are complete; no report.html" in err
     assert json.loads((out / "metrics.json").read_text())["image_auroc"] > 0.5
+
+
+def test_an_evaluation_that_scored_nothing_is_replaced_by_its_corrected_rerun(
+    model_dir, brick_root, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "e"
+    args = ("evaluate", model_dir, brick_root, "--out", out, "--no-report", "-q")
+    code, _, err = run(monkeypatch, capsys, *args, "--max-pixels", 100)  # every image refused
+    assert code == 2 and "no test image could be scored" in err
+    assert (out / "scores.csv").is_file()  # its error rows say why
+    code, _, err = run(monkeypatch, capsys, *args)  # no --overwrite needed: nothing to keep
+    assert code == 0, err
+    assert (out / "metrics.json").is_file()
+    code, _, err = run(monkeypatch, capsys, *args)  # a real evaluation is kept, as before
+    assert code == 2 and "holds an earlier evaluation" in err
 
 
 def test_results_never_go_into_a_model_folder_and_a_failed_run_leaves_no_folder(
@@ -131,6 +159,12 @@ def test_results_never_go_into_a_model_folder_and_a_failed_run_leaves_no_folder(
     for command, data in (("evaluate", brick_root), ("predict", image)):
         code, _, err = run(monkeypatch, capsys, command, tmp_path / "nomodel", data, "--out", new)
         assert code != 0 and "no such model directory" in err and not new.exists()
+    # nor into the dataset evaluated: later runs would read the results with its images
+    data_before = snapshot(brick_root)
+    for out in (brick_root, brick_root / "test" / "good"):
+        code, _, err = run(monkeypatch, capsys, "evaluate", model_dir, brick_root, "--out", out)
+        assert code == 2 and "is DATA or inside it" in err
+    assert snapshot(brick_root) == data_before
 
 
 def test_predict_skips_corrupt_images_and_reports_them(
@@ -233,12 +267,16 @@ RESNET = ["--backbone", "resnet18", "--weights"]
         (["fit", "{tmp}/empty", "--out", "{tmp}/m"], "no images found"),
         (["fit", "{tmp}/empty", "--out", "{tmp}/m", "--image-size", "100"], "multiple of 32"),
         (["fit", "{tmp}/empty", "--out", "{tmp}/m", "--method", "x"], "unknown method"),
-        (["evaluate", "{tmp}/nomodel", "{tmp}", "--out", "{tmp}/e"], "no such model directory"),
+        (["evaluate", "{tmp}/nomodel", "{tmp}/empty", "--out", "{tmp}/e"], "no such model"),
         (["predict", "{tmp}/nomodel", "{tmp}/a.png", "--out", "{tmp}/e"], "a.png: no such file"),
         (["predict", "{tmp}/nomodel", "{tmp}/*.png", "--json"], "pattern matches no files"),
         (
             ["fit", "{tmp}/imgs", "--out", "{tmp}/m", *RESNET, "{tmp}/w.pth"],
             "weights file not found",
+        ),
+        (
+            ["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--weights", "/dev/null"],
+            "/dev/null: is not a regular file; give the weights file itself",
         ),
         (["fit", "{tmp}/imgs", "--out", "{tmp}/m", "--backbone", "resnet18"], "--weights PATH"),
         (["fit", "{tmp}/imgs", "--out", "{tmp}/m"], "imgs/bad.png: unreadable or corrupt"),

@@ -100,6 +100,8 @@ def test_bad_members_are_refused():
             Detector(method="ensemble", method_params={"members": members})
     with pytest.raises(ParameterError, match="not a member"):
         Detector(method="ensemble", method_params={"member_params": {"spade": {}}})
+    with pytest.raises(ParameterError, match="member padim: unknown parameter 'zz'; it takes: "):
+        Detector(method="ensemble", method_params={"member_params": {"padim": {"zz": 1}}})
 
 
 def test_export_runs_every_member_and_refuses_edited_member_lists(

@@ -12,7 +12,7 @@ import torch
 from defectlens import Detector
 from defectlens.components.augment import N_SUPPORT_VERSIONS, augment_support
 from defectlens.data.dataset import find_normal_images
-from defectlens.errors import DataError, DataWarning
+from defectlens.errors import DataError, DataWarning, DefectLensWarning
 
 from .conftest import IMAGE_SIZE, run_cli
 
@@ -73,6 +73,21 @@ def test_every_method_fits_from_one_image(method, params, brick_root):
     assert len(detector.fit_images_) == 1
     scores = [p.score for p in detector.predict(find_normal_images(brick_root)[:3])]
     assert all(np.isfinite(scores))
+
+
+@pytest.mark.parametrize(
+    "method,params,message",
+    [
+        ("spade", {"k_images": 5}, "k_images 5 is more than the 2 image\\(s\\) fitted on"),
+        ("patchcore", {"coreset_ratio": 0.001, "num_neighbors": 50}, "num_neighbors 50 is more"),
+    ],
+)
+def test_a_neighbour_count_above_what_was_fitted_is_said(method, params, message, brick_root):
+    """Capped when scoring, but saved as given: the fit says what the value means here."""
+    with pytest.warns(DefectLensWarning, match=message):
+        Detector(method=method, image_size=IMAGE_SIZE, shots=2, method_params=params).fit(
+            brick_root
+        )
 
 
 def test_too_few_images_for_the_shots_is_a_one_line_error(brick_root, tmp_path):

@@ -137,7 +137,9 @@ def test_select_interrupted_in_its_final_fit_prints_the_fit_that_makes_the_winne
         assert torch.equal(refit.model_.state_dict()[name], tensor), name
 
 
-def test_select_refuses_unknown_names_before_any_work(tile_root, tmp_path, monkeypatch, capsys):
+def test_select_refuses_unknown_names_before_any_work(
+    tile_root, model_dir, tmp_path, monkeypatch, capsys
+):
     code, _, err = run_cli(
         monkeypatch, capsys, "select", tile_root, "--out", tmp_path / "m", "--methods", "padim,nope"
     )
@@ -159,6 +161,11 @@ def test_select_refuses_unknown_names_before_any_work(tile_root, tmp_path, monke
     assert code == 2 and "no weights for resnet18" in err and "select has no --weights" in err
     assert "pass --weights" not in err
     assert not (tmp_path / "m.selection").exists()
+    # a model folder as the report's: the message names the option that chose it
+    code, _, err = run_cli(
+        monkeypatch, capsys, "select", tile_root, "--out", tmp_path / "m", "--report", model_dir
+    )
+    assert code == 2 and "is a model folder" in err and "choose another --report" in err
 
 
 def test_select_installed_backbones_tries_every_backbone_with_weights_here(

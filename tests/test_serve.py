@@ -372,6 +372,10 @@ def test_serve_refuses_a_taken_port_and_an_unreadable_key_in_one_line(
     empty.write_text("\n")
     code, _, stderr = run_cli(monkeypatch, capsys, "serve", model_dir, "--api-key-file", empty)
     assert code == 2 and "empty; put the API key in it" in stderr
+    for unsendable in ("abc\ndef\n", "clé123\n", "two words\n"):  # no header could match
+        empty.write_text(unsendable, encoding="utf-8")
+        code, _, stderr = run_cli(monkeypatch, capsys, "serve", model_dir, "--api-key-file", empty)
+        assert code == 2 and "one line of printable ASCII" in stderr, unsendable
     code, _, stderr = run_cli(monkeypatch, capsys, "serve", tmp_path / "nope")
     assert code == 2 and "no such model directory" in stderr
 

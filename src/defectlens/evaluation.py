@@ -29,7 +29,14 @@ from defectlens import metrics
 from defectlens.data.dataset import Sample, find_test_samples
 from defectlens.data.images import read_mask
 from defectlens.errors import DataError, DefectLensWarning
-from defectlens.outputs import clear_results, prepare_results_dir, write_text_atomic
+from defectlens.outputs import (
+    clear_results,
+    prepare_results_dir,
+    read_results_marker,
+    refuse_unwritten,
+    write_results_marker,
+    write_text_atomic,
+)
 from defectlens.prediction import Prediction, Predictor
 from defectlens.results import ResultsTable, safe_text
 
@@ -88,8 +95,13 @@ def evaluate(
     out_dir = None if out is None else prepare_results_dir(out, PRODUCES, "evaluate")
     if out_dir is not None:
         # Nothing of an earlier run (ours: the folder carries our marker) may sit beside this
-        # run's: not its summary if this one is interrupted, not another model's maps.
+        # run's: not its summary if this one is interrupted, not another model's maps. Maps
+        # an earlier run did not save are not its own, and are never deleted.
+        earlier = read_results_marker(out_dir)
+        if earlier.get("maps") is False:
+            refuse_unwritten(out_dir, ["maps"], "the earlier evaluation saved no maps")
         clear_results(out_dir, PRODUCES)
+        write_results_marker(out_dir, {**earlier, "maps": bool(save_maps)})
     by_path = {str(s.path): s for s in samples}
     defective = [s for s in samples if s.label == 1]
     with_masks = all(s.mask is not None for s in defective)

@@ -432,9 +432,14 @@ def interrupted_save_hint(path: Path) -> str:
 
 # -- results folders ---------------------------------------------------------------------------
 def prepare_results_dir(
-    path: str | Path, produces: Iterable[str], command: str, protect: Iterable[str | Path] = ()
+    path: str | Path,
+    produces: Iterable[str],
+    command: str,
+    protect: Iterable[str | Path] = (),
+    flag: str = "--out",
 ) -> Path:
-    """Create (or reuse) a folder for results and mark it as ours, before any work.
+    """Create (or reuse) a folder for results and mark it as ours, before any work. `flag`:
+    the command-line option that names the folder, for the messages.
 
     A folder without our marker may be used when none of the files we would write exists in it.
     """
@@ -451,7 +456,7 @@ def prepare_results_dir(
     if kind is not None:
         raise OutputError(
             f"{path}: is {kind} folder; results go in a folder of their own (choose another "
-            f"{option('--out', 'output folder')})"
+            f"{option(flag, 'output folder')})"
         )
     _refuse_inside_saved(path, "results")
     previous = read_results_marker(path)
@@ -503,13 +508,17 @@ def _saved_kind(path: Path) -> str | None:
 
 @contextmanager
 def results_dir(
-    path: str | Path, produces: Iterable[str], command: str, protect: Iterable[str | Path] = ()
+    path: str | Path,
+    produces: Iterable[str],
+    command: str,
+    protect: Iterable[str | Path] = (),
+    flag: str = "--out",
 ) -> Iterator[Path]:
     """`prepare_results_dir`, undone if the body fails before writing anything: a folder this
     call created and that still holds only our marker is removed, so a failed run (a missing
     model, no inputs) leaves no folder that looks like results and blocks the corrected rerun."""
     created = not Path(path).exists()
-    out_dir = prepare_results_dir(path, produces, command, protect)
+    out_dir = prepare_results_dir(path, produces, command, protect, flag)
     try:
         yield out_dir
     except BaseException:
@@ -529,6 +538,18 @@ def clear_results(path: Path, produces: Iterable[str]) -> None:
             item.unlink()
         elif item.is_dir():
             shutil.rmtree(item)
+
+
+def refuse_unwritten(path: Path, names: Iterable[str], because: str) -> None:
+    """Before an earlier run's outputs are cleared: `names` are outputs that run recorded it
+    did not write (`because` says why, e.g. it ran with --no-images). If they exist now,
+    somebody else put them there, and starting again must not delete them."""
+    foreign = [n for n in names if (path / n).exists() or (path / n).is_symlink()]
+    if foreign:
+        raise OutputError(
+            f"{path}: holds {' and '.join(foreign)} that defectlens did not write ({because}); "
+            f"move them, or choose another {option('--out', 'output folder')}"
+        )
 
 
 def read_results_marker(path: Path) -> dict:

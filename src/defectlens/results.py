@@ -139,3 +139,19 @@ class ResultsTable:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def is_scored(row: dict[str, str]) -> bool:
+    """A row of an image that was scored (predict's results.csv, evaluate's scores.csv), not
+    of an input that failed: failed inputs have no score."""
+    return bool(row.get("score")) and row.get("predicted") != "error"
+
+
+def has_scored_rows(path: Path) -> bool:
+    """Whether an earlier table holds a scored image (not only inputs that failed): a run
+    that scored nothing is not worth --resume or --overwrite, its rerun just replaces it."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return any(map(is_scored, csv.DictReader(fh)))
+    except (OSError, ValueError, csv.Error):
+        return True  # unreadable: kept, as any earlier run's

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from defectlens.backbones.registry import BackboneSpec, Between, register
+from defectlens.backbones.registry import BackboneSpec, Between, given_weights_file, register
 from defectlens.errors import WeightsError, option
 
 # Index of the last MBConv block at each stride, and its output channels, per variant.
@@ -72,10 +72,7 @@ def _locator(variant: str):
 
     def locate(weights: str | None) -> Path:
         if weights:
-            path = Path(weights).expanduser()
-            if not path.is_file():
-                raise WeightsError(f"{path}: weights file not found")
-            return path
+            return given_weights_file(weights)
         try:
             module = importlib.import_module(package)
         except ImportError:

@@ -107,8 +107,9 @@ def load_state_dict_strict(net: nn.Module, path: Path, backbone: str) -> None:
             if found
         ]
         raise WeightsError(
-            f"{path}: does not match the {backbone} architecture: of its {len(expected)} "
-            f"tensors, {' and '.join(parts)}; is it a weights file for {backbone}?"
+            f"{path}: does not match the {backbone} architecture: of the "
+            f"{len(expected)} tensors {backbone} needs, {' and '.join(parts)}; is it a weights "
+            f"file for {backbone}?"
         )
     try:
         net.load_state_dict(state, strict=True)
@@ -239,3 +240,14 @@ def build_extractor(
     name: str, strides: Sequence[int], image_size: int, weights: str | None = None
 ) -> FeatureExtractor:
     return FeatureExtractor(get_spec(name), strides, image_size, weights)
+
+
+def given_weights_file(weights: str) -> Path:
+    """A weights file the user named (`--weights`): it must exist and be a regular file (a
+    device such as /dev/null or a folder is not "not found", and is said to be what it is)."""
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise WeightsError(f"{path}: weights file not found")
+    if not path.is_file():
+        raise WeightsError(f"{path}: is not a regular file; give the weights file itself")
+    return path

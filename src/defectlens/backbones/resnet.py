@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from defectlens.backbones.registry import BackboneSpec, Between, register
+from defectlens.backbones.registry import BackboneSpec, Between, given_weights_file, register
 from defectlens.errors import WeightsError, option
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -115,10 +115,7 @@ class TappedResNet(nn.Module):
 def _locator(name: str, hub_prefix: str):
     def locate(weights: str | None) -> Path:
         if weights:
-            path = Path(weights).expanduser()
-            if not path.is_file():
-                raise WeightsError(f"{path}: weights file not found")
-            return path
+            return given_weights_file(weights)
         hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
         candidates = sorted((hub / "hub" / "checkpoints").glob(f"{hub_prefix}-*.pth"))
         if candidates:

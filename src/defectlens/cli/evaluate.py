@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -20,6 +21,7 @@ from defectlens.cli.common import (
 )
 from defectlens.errors import DefectLensError
 from defectlens.loading import load_model
+from defectlens.results import has_scored_rows
 
 
 @click.command()
@@ -51,8 +53,15 @@ def evaluate(
     from defectlens.outputs import results_dir
 
     apply_max_pixels(max_pixels)
+    if Path(out).resolve().is_relative_to(Path(data).resolve()):
+        # Written into the dataset, its files would be read with the images by later runs.
+        raise DefectLensError(
+            f"{out}: is DATA or inside it ({data}); results go in a folder of their own"
+        )
     with results_dir(out, PRODUCES, "evaluate") as out_dir:
         earlier = [name for name in PRODUCES if (out_dir / name).exists()]
+        if earlier == ["scores.csv"] and not has_scored_rows(out_dir / "scores.csv"):
+            earlier = []  # a run that scored nothing: its corrected rerun just replaces it
         if earlier and not overwrite:
             raise DefectLensError(
                 f"{out_dir}: holds an earlier evaluation ({', '.join(earlier)}); pass "

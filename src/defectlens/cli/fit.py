@@ -225,6 +225,20 @@ def fit(
             f"--val-fraction {val_fraction:g} does not apply with --shots: every normal image "
             "not drawn for the fit validates (or give --val DIR)"
         )
+    given_by_user = click.get_current_context().get_parameter_source
+    if val is not None and shots is None and val_fraction != DEFAULT_VAL_FRACTION:
+        warn(
+            f"--val-fraction {val_fraction:g} does not apply with --val: every normal image of "
+            "DATA is fitted on, and --val's images validate"
+        )
+    if shots is None and given_by_user("shot_seed") is not ParameterSource.DEFAULT:
+        warn("--shot-seed does not apply without --shots: every normal image is used")
+    if val is not None and Path(val).resolve().is_relative_to(Path(data).resolve() / "test"):
+        warn(
+            f"--val {val} is inside DATA's test split: the threshold now comes from test "
+            "images, so an evaluation on that split reports their false alarms near 0 by "
+            "construction; validate on normal images kept apart from test/"
+        )
     protect = [data] + ([val] if val else []) + ([anomalies] if anomalies else [])
     if anomalies and Path(anomalies).resolve() == Path(data).resolve():
         warn(
@@ -255,7 +269,7 @@ def fit(
     from defectlens.methods import METHODS
 
     given = dict(method_params)  # what a --param must agree with: the options set by name
-    if click.get_current_context().get_parameter_source("seed") is not ParameterSource.DEFAULT:
+    if given_by_user("seed") is not ParameterSource.DEFAULT:
         given["seed"] = seed
     for key, value in _parse_params(params).items():
         if key in given and given[key] != value:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ from defectlens.cli.common import (
 from defectlens.data.images import is_url
 from defectlens.errors import DefectLensError
 from defectlens.loading import load_model
-from defectlens.results import safe_text
+from defectlens.results import has_scored_rows, is_scored, safe_text
 
 
 @click.command()
@@ -126,7 +125,7 @@ def predict(
                 results_dir(out, ["results.csv", "overlays", "masks"], "predict", inputs)
             )
             earlier = out_dir / "results.csv"
-            if earlier.exists() and not (resume or overwrite) and _has_scored_rows(earlier):
+            if earlier.exists() and not (resume or overwrite) and has_scored_rows(earlier):
                 raise DefectLensError(
                     f"{out_dir}: holds results.csv of an earlier run; pass --resume to "
                     "continue it or --overwrite to start again"
@@ -151,7 +150,7 @@ def predict(
                 out_dir / "results.csv",
                 RESULT_COLUMNS,
                 resume=resume,
-                is_done=_is_scored,
+                is_done=is_scored,
             )
         score = None
         if client is not None and detector is not None:
@@ -248,16 +247,12 @@ def _check_same_run(
 
 
 def _check_pictures_are_ours(out_dir: Path, earlier_run: dict) -> None:
-    """An earlier run with --no-images wrote no masks/ or overlays/: if the folder holds them
-    now, somebody else put them there, and starting again must not delete them (as a folder
-    that was never ours is refused)."""
-    if earlier_run.get("pictures") is not False:
-        return
-    foreign = [n for n in ("masks", "overlays") if (out_dir / n).exists()]
-    if foreign:
-        raise DefectLensError(
-            f"{out_dir}: holds {' and '.join(foreign)} that defectlens did not write (the "
-            "earlier run was made with --no-images); move them, or choose another --out"
+    """An earlier run with --no-images wrote no masks/ or overlays/ (see `refuse_unwritten`)."""
+    from defectlens.outputs import refuse_unwritten
+
+    if earlier_run.get("pictures") is False:
+        refuse_unwritten(
+            out_dir, ("masks", "overlays"), "the earlier run was made with --no-images"
         )
 
 
@@ -385,21 +380,6 @@ def _run_predict(detector, items, table, out_dir, no_images, as_json, quiet, sco
         err=as_json,
     )
     return {"scored": scored, "skipped": len(errors)}
-
-
-def _is_scored(row: dict[str, str]) -> bool:
-    """A results.csv row of an image that was scored (not an input that failed)."""
-    return row.get("predicted") in ("good", "defective")
-
-
-def _has_scored_rows(path: Path) -> bool:
-    """Whether an earlier results.csv holds a scored image (not only inputs that failed): a
-    run that scored nothing is not worth --resume or --overwrite, its rerun just replaces it."""
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            return any(map(_is_scored, csv.DictReader(fh)))
-    except (OSError, ValueError, csv.Error):
-        return True  # unreadable: kept, as any earlier run's
 
 
 def _nothing_scored(errors: dict[str, str], out_dir: Path | None) -> None:

@@ -150,9 +150,9 @@ def select(
             f"--report {report}: is the --out model folder; the report goes in a folder of its own"
         )
     # interrupted before the table is written: no folder holding only our marker is left
-    with results_dir(report_name, ["selection.csv", "selection.html"], "select", [data]) as (
-        report_dir
-    ):
+    with results_dir(
+        report_name, ["selection.csv", "selection.html"], "select", [data], flag="--report"
+    ) as report_dir:
         bar = tqdm(total=len(candidates), desc="select", disable=quiet, unit="config")
         try:
             ranked = run_selection(

@@ -158,6 +158,13 @@ def serve(
             raise DefectLensError(f"{api_key_file}: cannot read the API key ({exc})") from None
         if not api_key:
             raise DefectLensError(f"{api_key_file}: empty; put the API key in it")
+        # A header carries one line of visible ASCII: any other key could never be sent, and
+        # every request would be refused with 401.
+        if not all("!" <= c <= "~" for c in api_key):
+            raise DefectLensError(
+                f"{api_key_file}: the API key must be one line of printable ASCII without "
+                "spaces (a client sends it in a header)"
+            )
     loaded, metrics = {}, {}
     for folder in models:
         name = Path(folder).resolve().name
@@ -179,8 +186,6 @@ def serve(
                 metrics[name] = card_metrics(text, predictor)
             except (OSError, ValueError, RecursionError) as exc:
                 warn(f"{metrics_file}: not shown on the model card ({exc})")
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        warn(f"serving on {host} without --api-key-file: anyone who reaches it can use it")
     settings = ServeSettings(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         max_pixels=max_pixels,
@@ -192,7 +197,9 @@ def serve(
         api_key=api_key,
         cors_origins=tuple(cors_origins),
     )
-    _check_port_free(host, port)
+    _check_port_free(host, port)  # a host that cannot be resolved is refused here first
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        warn(f"serving on {host} without --api-key-file: anyone who reaches it can use it")
     app = create_app(loaded, settings, metrics)
     shown = f"[{host}]" if ":" in host else host
     echo(f"serving {', '.join(loaded)} on http://{shown}:{port}/ (API docs: /docs)")

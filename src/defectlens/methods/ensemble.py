@@ -101,6 +101,12 @@ class Ensemble(AnomalyMethod):
         for member in members:
             method = get_method(member)
             params = dict(given.get(member) or {})
+            unknown = sorted(set(params) - set(method.param_names()))
+            if unknown:  # named as Detector names a method's, not by Python's TypeError
+                raise ParameterError(
+                    f"ensemble member {member}: unknown parameter {unknown[0]!r}; it takes: "
+                    + ", ".join(method.param_names())
+                )
             if "seed" in method.param_names():
                 params.setdefault("seed", seed)
             try:

@@ -18,6 +18,7 @@ by measurement (BENCHMARKS.md: several times faster than exact search, same imag
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from defectlens.backbones import FeatureExtractor
 from defectlens.components.knn import NearestNeighbourIndex, index_names, make_index, patch_scores
 from defectlens.components.memory_bank import GreedyCoresetSampler
-from defectlens.errors import ModelFileError, ParameterError
+from defectlens.errors import DefectLensWarning, ModelFileError, ParameterError
 from defectlens.methods.base import AnomalyMethod, MethodOutput
 from defectlens.params import (
     check_choice,
@@ -111,6 +112,13 @@ class PatchCore(AnomalyMethod):
         self.bank = patches[keep].contiguous()
         del patches
         self.after_load()
+        if self.num_neighbors > self.bank.shape[0]:  # saved as given; say what it means here
+            warnings.warn(
+                f"num_neighbors {self.num_neighbors} is more than the {self.bank.shape[0]} "
+                "patches in the memory bank: the score's reweighting uses all of them",
+                DefectLensWarning,
+                stacklevel=2,
+            )
 
     def after_load(self) -> None:
         if self.bank.ndim != 2 or self.bank.dtype != torch.float32 or self.bank.shape[0] < 1:

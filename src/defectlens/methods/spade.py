@@ -11,6 +11,7 @@ Pyramids are stored in float16 to halve the model; distances are computed in flo
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -21,7 +22,7 @@ from defectlens.backbones import FeatureExtractor
 from defectlens.components.knn import ExactIndex, gallery_scores
 from defectlens.components.layout import position_major
 from defectlens.components.pyramid import align_pyramid
-from defectlens.errors import ModelFileError
+from defectlens.errors import DefectLensWarning, ModelFileError
 from defectlens.methods.base import AnomalyMethod, MethodOutput
 from defectlens.params import check_int, check_int_list
 
@@ -81,6 +82,13 @@ class Spade(AnomalyMethod):
         self.image_features = torch.cat(pooled)
         self.pixel_features = torch.cat(pyramids)  # (N, P, C) float16
         self.after_load()
+        if self.k_images > self.effective_k:  # saved as given; say what it means here
+            warnings.warn(
+                f"k_images {self.k_images} is more than the {self.effective_k} image(s) fitted "
+                f"on: each image is compared with all {self.effective_k}",
+                DefectLensWarning,
+                stacklevel=2,
+            )
 
     def after_load(self) -> None:
         if self.image_features.ndim != 2 or self.pixel_features.ndim != 3:
