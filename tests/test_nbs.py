@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -104,6 +105,16 @@ def test_nbs_learns_from_real_anomalies_in_pixel_space(brick_root, anomaly_root)
     assert detector.params()["method_params"]["anomalies"] == str(anomaly_root)
     metrics = evaluate(detector, brick_root).metrics
     assert metrics["image_auroc"] > 0.6, metrics
+
+
+def test_evaluating_on_the_data_the_anomalies_came_from_is_warned(nbs, brick_root, monkeypatch):
+    """fit warns when --anomalies is DATA itself; evaluate, which may run long after, too."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DefectLensWarning)
+        evaluate(nbs, brick_root)  # synthetic defects: nothing of the test split was learned
+    monkeypatch.setitem(nbs.method_params, "anomalies", str(brick_root))
+    with pytest.warns(DefectLensWarning, match="learned from the labelled defects of"):
+        evaluate(nbs, brick_root)
 
 
 def test_an_anomaly_without_its_mask_is_named(brick_root, anomaly_root, tmp_path):

@@ -92,6 +92,15 @@ def evaluate(
     """
     root = Path(root)
     samples = find_test_samples(root)
+    learned_from = _labelled_anomalies(detector)
+    if learned_from is not None and Path(learned_from).resolve() == root.resolve():
+        warnings.warn(
+            f"this {detector.method} model learned from the labelled defects of {learned_from}, "
+            "which is DATA itself: its test defects are what it was trained on, so these "
+            "metrics overstate how it does on new parts",
+            DefectLensWarning,
+            stacklevel=2,
+        )
     out_dir = None if out is None else prepare_results_dir(out, PRODUCES, "evaluate")
     if out_dir is not None:
         # Nothing of an earlier run (ours: the folder carries our marker) may sit beside this
@@ -246,3 +255,14 @@ def example_views(
                 truth = None
         views.append((sample, prediction, truth))
     return views
+
+
+def _labelled_anomalies(detector: Predictor) -> str | None:
+    """The folder of labelled anomalies the model learned from (NBS's `anomalies`), if any:
+    a saved model's own parameter, or an export's source model's."""
+    params = getattr(detector, "method_params", None)
+    if params is None:  # an export: the detector it was made from
+        source = (getattr(detector, "config", None) or {}).get("source", {})
+        params = source.get("detector", {}).get("method_params", {})
+    anomalies = params.get("anomalies") if isinstance(params, dict) else None
+    return anomalies if isinstance(anomalies, str) else None
