@@ -95,6 +95,13 @@ def test_backend_names_are_checked():
         Detector().use_backend("tensorrt")
 
 
+def test_the_torch_free_list_of_backend_names_is_the_registry_s():
+    from defectlens.runtime.backends import BACKENDS
+    from defectlens.runtime.sessions import BACKEND_NAMES
+
+    assert sorted(BACKEND_NAMES) == sorted(BACKENDS)
+
+
 def test_without_a_writable_cache_the_graph_is_temporary(monkeypatch, tmp_path):
     extractor = build_extractor("efficientnet_lite0", (8,), 64)
     good = onnx_graph.backbone_graph(extractor).read_bytes()  # from the session's cache

@@ -152,12 +152,7 @@ class Detector(Predictor):
         if not isinstance(augment_support, bool):
             raise ParameterError(f"augment_support must be true or false, not {augment_support!r}")
         self.augment_support = augment_support
-        unknown = sorted(set(self.method_params) - set(method_class.param_names()))
-        if unknown:
-            raise ParameterError(
-                f"unknown parameter {unknown[0]!r} for method {method}; it takes: "
-                + ", ".join(method_class.param_names())
-            )
+        method_class.check_param_names(self.method_params, f" for method {method}")
         try:
             self.model_: AnomalyMethod = method_class(**self.method_params)
         except ParameterError as exc:

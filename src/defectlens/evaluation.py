@@ -259,10 +259,6 @@ def example_views(
 
 def _labelled_anomalies(detector: Predictor) -> str | None:
     """The folder of labelled anomalies the model learned from (NBS's `anomalies`), if any:
-    a saved model's own parameter, or an export's source model's."""
-    params = getattr(detector, "method_params", None)
-    if params is None:  # an export: the detector it was made from
-        source = (getattr(detector, "config", None) or {}).get("source", {})
-        params = source.get("detector", {}).get("method_params", {})
-    anomalies = params.get("anomalies") if isinstance(params, dict) else None
+    a saved model's parameter, or an export's, read from the model it was made from."""
+    anomalies = getattr(detector, "method_params", {}).get("anomalies")
     return anomalies if isinstance(anomalies, str) else None

@@ -40,11 +40,11 @@ def _check_environment_backend() -> None:
     import warnings
 
     from defectlens.errors import DefectLensWarning
-    from defectlens.runtime.sessions import ENGINES
+    from defectlens.runtime.sessions import BACKEND_NAMES
 
     name = os.environ.get("DEFECTLENS_BACKEND")
     if name:
-        known = sorted((*ENGINES, "torch"))  # runtime.backends' names, without importing torch
+        known = sorted(BACKEND_NAMES)
         if name not in known:
             raise DefectLensError(
                 f"unknown backend {name!r} in $DEFECTLENS_BACKEND; choose one of: "

@@ -569,11 +569,23 @@ def write_results_marker(path: Path, info: dict) -> None:
         raise OutputError(f"{path}: cannot write there ({_describe_os_error(exc)})") from None
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a whole file or nothing: a reader (or a kill) never sees half of it. The data
+    goes to a sibling under a short hashed name first, so a name near the file system's
+    limit does not overflow it a second time; the sibling is removed if the write fails."""
+    short = hashlib.sha256(path.name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    tmp = path.with_name(f".{short}.partial")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a reader never sees half a metrics.json."""
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """`write_bytes_atomic` for text (UTF-8): a reader never sees half a metrics.json."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def is_results_folder(path: Path) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -397,13 +396,16 @@ def _save_pictures(result, out_dir: Path | None, relative: Path) -> str | None:
     for it and say why. A picture that cannot be written (a name too long for the file
     system, a folder where the picture should go) is that input's problem, not the run's:
     it gets an error row, as an unreadable input does, and is retried by --resume."""
+    from defectlens.outputs import write_bytes_atomic
+
     written: list[Path] = []
     for kind, folder in (("mask", "masks"), ("overlay", "overlays")):
         if kind not in result.pngs:
             continue
         path = out_dir / folder / f"{relative}.png"
         try:
-            _save_bytes(result.pngs[kind], path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(path, result.pngs[kind])
         except OSError as exc:
             for done in written:
                 done.unlink(missing_ok=True)
@@ -411,18 +413,3 @@ def _save_pictures(result, out_dir: Path | None, relative: Path) -> str | None:
             return f"scored, but its {kind} could not be written to {path} ({reason})"
         written.append(path)
     return None
-
-
-def _save_bytes(data: bytes, path: Path) -> None:
-    """Written beside its name under a short temporary name (a long input name must not
-    overflow the file system's limit twice), then renamed: a kill never leaves a torn
-    picture."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    short = hashlib.sha256(path.name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    partial = path.with_name(f".{short}.partial")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise

@@ -87,6 +87,17 @@ class AnomalyMethod(nn.Module):
         """The constructor's parameters, which `params()` reads back and config.json stores."""
         return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
 
+    @classmethod
+    def check_param_names(cls, params: dict[str, Any], where: str = "") -> None:
+        """Refuse a parameter the method does not take, naming those it does (one message
+        for a Detector's method and an ensemble's members; `where` follows the name)."""
+        unknown = sorted(set(params) - set(cls.param_names()))
+        if unknown:
+            raise ParameterError(
+                f"unknown parameter {unknown[0]!r}{where}; it takes: "
+                + ", ".join(cls.param_names())
+            )
+
     def params(self) -> dict[str, Any]:
         """Constructor arguments, read back from same-named attributes (as scikit-learn does)."""
         return {n: _jsonable(getattr(self, n)) for n in self.param_names()}

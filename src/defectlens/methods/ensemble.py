@@ -101,12 +101,10 @@ class Ensemble(AnomalyMethod):
         for member in members:
             method = get_method(member)
             params = dict(given.get(member) or {})
-            unknown = sorted(set(params) - set(method.param_names()))
-            if unknown:  # named as Detector names a method's, not by Python's TypeError
-                raise ParameterError(
-                    f"ensemble member {member}: unknown parameter {unknown[0]!r}; it takes: "
-                    + ", ".join(method.param_names())
-                )
+            try:  # named as Detector names a method's, not by Python's TypeError
+                method.check_param_names(params)
+            except ParameterError as exc:
+                raise ParameterError(f"ensemble member {member}: {exc}") from None
             if "seed" in method.param_names():
                 params.setdefault("seed", seed)
             try:

@@ -150,6 +150,10 @@ class ExportedModel(Predictor):
             # For reports and model cards only: the graphs are what scores.
             self.backbone = str(source["detector"].get("backbone", "unknown"))
             self.supervision = str(source.get("supervision", NORMAL_ONLY))
+            # The exported model's parameters, as a Detector's (e.g. which anomalies it
+            # learned from), for reading only.
+            params = source["detector"].get("method_params")
+            self.method_params: dict[str, Any] = params if isinstance(params, dict) else {}
             fit_images = source.get("fit_images")
             self.n_fit_images_ = fit_images if isinstance(fit_images, int) else None
         except DefectLensError as exc:

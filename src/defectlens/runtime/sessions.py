@@ -16,6 +16,8 @@ import numpy as np
 from defectlens.errors import DefectLensError, ModelFileError
 
 ENGINES = ("onnxruntime", "openvino")
+# Every backbone backend (`runtime.backends.BACKENDS`), named here where torch is not imported.
+BACKEND_NAMES = (*ENGINES, "torch")
 
 
 class Session:
